@@ -1,0 +1,73 @@
+#include <ATen/Parallel.h>
+
+#include "cpu/common.h"
+#include "ops.h"
+
+namespace lenserve {
+namespace {
+
+// Rotates one head in place. NeoX style pairs element i with i + rot_dim / 2 (what HF Llama and
+// Qwen2 use); GPT-J style pairs 2i with 2i + 1.
+template <typename T>
+inline void rotate_head(T* __restrict__ h, const float* __restrict__ cos, const float* __restrict__ sin, int64_t half,
+                        bool is_neox) {
+  if (is_neox) {
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = to_float(h[i]), x2 = to_float(h[i + half]);
+      h[i] = from_float<T>(x1 * cos[i] - x2 * sin[i]);
+      h[i + half] = from_float<T>(x2 * cos[i] + x1 * sin[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = to_float(h[2 * i]), x2 = to_float(h[2 * i + 1]);
+      h[2 * i] = from_float<T>(x1 * cos[i] - x2 * sin[i]);
+      h[2 * i + 1] = from_float<T>(x2 * cos[i] + x1 * sin[i]);
+    }
+  }
+}
+
+}  // namespace
+
+void rotary_embedding_cpu(const torch::Tensor& positions, torch::Tensor& query, torch::Tensor& key, int64_t head_dim,
+                          const torch::Tensor& cos_sin_cache, bool is_neox) {
+  LS_CHECK_CPU(positions);
+  LS_CHECK_CPU(query);
+  LS_CHECK_CPU(key);
+  LS_CHECK_CPU(cos_sin_cache);
+  LS_CHECK_DTYPE(positions, at::kLong);
+  LS_CHECK_DTYPE(cos_sin_cache, at::kFloat);
+  LS_CHECK_CONTIGUOUS(positions);
+  LS_CHECK_CONTIGUOUS(cos_sin_cache);
+  LS_CHECK_DIM(query, 2);
+  LS_CHECK_DIM(key, 2);
+  TORCH_CHECK(query.stride(1) == 1 && key.stride(1) == 1, "query and key rows must be contiguous");
+  TORCH_CHECK(query.scalar_type() == key.scalar_type(), "query and key dtypes differ");
+  const int64_t n = positions.size(0);
+  TORCH_CHECK(query.size(0) == n && key.size(0) == n, "query/key must have one row per position");
+  TORCH_CHECK(head_dim > 0 && query.size(1) % head_dim == 0 && key.size(1) % head_dim == 0,
+              "query/key widths must be multiples of head_dim ", head_dim);
+  const int64_t rot_dim = cos_sin_cache.size(1);
+  TORCH_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim, "bad cos_sin_cache width ", rot_dim);
+  const int64_t max_pos = cos_sin_cache.size(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < max_pos, "position ", pos[i], " outside the rotary cache of ", max_pos);
+  const int64_t num_heads = query.size(1) / head_dim, num_kv_heads = key.size(1) / head_dim;
+  const int64_t qs = query.stride(0), ks = key.stride(0), half = rot_dim / 2;
+  const float* cache = cos_sin_cache.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "rotary_embedding_cpu", [&] {
+    scalar_t* q = query.data_ptr<scalar_t>();
+    scalar_t* k = key.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* cos = cache + pos[t] * rot_dim;
+        const float* sin = cos + half;
+        for (int64_t h = 0; h < num_heads; ++h) rotate_head(q + t * qs + h * head_dim, cos, sin, half, is_neox);
+        for (int64_t h = 0; h < num_kv_heads; ++h) rotate_head(k + t * ks + h * head_dim, cos, sin, half, is_neox);
+      }
+    });
+  });
+}
+
+}  // namespace lenserve

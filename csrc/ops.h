@@ -1,0 +1,26 @@
+// Declarations of lenserve._C operators. Every op is registered in torch_bindings.cpp under the
+// `lenserve` namespace; CPU implementations live in cpu/, CUDA ones in cuda/.
+#pragma once
+
+#include <torch/all.h>
+
+namespace lenserve {
+
+// ---- CPU -------------------------------------------------------------------------------------
+// input [num_tokens, hidden]; weight [hidden] -> [num_tokens, hidden]
+torch::Tensor rms_norm_cpu(const torch::Tensor& input, const torch::Tensor& weight, double eps);
+// residual += input; input = rms_norm(residual) * weight (both in place)
+void fused_add_rms_norm_cpu(torch::Tensor& input, torch::Tensor& residual, const torch::Tensor& weight, double eps);
+// x [num_tokens, 2 * d] -> silu(x[:, :d]) * x[:, d:]  [num_tokens, d]
+torch::Tensor silu_and_mul_cpu(const torch::Tensor& x);
+// positions int64 [num_tokens]; query [num_tokens, num_heads * head_dim] and key
+// [num_tokens, num_kv_heads * head_dim] (rows may be strided views); cos_sin_cache
+// [max_position, rot_dim] with cos in the first rot_dim / 2 columns, sin in the rest. In place.
+void rotary_embedding_cpu(const torch::Tensor& positions, torch::Tensor& query, torch::Tensor& key, int64_t head_dim,
+                          const torch::Tensor& cos_sin_cache, bool is_neox);
+// key/value [num_tokens, num_kv_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim];
+// slot_mapping int64 [num_tokens] (negative = skip). Converts to the cache dtype.
+void reshape_and_cache_cpu(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& key_cache,
+                           torch::Tensor& value_cache, const torch::Tensor& slot_mapping);
+
+}  // namespace lenserve

@@ -1,0 +1,38 @@
+// Registers the lenserve operators with the PyTorch dispatcher (namespace `lenserve`) and exposes
+// build information to Python. Importing lenserve._C is what makes torch.ops.lenserve.* exist.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(lenserve, m) {
+  m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
+  m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def(
+      "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, int head_dim, Tensor cos_sin_cache, "
+      "bool is_neox) -> ()");
+  m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lenserve, CPU, m) {
+  m.impl("rms_norm", &lenserve::rms_norm_cpu);
+  m.impl("fused_add_rms_norm", &lenserve::fused_add_rms_norm_cpu);
+  m.impl("silu_and_mul", &lenserve::silu_and_mul_cpu);
+  m.impl("rotary_embedding", &lenserve::rotary_embedding_cpu);
+  m.impl("reshape_and_cache", &lenserve::reshape_and_cache_cpu);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lenserve C++/CUDA kernels (ops are registered under torch.ops.lenserve)";
+#ifdef LENSERVE_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+#ifdef _OPENMP
+  m.attr("with_openmp") = true;
+#else
+  m.attr("with_openmp") = false;
+#endif
+}

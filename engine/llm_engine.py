@@ -1,0 +1,348 @@
+"""The engine: requests in, token deltas out, one scheduling step at a time.
+
+    step():  out = scheduler.schedule()
+             logits = model_runner.execute(out)     # packed tokens, one AttentionMetadata
+             tokens = sampler(logits, params)
+             finished = scheduler.update(out, tokens)
+             detokenize, check stop strings, emit deltas and statistics
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence as Seq
+
+import torch
+
+from lenserve.config import EngineConfig
+from lenserve.engine.detokenizer import IncrementalDetokenizer
+from lenserve.engine.kv_cache import KVCache, kv_bytes_per_block
+from lenserve.engine.loader_hf import load_model_files
+from lenserve.engine.model import LlamaModel
+from lenserve.engine.model_runner import ModelRunner
+from lenserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from lenserve.engine.sampler import Sampler
+from lenserve.engine.sampling_params import SamplingParams
+from lenserve.engine.stats import FinishedRequestStats, IterationStats
+from lenserve.engine.tokenizer import Tokenizer
+from lenserve.predictor.types import LengthPrediction
+from lenserve.scheduler import BlockManager, Scheduler, Sequence, SequenceStatus
+
+logger = logging.getLogger("lenserve")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_GB = 4.0
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    outputs: list[CompletionOutput]
+    arrival_time: float
+    prediction: LengthPrediction | None
+    error: str | None = None
+    cancelled: set[int] = field(default_factory=set)
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return device
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.device = _resolve_device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        on_cpu = self.device.type == "cpu"
+        self.dtype = _DTYPES[config.dtype] if config.dtype != "auto" else (torch.float32 if on_cpu else torch.bfloat16)
+        if config.kv_cache_dtype != "auto":
+            kv_dtype = _DTYPES[config.kv_cache_dtype]
+        else:
+            kv_dtype = torch.float16 if on_cpu else self.dtype
+
+        t0 = time.monotonic()
+        arch, weights, self.tokenizer, self.model_path = load_model_files(config.model)
+        self.arch = arch
+        self.model = LlamaModel.from_weights(arch, weights, self.dtype, self.device, config.attention_backend)
+        self.model_name = arch.name
+        self.max_model_len = min(config.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+        config.scheduler.max_model_len = self.max_model_len
+
+        per_block = kv_bytes_per_block(arch, config.block_size, kv_dtype)
+        if on_cpu:
+            kv_bytes = int((config.kv_cache_memory_gb or DEFAULT_CPU_KV_GB) * 2**30)
+        elif config.kv_cache_memory_gb is not None:
+            kv_bytes = int(config.kv_cache_memory_gb * 2**30)
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            kv_bytes = int(free - (1 - config.gpu_memory_utilization) * total)
+        num_blocks = max(kv_bytes // per_block, 1)
+        self.kv_cache = KVCache(arch, num_blocks, config.block_size, kv_dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache, padded=config.attention == "padded")
+        self.sampler = Sampler(arch.vocab_size)
+        self.requests: dict[str, _RequestState] = {}
+        self._seq_to_request: dict[str, tuple[str, int]] = {}
+        self.last_stats = IterationStats()
+        self.num_steps = 0
+        logger.info(
+            "loaded %s (%d layers, %.0f MB %s) on %s in %.1fs; KV cache %d blocks x %d tokens (%.2f GiB %s)",
+            self.model_name, arch.num_layers, self.model.num_bytes() / 1e6, self.dtype, self.device,
+            time.monotonic() - t0, num_blocks, config.block_size, self.kv_cache.num_bytes / 2**30, kv_dtype,
+        )
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.arch.vocab_size
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
+        return None, ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        *,
+        arrival_time: float | None = None,
+        prediction: LengthPrediction | None = None,
+        priority: int = 0,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
+        """Queues a request. Raises ValueError (naming the field and limit) for bad input."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request_id {request_id!r}")
+        if prompt_token_ids is None:
+            text, ids = self.encode_prompt(prompt)
+        else:
+            text, ids = (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
+            if not ids:
+                raise ValueError("prompt must not be empty")
+        if not ids:
+            raise ValueError("prompt must not be empty (it encodes to no tokens)")
+        max_tokens = params.check_against_model(self.arch.vocab_size, len(ids), self.max_model_len)
+        needed = self.block_manager.num_blocks_for(len(ids) + 1)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens does not fit the KV cache ({self.block_manager.num_blocks} blocks of "
+                f"{self.block_manager.block_size})"
+            )
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        tok = self.tokenizer
+        stop_ids = set(params.stop_token_ids) | set(tok.extra_eos_token_ids if not params.ignore_eos else ())
+        seqs, detoks, outs = [], [], []
+        for i in range(params.n):
+            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seq = Sequence(
+                seq_id,
+                ids,
+                max_tokens=max_tokens,
+                arrival_time=arrival,
+                eos_token_id=tok.eos_token_id,
+                stop_token_ids=stop_ids,
+                ignore_eos=params.ignore_eos,
+                min_tokens=params.min_tokens,
+                priority=priority,
+                prediction=prediction,
+                params=params,
+            )
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(tok, params.stop, params.include_stop_str_in_output, params.skip_special_tokens))
+            outs.append(CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None))
+        for i, seq in enumerate(seqs):
+            self.scheduler.add(seq)
+            self._seq_to_request[seq.request_id] = (request_id, i)
+        self.requests[request_id] = _RequestState(request_id, text, ids, params, seqs, detoks, outs, arrival, prediction)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Aborts every sequence of a request and frees its blocks. Returns False if it was unknown."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return False
+        for seq in state.seqs:
+            self.scheduler.abort(seq.request_id)
+            self.sampler.forget(seq.request_id)
+            self._seq_to_request.pop(seq.request_id, None)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- stepping ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduling step; returns a delta for every request that changed."""
+        t0 = time.monotonic()
+        out = self.scheduler.schedule()
+        stats = IterationStats(num_preemptions=len(out.preempted))
+        if out.is_empty:
+            stats.scheduler = self.scheduler.stats()
+            self.last_stats = stats
+            return []
+        logits, sampling = self.runner.execute(out)
+        sampling_seqs = [out.seqs[i] for i in sampling]
+        offsets = [self._seq_to_request[s.request_id][1] for s in sampling_seqs]
+        sampled = self.sampler(logits, sampling_seqs, offsets)
+        by_seq = {s.request_id: (tok, lp) for s, tok, lp in zip(sampling_seqs, sampled.token_ids, sampled.logprobs)}
+        prev_token_time = {s.request_id: s.last_token_time for s in sampling_seqs}
+        num_prompt_tokens = sum(
+            max(0, min(n, s.num_prompt_tokens - s.num_computed_tokens)) for s, n in zip(out.seqs, out.num_new_tokens)
+        )
+        self.scheduler.update(out, {k: v[0] for k, v in by_seq.items()})
+        now = time.monotonic()
+
+        changed: dict[str, _RequestState] = {}
+        for seq in sampling_seqs:
+            rid, idx = self._seq_to_request[seq.request_id]
+            state = self.requests[rid]
+            comp = state.outputs[idx]
+            tok, lp = by_seq[seq.request_id]
+            comp.token_ids.append(tok)
+            comp.delta_token_ids.append(tok)
+            if lp is not None:
+                comp.logprobs.append(lp)
+                if comp.delta_logprobs is None:
+                    comp.delta_logprobs = []
+                comp.delta_logprobs.append(lp)
+            detok = state.detokenizers[idx]
+            comp.delta_text += detok.add_token(tok)
+            if detok.stop_hit is not None and not seq.is_finished:
+                seq.stop_reason = detok.stop_hit
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+            if seq.is_finished:
+                comp.delta_text += detok.flush()
+                comp.finish_reason = seq.status.finish_reason
+                comp.stop_reason = seq.stop_reason
+                self.sampler.forget(seq.request_id)
+            comp.text = detok.emitted_text
+            if seq.num_output_tokens == 1:
+                stats.time_to_first_tokens_s.append(now - seq.arrival_time)
+            elif prev_token_time[seq.request_id] is not None:
+                stats.inter_token_latencies_s.append(now - prev_token_time[seq.request_id])
+            changed[rid] = state
+
+        results = []
+        for rid, state in changed.items():
+            results.append(self._emit(state))
+            if state.finished:
+                for seq in state.seqs:
+                    self._seq_to_request.pop(seq.request_id, None)
+                    stats.finished.append(self._finished_stats(seq))
+                del self.requests[rid]
+
+        stats.step_time_s = now - t0
+        stats.num_prompt_tokens = num_prompt_tokens
+        stats.num_generation_tokens = len(sampling_seqs)
+        stats.num_batched_tokens = out.num_batched_tokens
+        stats.padding_ratio = self.runner.last_padding_ratio
+        stats.scheduler = self.scheduler.stats()
+        self.last_stats = stats
+        self.num_steps += 1
+        return results
+
+    def _emit(self, state: _RequestState) -> RequestOutput:
+        outs = []
+        for comp in state.outputs:
+            outs.append(CompletionOutput(
+                index=comp.index,
+                text=comp.text,
+                token_ids=list(comp.token_ids),
+                logprobs=list(comp.logprobs) if comp.logprobs is not None else None,
+                finish_reason=comp.finish_reason,
+                stop_reason=comp.stop_reason,
+                delta_text=comp.delta_text,
+                delta_token_ids=comp.delta_token_ids,
+                delta_logprobs=comp.delta_logprobs,
+            ))
+            comp.delta_text, comp.delta_token_ids, comp.delta_logprobs = "", [], None
+        seq0 = state.seqs[0]
+        metrics = RequestMetrics(
+            arrival_time=state.arrival_time,
+            first_scheduled_time=seq0.first_scheduled_time,
+            first_token_time=min((s.first_token_time for s in state.seqs if s.first_token_time), default=None),
+            finished_time=max((s.finished_time or 0 for s in state.seqs), default=None) if state.finished else None,
+            num_prompt_tokens=len(state.prompt_token_ids),
+            num_cached_tokens=seq0.num_cached_tokens,
+            num_generation_tokens=sum(len(o.token_ids) for o in state.outputs),
+            num_preemptions=sum(s.num_preemptions for s in state.seqs),
+        )
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=outs,
+            finished=state.finished,
+            metrics=metrics,
+            prediction=state.prediction,
+            error=state.error,
+        )
+
+    @staticmethod
+    def _finished_stats(seq: Sequence) -> FinishedRequestStats:
+        end = seq.finished_time or time.monotonic()
+        sched = seq.first_scheduled_time or end
+        first = seq.first_token_time or end
+        return FinishedRequestStats(
+            finish_reason=seq.status.finish_reason or "abort",
+            e2e_s=end - seq.arrival_time,
+            queue_s=sched - seq.arrival_time,
+            prefill_s=first - sched,
+            decode_s=end - first,
+            ttft_s=(seq.first_token_time - seq.arrival_time) if seq.first_token_time else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_generation_tokens=seq.num_output_tokens,
+            predicted_tokens=seq.prediction.mean if seq.prediction else None,
+            bucket=seq.bucket,
+        )
+
+    def fail_requests(self, request_ids: list[str], message: str) -> list[RequestOutput]:
+        """Ends requests with an error (an engine fault hit them); frees their blocks."""
+        results = []
+        for rid in request_ids:
+            state = self.requests.get(rid)
+            if state is None:
+                continue
+            state.error = message
+            for comp in state.outputs:
+                if comp.finish_reason is None:
+                    comp.finish_reason = "abort"
+            self.abort_request(rid)
+            results.append(self._emit(state))
+        return results
+
+    def generate_all(self) -> None:
+        while self.has_unfinished_requests():
+            self.step()
+
+    def stats(self) -> IterationStats:
+        return self.last_stats

@@ -1,0 +1,213 @@
+"""Llama-family decoder over packed tokens (Llama, Qwen2, Mistral, SmolLM2).
+
+The forward takes the tokens of every scheduled sequence concatenated, their positions
+(restarting at each sequence's own offset) and one AttentionMetadata; no padding exists
+anywhere. Q/K/V and gate/up projections are fused into single matmuls; logits are computed only
+for the rows that sample.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from lenserve.engine import ops
+from lenserve.engine.attention import Attention, AttentionMetadata
+from lenserve.engine.model_config import ModelArchConfig
+
+
+def rope_cos_sin_cache(cfg: ModelArchConfig, max_positions: int, device: torch.device) -> torch.Tensor:
+    """[max_positions, head_dim] float32: cos in the first half of the columns, sin in the second."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    t = torch.arange(max_positions, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+
+
+class DecoderLayer:
+    def __init__(self, cfg: ModelArchConfig, attention_backend: str) -> None:
+        self.cfg = cfg
+        self.input_norm: torch.Tensor
+        self.qkv_weight: torch.Tensor  # [q_size + 2 * kv_size, hidden]
+        self.qkv_bias: torch.Tensor | None = None
+        self.o_weight: torch.Tensor  # [hidden, q_size]
+        self.post_norm: torch.Tensor
+        self.gate_up_weight: torch.Tensor  # [2 * intermediate, hidden]
+        self.down_weight: torch.Tensor  # [hidden, intermediate]
+        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, attention_backend)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        cos_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        eps = cfg.rms_norm_eps
+        if residual is None:
+            residual = hidden
+            hidden = ops.rms_norm(hidden, self.input_norm, eps)
+        else:
+            ops.fused_add_rms_norm(hidden, residual, self.input_norm, eps)
+        qkv = F.linear(hidden, self.qkv_weight, self.qkv_bias)  # [T, q + 2kv]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        ops.rotary_embedding(positions, q, k, cfg.head_dim, cos_sin)
+        n = hidden.shape[0]
+        attn_out = self.attn(
+            q.view(n, cfg.num_heads, cfg.head_dim),
+            k.view(n, cfg.num_kv_heads, cfg.head_dim),
+            v.view(n, cfg.num_kv_heads, cfg.head_dim),
+            k_cache,
+            v_cache,
+            meta,
+        )
+        hidden = F.linear(attn_out.reshape(n, cfg.q_size), self.o_weight)
+        ops.fused_add_rms_norm(hidden, residual, self.post_norm, eps)
+        gate_up = F.linear(hidden, self.gate_up_weight)
+        hidden = F.linear(ops.silu_and_mul(gate_up), self.down_weight)
+        return hidden, residual
+
+
+class LlamaModel:
+    """Weights plus a packed forward. Build with `from_weights`."""
+
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, device: torch.device, attention_backend: str = "auto") -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = device
+        self.embed_tokens: torch.Tensor
+        self.norm: torch.Tensor
+        self.lm_head: torch.Tensor
+        self.layers = [DecoderLayer(cfg, attention_backend) for _ in range(cfg.num_layers)]
+        self.cos_sin_cache = rope_cos_sin_cache(cfg, cfg.max_position_embeddings, device)
+
+    @classmethod
+    def from_weights(
+        cls,
+        cfg: ModelArchConfig,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        dtype: torch.dtype,
+        device: torch.device,
+        attention_backend: str = "auto",
+    ) -> "LlamaModel":
+        model = cls(cfg, dtype, device, attention_backend)
+        pending: dict[int, dict[str, torch.Tensor]] = {}
+        seen: set[str] = set()
+
+        def put(w: torch.Tensor) -> torch.Tensor:
+            return w.to(device=device, dtype=dtype).contiguous()
+
+        for name, w in weights:
+            seen.add(name)
+            if name == "model.embed_tokens.weight":
+                model.embed_tokens = put(w)
+            elif name == "model.norm.weight":
+                model.norm = put(w)
+            elif name == "lm_head.weight":
+                model.lm_head = put(w)
+            elif name.startswith("model.layers."):
+                idx_s, rest = name[len("model.layers.") :].split(".", 1)
+                idx = int(idx_s)
+                if idx >= cfg.num_layers:
+                    raise ValueError(f"weight {name} for layer {idx}, but the model has {cfg.num_layers} layers")
+                pending.setdefault(idx, {})[rest] = w
+                model._maybe_finish_layer(idx, pending, put)
+        missing = [i for i in range(cfg.num_layers) if not hasattr(model.layers[i], "down_weight")]
+        if missing:
+            have = sorted(pending.get(missing[0], {}))
+            raise ValueError(f"checkpoint is missing weights of layer {missing[0]} (found {have})")
+        for attr, hf in (("embed_tokens", "model.embed_tokens.weight"), ("norm", "model.norm.weight")):
+            if not hasattr(model, attr):
+                raise ValueError(f"checkpoint is missing {hf}")
+        if not hasattr(model, "lm_head"):
+            if not cfg.tie_word_embeddings and "lm_head.weight" not in seen:
+                cfg.tie_word_embeddings = True
+            model.lm_head = model.embed_tokens
+        return model
+
+    def _maybe_finish_layer(self, idx: int, pending: dict[int, dict[str, torch.Tensor]], put) -> None:
+        p = pending[idx]
+        need = [
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ]
+        if self.cfg.attention_bias:
+            need += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+        if any(n not in p for n in need):
+            return
+        layer = self.layers[idx]
+        cfg = self.cfg
+        qkv = torch.cat([p["self_attn.q_proj.weight"], p["self_attn.k_proj.weight"], p["self_attn.v_proj.weight"]])
+        expected = (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size)
+        if tuple(qkv.shape) != expected:
+            raise ValueError(f"layer {idx}: fused qkv weight has shape {tuple(qkv.shape)}, expected {expected}")
+        layer.qkv_weight = put(qkv)
+        if cfg.attention_bias:
+            layer.qkv_bias = put(torch.cat([p["self_attn.q_proj.bias"], p["self_attn.k_proj.bias"], p["self_attn.v_proj.bias"]]))
+        layer.o_weight = put(p["self_attn.o_proj.weight"])
+        layer.input_norm = put(p["input_layernorm.weight"])
+        layer.post_norm = put(p["post_attention_layernorm.weight"])
+        layer.gate_up_weight = put(torch.cat([p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"]]))
+        layer.down_weight = put(p["mlp.down_proj.weight"])
+        del pending[idx]
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        yield self.embed_tokens
+        yield self.norm
+        if self.lm_head is not self.embed_tokens:
+            yield self.lm_head
+        for layer in self.layers:
+            yield from (layer.input_norm, layer.qkv_weight, layer.o_weight, layer.post_norm, layer.gate_up_weight, layer.down_weight)
+            if layer.qkv_bias is not None:
+                yield layer.qkv_bias
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parameters())
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # int64 [num_tokens]
+        positions: torch.Tensor,  # int64 [num_tokens]
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        logits_indices: torch.Tensor | None,  # int64 [num_sampling_rows]; None: every row
+    ) -> torch.Tensor:
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            hidden, residual = layer.forward(positions, hidden, residual, k_cache, v_cache, meta, self.cos_sin_cache)
+        if logits_indices is not None:
+            hidden, residual = hidden[logits_indices], residual[logits_indices]
+        hidden = hidden.contiguous()
+        ops.fused_add_rms_norm(hidden, residual.contiguous(), self.norm, self.cfg.rms_norm_eps)
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,134 @@
+"""Token sampling for a batch of sequences with per-request parameters.
+
+Greedy rows take the argmax. Random rows apply penalties, temperature, top-k, top-p and min-p,
+then draw by the exponential race (argmax of p / E, E ~ Exp(1)), which equals sampling from p.
+A request with a seed draws its noise from its own generator, so its tokens do not depend on
+what else shares the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lenserve.engine.sampling_params import SamplingParams
+from lenserve.scheduler.sequence import Sequence
+
+
+@dataclass
+class SampleLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives, best first
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[SampleLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._generators: dict[str, torch.Generator] = {}
+
+    def forget(self, seq_id: str) -> None:
+        self._generators.pop(seq_id, None)
+
+    def _generator(self, seq: Sequence, params: SamplingParams, seed_offset: int, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(seq.request_id)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(params.seed + seed_offset)
+            self._generators[seq.request_id] = gen
+        return gen
+
+    @staticmethod
+    def _apply_penalties(row: torch.Tensor, seq: Sequence, params: SamplingParams) -> None:
+        vocab = row.shape[0]
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.int64, device=row.device)
+            seen = seen[seen < vocab]
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+        if params.presence_penalty or params.frequency_penalty:
+            out = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=row.device)
+            if out.numel():
+                counts = torch.bincount(out, minlength=vocab)[:vocab].to(row.dtype)
+                row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+
+    @staticmethod
+    def _filter(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """Zeroes tokens outside top-k / top-p / min-p (probs: [vocab], sums to 1)."""
+        if params.min_p > 0.0:
+            probs = torch.where(probs < params.min_p * probs.max(), torch.zeros_like(probs), probs)
+        if params.top_k > 0 or params.top_p < 1.0:
+            sorted_p, idx = probs.sort(descending=True)
+            keep = torch.ones_like(sorted_p, dtype=torch.bool)
+            if params.top_k > 0:
+                keep[params.top_k :] = False
+            if params.top_p < 1.0:
+                cum = sorted_p.cumsum(0)
+                # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+                keep &= (cum - sorted_p) < params.top_p * cum[-1]
+            mask = torch.zeros_like(keep)
+            mask[idx] = keep
+            probs = probs * mask
+        return probs
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], seed_offsets: list[int] | None = None) -> SamplerOutput:
+        """logits [num_seqs, vocab] float32 of the sampling sequences, in order."""
+        n = logits.shape[0]
+        params_list: list[SamplingParams] = [s.params for s in seqs]
+        logprob_rows = [i for i, p in enumerate(params_list) if p.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
+
+        needs_processing = [
+            i for i, (s, p) in enumerate(zip(seqs, params_list))
+            if p.needs_penalties or (s.num_output_tokens < p.min_tokens) or not p.greedy
+        ]
+        if needs_processing:
+            logits = logits.clone()
+        for i in needs_processing:
+            seq, params = seqs[i], params_list[i]
+            row = logits[i]
+            if params.needs_penalties:
+                self._apply_penalties(row, seq, params)
+            if seq.num_output_tokens < params.min_tokens:
+                banned = set(seq.stop_token_ids)
+                if seq.eos_token_id is not None and not seq.ignore_eos:
+                    banned.add(seq.eos_token_id)
+                if banned:
+                    row[torch.tensor(sorted(banned), dtype=torch.int64)] = float("-inf")
+
+        token_ids = logits.argmax(dim=-1).tolist()
+        random_rows = [i for i, p in enumerate(params_list) if not p.greedy]
+        if random_rows:
+            unseeded = [i for i in random_rows if params_list[i].seed is None]
+            noise = torch.empty((len(unseeded), logits.shape[1]), device=logits.device).exponential_() if unseeded else None
+            noise_row = {i: k for k, i in enumerate(unseeded)}
+            for i in random_rows:
+                params = params_list[i]
+                probs = torch.softmax(logits[i] / params.temperature, dim=-1)
+                probs = self._filter(probs, params)
+                if params.seed is not None:
+                    gen = self._generator(seqs[i], params, (seed_offsets or [0] * n)[i], logits.device)
+                    e = torch.empty_like(probs).exponential_(generator=gen)
+                else:
+                    e = noise[noise_row[i]]
+                token_ids[i] = int((probs / e).argmax())
+
+        logprobs: list[SampleLogprobs | None] = [None] * n
+        if raw_logprobs is not None:
+            k_max = max(params_list[i].logprobs for i in logprob_rows)
+            top_vals, top_idx = raw_logprobs.topk(max(k_max, 1), dim=-1)
+            for r, i in enumerate(logprob_rows):
+                k = params_list[i].logprobs
+                tok = token_ids[i]
+                logprobs[i] = SampleLogprobs(
+                    token_id=tok,
+                    logprob=float(raw_logprobs[r, tok]),
+                    top=list(zip(top_idx[r, :k].tolist(), top_vals[r, :k].tolist())),
+                )
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)

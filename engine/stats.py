@@ -1,0 +1,34 @@
+"""Statistics the engine emits each step; server/metrics.py turns them into Prometheus metrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lenserve.scheduler.output import SchedulerStats
+
+
+@dataclass
+class FinishedRequestStats:
+    finish_reason: str
+    e2e_s: float
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    ttft_s: float | None
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    predicted_tokens: float | None = None
+    bucket: int | None = None
+
+
+@dataclass
+class IterationStats:
+    step_time_s: float = 0.0
+    num_prompt_tokens: int = 0  # prompt tokens computed this step
+    num_generation_tokens: int = 0  # tokens sampled this step
+    num_batched_tokens: int = 0
+    num_preemptions: int = 0
+    padding_ratio: float = 0.0  # padded rows / rows in the forward (0 when packed)
+    time_to_first_tokens_s: list[float] = field(default_factory=list)
+    inter_token_latencies_s: list[float] = field(default_factory=list)
+    finished: list[FinishedRequestStats] = field(default_factory=list)
+    scheduler: SchedulerStats = field(default_factory=SchedulerStats)

@@ -1,0 +1,128 @@
+"""The `lenserve` command line: generate, serve, and the predictor/trace/bench tools."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lenserve.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="a .gguf file or an HF checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size (CPU default 4 GiB)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--policy", default="fcfs", help="scheduling policy")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "kernels", "torch", "flash-attn"])
+    g.add_argument("--attention", default="packed", choices=["packed", "padded"], help="padded: the baseline only")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--num-threads", type=int, default=None)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from lenserve.scheduler.config import SchedulerConfig
+
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        attention_backend=args.attention_backend,
+        attention=args.attention,
+        enable_prefix_caching=not args.no_prefix_caching,
+        num_threads=args.num_threads,
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            policy=args.policy,
+        ),
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lenserve.engine.llm_engine import LLMEngine
+    from lenserve.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(engine_config_from_args(args))
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    if args.chat:
+        ids = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+        engine.add_request("cli", args.prompt, params, prompt_token_ids=ids)
+    else:
+        engine.add_request("cli", args.prompt, params)
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sys.stdout.write(out.outputs[0].delta_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lenserve", description="Length-aware LLM inference server")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a completion and stream it to stdout")
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_engine_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Subcommands contributed by other packages: each registers itself on the subparsers object.
+_EXTRA_COMMANDS: list = []
+
+
+def _load_extra_commands() -> None:
+    import importlib
+
+    for module in ("lenserve.server.cli", "lenserve.predictor.cli", "lenserve.traces.cli", "lenserve.scheduler.cli", "lenserve.bench_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue
+            raise
+        _EXTRA_COMMANDS.append(mod.register)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _load_extra_commands()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lenserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
