@@ -27,13 +27,17 @@ def extension() -> object | None:
 
 def has_op(name: str, device: torch.device | str = "cpu") -> bool:
     """Whether torch.ops.lenserve.<name> exists with a kernel for `device`."""
+    return _has_op(name, torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_op(name: str, device_type: str) -> bool:
     ext = extension()
     if ext is None:
         return False
-    device = torch.device(device)
-    if device.type == "cuda" and not getattr(ext, "with_cuda", False):
+    if device_type == "cuda" and not getattr(ext, "with_cuda", False):
         return False
-    key = "CUDA" if device.type == "cuda" else "CPU"
+    key = "CUDA" if device_type == "cuda" else "CPU"
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"lenserve::{name}", key)
     except RuntimeError:

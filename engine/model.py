@@ -8,13 +8,14 @@ for the rows that sample.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
 from lenserve.engine import ops
 from lenserve.engine.attention import Attention, AttentionMetadata
+from lenserve.engine.linear import Linear
 from lenserve.engine.model_config import ModelArchConfig
 
 
@@ -46,12 +47,11 @@ class DecoderLayer:
     def __init__(self, cfg: ModelArchConfig, attention_backend: str) -> None:
         self.cfg = cfg
         self.input_norm: torch.Tensor
-        self.qkv_weight: torch.Tensor  # [q_size + 2 * kv_size, hidden]
-        self.qkv_bias: torch.Tensor | None = None
-        self.o_weight: torch.Tensor  # [hidden, q_size]
+        self.qkv_proj: Linear  # [q_size + 2 * kv_size, hidden]
+        self.o_proj: Linear  # [hidden, q_size]
         self.post_norm: torch.Tensor
-        self.gate_up_weight: torch.Tensor  # [2 * intermediate, hidden]
-        self.down_weight: torch.Tensor  # [hidden, intermediate]
+        self.gate_up_proj: Linear  # [2 * intermediate, hidden]
+        self.down_proj: Linear  # [hidden, intermediate]
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, attention_backend)
 
     def forward(
@@ -71,7 +71,7 @@ class DecoderLayer:
             hidden = ops.rms_norm(hidden, self.input_norm, eps)
         else:
             ops.fused_add_rms_norm(hidden, residual, self.input_norm, eps)
-        qkv = F.linear(hidden, self.qkv_weight, self.qkv_bias)  # [T, q + 2kv]
+        qkv = self.qkv_proj(hidden)  # [T, q + 2kv]
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         ops.rotary_embedding(positions, q, k, cfg.head_dim, cos_sin)
         n = hidden.shape[0]
@@ -83,10 +83,10 @@ class DecoderLayer:
             v_cache,
             meta,
         )
-        hidden = F.linear(attn_out.reshape(n, cfg.q_size), self.o_weight)
+        hidden = self.o_proj(attn_out.reshape(n, cfg.q_size))
         ops.fused_add_rms_norm(hidden, residual, self.post_norm, eps)
-        gate_up = F.linear(hidden, self.gate_up_weight)
-        hidden = F.linear(ops.silu_and_mul(gate_up), self.down_weight)
+        gate_up = self.gate_up_proj(hidden)
+        hidden = self.down_proj(ops.silu_and_mul(gate_up))
         return hidden, residual
 
 
@@ -99,7 +99,7 @@ class LlamaModel:
         self.device = device
         self.embed_tokens: torch.Tensor
         self.norm: torch.Tensor
-        self.lm_head: torch.Tensor
+        self.lm_head: Linear
         self.layers = [DecoderLayer(cfg, attention_backend) for _ in range(cfg.num_layers)]
         self.cos_sin_cache = rope_cos_sin_cache(cfg, cfg.max_position_embeddings, device)
 
@@ -126,7 +126,7 @@ class LlamaModel:
             elif name == "model.norm.weight":
                 model.norm = put(w)
             elif name == "lm_head.weight":
-                model.lm_head = put(w)
+                model.lm_head = Linear(put(w))
             elif name.startswith("model.layers."):
                 idx_s, rest = name[len("model.layers.") :].split(".", 1)
                 idx = int(idx_s)
@@ -134,7 +134,7 @@ class LlamaModel:
                     raise ValueError(f"weight {name} for layer {idx}, but the model has {cfg.num_layers} layers")
                 pending.setdefault(idx, {})[rest] = w
                 model._maybe_finish_layer(idx, pending, put)
-        missing = [i for i in range(cfg.num_layers) if not hasattr(model.layers[i], "down_weight")]
+        missing = [i for i in range(cfg.num_layers) if not hasattr(model.layers[i], "down_proj")]
         if missing:
             have = sorted(pending.get(missing[0], {}))
             raise ValueError(f"checkpoint is missing weights of layer {missing[0]} (found {have})")
@@ -144,7 +144,7 @@ class LlamaModel:
         if not hasattr(model, "lm_head"):
             if not cfg.tie_word_embeddings and "lm_head.weight" not in seen:
                 cfg.tie_word_embeddings = True
-            model.lm_head = model.embed_tokens
+            model.lm_head = Linear(model.embed_tokens)
         return model
 
     def _maybe_finish_layer(self, idx: int, pending: dict[int, dict[str, torch.Tensor]], put) -> None:
@@ -170,28 +170,21 @@ class LlamaModel:
         expected = (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size)
         if tuple(qkv.shape) != expected:
             raise ValueError(f"layer {idx}: fused qkv weight has shape {tuple(qkv.shape)}, expected {expected}")
-        layer.qkv_weight = put(qkv)
+        qkv_bias = None
         if cfg.attention_bias:
-            layer.qkv_bias = put(torch.cat([p["self_attn.q_proj.bias"], p["self_attn.k_proj.bias"], p["self_attn.v_proj.bias"]]))
-        layer.o_weight = put(p["self_attn.o_proj.weight"])
+            qkv_bias = put(torch.cat([p["self_attn.q_proj.bias"], p["self_attn.k_proj.bias"], p["self_attn.v_proj.bias"]]))
+        layer.qkv_proj = Linear(put(qkv), qkv_bias)
+        layer.o_proj = Linear(put(p["self_attn.o_proj.weight"]))
         layer.input_norm = put(p["input_layernorm.weight"])
         layer.post_norm = put(p["post_attention_layernorm.weight"])
-        layer.gate_up_weight = put(torch.cat([p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"]]))
-        layer.down_weight = put(p["mlp.down_proj.weight"])
+        layer.gate_up_proj = Linear(put(torch.cat([p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"]])))
+        layer.down_proj = Linear(put(p["mlp.down_proj.weight"]))
         del pending[idx]
 
-    def parameters(self) -> Iterator[torch.Tensor]:
-        yield self.embed_tokens
-        yield self.norm
-        if self.lm_head is not self.embed_tokens:
-            yield self.lm_head
-        for layer in self.layers:
-            yield from (layer.input_norm, layer.qkv_weight, layer.o_weight, layer.post_norm, layer.gate_up_weight, layer.down_weight)
-            if layer.qkv_bias is not None:
-                yield layer.qkv_bias
-
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.parameters())
+        tensors = [self.embed_tokens, self.norm] + [t for l in self.layers for t in (l.input_norm, l.post_norm)]
+        linears = [self.lm_head] + [p for l in self.layers for p in (l.qkv_proj, l.o_proj, l.gate_up_proj, l.down_proj)]
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(p.num_bytes for p in linears)
 
     @torch.inference_mode()
     def forward(
@@ -210,4 +203,4 @@ class LlamaModel:
             hidden, residual = hidden[logits_indices], residual[logits_indices]
         hidden = hidden.contiguous()
         ops.fused_add_rms_norm(hidden, residual.contiguous(), self.norm, self.cfg.rms_norm_eps)
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
