@@ -1,0 +1,419 @@
+// CUDA implementations of the lenserve operators (schemas in csrc/torch_bindings.cpp): each
+// checks its tensors, then hands pointers, sizes, strides and the current CUDA stream to a
+// launcher in cuda/kernels.h. No CUDA header is needed here: the stream comes through c10's
+// device-generic guard interface, so this file also compiles against a CPU build of torch.
+//
+// Values that live on the device are checked only where that is cheap next to the op: the
+// cu_seqlens of varlen_attention are copied to the host (a few hundred bytes per prefill call),
+// while the per-step decode ops (slot_mapping, block tables, context lengths, positions) are not
+// read back; their kernels skip or clamp out-of-range entries instead of faulting.
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cuda/kernels.h"
+
+namespace lenserve {
+namespace {
+
+#define LS_CHECK_CUDA(x) TORCH_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
+#define LS_CHECK_SAME_DEVICE(x, y)                                                                              \
+  TORCH_CHECK((x).device() == (y).device(), #x " (", (x).device(), ") and " #y " (", (y).device(), \
+              ") must be on the same device")
+#define LS_CHECK_DIM(x, d) TORCH_CHECK((x).dim() == (d), #x " must have ", d, " dimensions, got ", (x).dim())
+#define LS_CHECK_DTYPE(x, t) TORCH_CHECK((x).scalar_type() == (t), #x " must be ", t, ", got ", (x).scalar_type())
+#define LS_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
+#define LS_CHECK_SHAPE(x, ...)                                                                           \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ "), got ", \
+              (x).sizes())
+
+constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
+
+cuda::DType to_kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "lenserve CUDA kernels take float32, float16 or bfloat16 tensors, got ", t);
+  }
+}
+
+bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+// The current CUDA stream of `device` (what at::cuda::getCurrentCUDAStream returns), as cudaStream_t.
+cuda::Stream current_stream(const at::Device& device) {
+  const c10::impl::VirtualGuardImpl impl(device.type());
+  return static_cast<cuda::Stream>(impl.getStream(device).native_handle());
+}
+
+void check_launch(const char* error, const char* op) {
+  TORCH_CHECK(error == nullptr, op, ": CUDA kernel launch failed: ", error);
+}
+
+int32_t checked_int(int64_t v, const char* what) {
+  TORCH_CHECK(v <= std::numeric_limits<int32_t>::max(), what, " (", v, ") exceeds the kernels' int32 range");
+  return static_cast<int32_t>(v);
+}
+
+// [tokens, heads, head_dim] read with 16-byte vector loads: last dim contiguous, the other strides
+// multiples of 8 elements, the start 16-byte aligned.
+void check_token_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.stride(2) == 1, name, " must be contiguous in its last dimension");
+  TORCH_CHECK(x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0, name, " strides ", x.strides(),
+              " must be multiples of 8 elements");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, name, " must start 16-byte aligned");
+}
+
+// cu_seqlens (on the host): 0 first, non-decreasing, `total` last. Returns the longest run.
+int64_t check_cu_seqlens(const at::Tensor& cu_seqlens_host, int64_t total, const char* name) {
+  const int32_t* cu = cu_seqlens_host.data_ptr<int32_t>();
+  const int64_t n = cu_seqlens_host.size(0);
+  TORCH_CHECK(cu[0] == 0, name, "[0] must be 0, got ", cu[0]);
+  int64_t longest = 0;
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    TORCH_CHECK(cu[i + 1] >= cu[i], name, " must be non-decreasing, but ", name, "[", i + 1, "] = ", cu[i + 1],
+                " < ", name, "[", i, "] = ", cu[i]);
+    longest = std::max<int64_t>(longest, cu[i + 1] - cu[i]);
+  }
+  TORCH_CHECK(cu[n - 1] == total, name, "[-1] (", cu[n - 1], ") must equal the number of tokens (", total, ")");
+  return longest;
+}
+
+// q [total_q, num_heads, head_dim], k/v [total_k, num_kv_heads, head_dim] -> [total_q, num_heads, head_dim]
+at::Tensor varlen_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                 int64_t max_seqlen_k, double softmax_scale, bool causal) {
+  LS_CHECK_CUDA(q);
+  LS_CHECK_SAME_DEVICE(q, k);
+  LS_CHECK_SAME_DEVICE(q, v);
+  LS_CHECK_SAME_DEVICE(q, cu_seqlens_q);
+  LS_CHECK_SAME_DEVICE(q, cu_seqlens_k);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "varlen_attention on CUDA takes float16 or bfloat16 q/k/v, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q (", q.scalar_type(),
+              "), k (", k.scalar_type(), ") and v (", v.scalar_type(), ") must have the same dtype");
+  LS_CHECK_DIM(q, 3);
+  LS_CHECK_DIM(k, 3);
+  LS_CHECK_DIM(v, 3);
+  const int64_t total_q = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t total_k = k.size(0), num_kv_heads = k.size(1);
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, "varlen_attention on CUDA supports head_dim 64 and 128, got ",
+              head_dim);
+  LS_CHECK_SHAPE(k, total_k, num_kv_heads, head_dim);
+  LS_CHECK_SHAPE(v, total_k, num_kv_heads, head_dim);
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
+              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+  TORCH_CHECK(num_heads <= kMaxGridYZ, "num_heads (", num_heads, ") exceeds ", kMaxGridYZ);
+  check_token_rows(q, "q");
+  check_token_rows(k, "k");
+  check_token_rows(v, "v");
+  LS_CHECK_DTYPE(cu_seqlens_q, at::kInt);
+  LS_CHECK_DTYPE(cu_seqlens_k, at::kInt);
+  LS_CHECK_DIM(cu_seqlens_q, 1);
+  LS_CHECK_DIM(cu_seqlens_k, 1);
+  LS_CHECK_CONTIGUOUS(cu_seqlens_q);
+  LS_CHECK_CONTIGUOUS(cu_seqlens_k);
+  TORCH_CHECK(cu_seqlens_q.size(0) >= 1 && cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
+              "cu_seqlens_q and cu_seqlens_k must both have num_seqs + 1 entries, got ", cu_seqlens_q.size(0), " and ",
+              cu_seqlens_k.size(0));
+  const int64_t num_seqs = cu_seqlens_q.size(0) - 1;
+  TORCH_CHECK(num_seqs <= kMaxGridYZ, "varlen_attention takes at most ", kMaxGridYZ, " sequences, got ", num_seqs);
+  checked_int(total_q, "total_q");
+  checked_int(total_k, "total_k");
+  TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+
+  const int64_t longest_q = check_cu_seqlens(cu_seqlens_q.cpu(), total_q, "cu_seqlens_q");
+  const int64_t longest_k = check_cu_seqlens(cu_seqlens_k.cpu(), total_k, "cu_seqlens_k");
+  TORCH_CHECK(max_seqlen_q >= longest_q, "max_seqlen_q (", max_seqlen_q, ") is below the longest query run (",
+              longest_q, ")");
+  TORCH_CHECK(max_seqlen_k >= longest_k, "max_seqlen_k (", max_seqlen_k, ") is below the longest key run (",
+              longest_k, ")");
+
+  at::Tensor out = at::empty({total_q, num_heads, head_dim}, q.options());
+  if (total_q == 0) return out;
+  const c10::DeviceGuard guard(q.device());
+  cuda::VarlenAttentionParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.q_token_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.k_token_stride = k.stride(0);
+  p.k_head_stride = k.stride(1);
+  p.v_token_stride = v.stride(0);
+  p.v_head_stride = v.stride(1);
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.num_heads = static_cast<int>(num_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.head_dim = static_cast<int>(head_dim);
+  p.max_seqlen_q = static_cast<int>(longest_q);  // the true longest run sizes the grid tightly
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.causal = causal;
+  p.dtype = to_kernel_dtype(q.scalar_type());
+  check_launch(cuda::varlen_attention(p, current_stream(q.device())), "varlen_attention");
+  return out;
+}
+
+// q [num_seqs, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim]
+at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                       double softmax_scale) {
+  LS_CHECK_CUDA(q);
+  LS_CHECK_SAME_DEVICE(q, k_cache);
+  LS_CHECK_SAME_DEVICE(q, v_cache);
+  LS_CHECK_SAME_DEVICE(q, block_tables);
+  LS_CHECK_SAME_DEVICE(q, context_lens);
+  TORCH_CHECK(is_float_type(q.scalar_type()), "paged_decode_attention on CUDA takes float32, float16 or bfloat16 q, got ",
+              q.scalar_type());
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "paged_decode_attention on CUDA reads the caches in q's dtype (", q.scalar_type(), "), got k_cache ",
+              k_cache.scalar_type(), " and v_cache ", v_cache.scalar_type());
+  LS_CHECK_DIM(q, 3);
+  LS_CHECK_DIM(k_cache, 4);
+  LS_CHECK_DIM(v_cache, 4);
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, "paged_decode_attention on CUDA supports head_dim 64 and 128, got ",
+              head_dim);
+  LS_CHECK_SHAPE(k_cache, num_blocks, block_size, num_kv_heads, head_dim);
+  LS_CHECK_SHAPE(v_cache, num_blocks, block_size, num_kv_heads, head_dim);
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
+              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+  TORCH_CHECK(num_blocks > 0 && block_size > 0, "the KV cache is empty: shape ", k_cache.sizes());
+  TORCH_CHECK(q.stride(2) == 1, "q must be contiguous in its last dimension");
+  LS_CHECK_CONTIGUOUS(k_cache);
+  LS_CHECK_CONTIGUOUS(v_cache);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0,
+              "k_cache and v_cache must start 16-byte aligned");
+  LS_CHECK_DTYPE(block_tables, at::kInt);
+  LS_CHECK_DTYPE(context_lens, at::kInt);
+  LS_CHECK_DIM(block_tables, 2);
+  LS_CHECK_DIM(context_lens, 1);
+  LS_CHECK_CONTIGUOUS(block_tables);
+  LS_CHECK_CONTIGUOUS(context_lens);
+  TORCH_CHECK(block_tables.size(0) == num_seqs, "block_tables has ", block_tables.size(0), " rows for ", num_seqs,
+              " sequences");
+  TORCH_CHECK(context_lens.size(0) == num_seqs, "context_lens has ", context_lens.size(0), " entries for ", num_seqs,
+              " sequences");
+  TORCH_CHECK(num_seqs <= kMaxGridYZ, "paged_decode_attention takes at most ", kMaxGridYZ, " sequences, got ",
+              num_seqs);
+  const int64_t max_blocks_per_seq = block_tables.size(1);
+  checked_int(max_blocks_per_seq * block_size, "max_blocks_per_seq * block_size");
+  checked_int(num_blocks * block_size, "the number of cache slots");
+  TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+
+  at::Tensor out = at::empty({num_seqs, num_heads, head_dim}, q.options());
+  if (num_seqs == 0) return out;
+  const int num_splits = cuda::paged_decode_num_splits(max_blocks_per_seq * block_size);
+  at::Tensor partial_out, partial_lse;
+  if (num_splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    partial_out = at::empty({num_seqs, num_heads, num_splits, head_dim}, f32);
+    partial_lse = at::empty({num_seqs, num_heads, num_splits}, f32);
+  }
+  const c10::DeviceGuard guard(q.device());
+  cuda::PagedDecodeParams p{};
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.out = out.data_ptr();
+  p.block_tables = block_tables.data_ptr<int32_t>();
+  p.context_lens = context_lens.data_ptr<int32_t>();
+  p.partial_out = num_splits > 1 ? partial_out.data_ptr<float>() : nullptr;
+  p.partial_lse = num_splits > 1 ? partial_lse.data_ptr<float>() : nullptr;
+  p.q_seq_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.num_heads = static_cast<int>(num_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.head_dim = static_cast<int>(head_dim);
+  p.num_blocks = static_cast<int>(num_blocks);
+  p.block_size = static_cast<int>(block_size);
+  p.max_blocks_per_seq = static_cast<int>(max_blocks_per_seq);
+  p.num_splits = num_splits;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.dtype = to_kernel_dtype(q.scalar_type());
+  check_launch(cuda::paged_decode_attention(p, current_stream(q.device())), "paged_decode_attention");
+  return out;
+}
+
+// key/value [num_tokens, num_kv_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim]
+void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                            at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  LS_CHECK_CUDA(key);
+  LS_CHECK_SAME_DEVICE(key, value);
+  LS_CHECK_SAME_DEVICE(key, key_cache);
+  LS_CHECK_SAME_DEVICE(key, value_cache);
+  LS_CHECK_SAME_DEVICE(key, slot_mapping);
+  LS_CHECK_DIM(key, 3);
+  LS_CHECK_DIM(value, 3);
+  LS_CHECK_DIM(key_cache, 4);
+  LS_CHECK_DIM(value_cache, 4);
+  LS_CHECK_DTYPE(slot_mapping, at::kLong);
+  LS_CHECK_DIM(slot_mapping, 1);
+  LS_CHECK_CONTIGUOUS(slot_mapping);
+  LS_CHECK_CONTIGUOUS(key_cache);
+  LS_CHECK_CONTIGUOUS(value_cache);
+  TORCH_CHECK(is_float_type(key.scalar_type()) && is_float_type(key_cache.scalar_type()),
+              "reshape_and_cache takes float32, float16 or bfloat16 tensors, got key ", key.scalar_type(),
+              " and key_cache ", key_cache.scalar_type());
+  TORCH_CHECK(key.sizes() == value.sizes(), "key ", key.sizes(), " and value ", value.sizes(), " shapes differ");
+  TORCH_CHECK(key_cache.sizes() == value_cache.sizes(), "key_cache and value_cache shapes differ");
+  TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value dtypes differ");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "key_cache and value_cache dtypes differ");
+  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
+                  value.stride(1) == value.size(2),
+              "key/value must be contiguous per token");
+  const int64_t num_tokens = key.size(0);
+  TORCH_CHECK(slot_mapping.size(0) == num_tokens, "slot_mapping has ", slot_mapping.size(0), " entries for ",
+              num_tokens, " tokens");
+  TORCH_CHECK(key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2),
+              "cache [num_blocks, block_size, num_kv_heads, head_dim] ", key_cache.sizes(), " does not match key ",
+              key.sizes());
+  if (num_tokens == 0) return;
+  const c10::DeviceGuard guard(key.device());
+  cuda::ReshapeAndCacheParams p{};
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.key_cache = key_cache.data_ptr();
+  p.value_cache = value_cache.data_ptr();
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.key_token_stride = key.stride(0);
+  p.value_token_stride = value.stride(0);
+  p.num_slots = key_cache.size(0) * key_cache.size(1);
+  p.num_tokens = checked_int(num_tokens, "num_tokens");
+  p.num_kv_heads = static_cast<int>(key.size(1));
+  p.head_dim = static_cast<int>(key.size(2));
+  p.dtype = to_kernel_dtype(key.scalar_type());
+  p.cache_dtype = to_kernel_dtype(key_cache.scalar_type());
+  check_launch(cuda::reshape_and_cache(p, current_stream(key.device())), "reshape_and_cache");
+}
+
+void check_norm_inputs(const at::Tensor& input, const at::Tensor& weight) {
+  LS_CHECK_CUDA(input);
+  LS_CHECK_SAME_DEVICE(input, weight);
+  LS_CHECK_DIM(input, 2);
+  LS_CHECK_DIM(weight, 1);
+  TORCH_CHECK(is_float_type(input.scalar_type()), "input must be float32, float16 or bfloat16, got ",
+              input.scalar_type());
+  TORCH_CHECK(input.stride(1) == 1, "input rows must be contiguous");
+  LS_CHECK_CONTIGUOUS(weight);
+  TORCH_CHECK(input.size(1) == weight.size(0), "input hidden size ", input.size(1), " != weight size ",
+              weight.size(0));
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "input (", input.scalar_type(), ") and weight (",
+              weight.scalar_type(), ") dtypes differ");
+  checked_int(input.size(0), "num_tokens");
+  checked_int(input.size(1), "hidden size");
+}
+
+// input [num_tokens, hidden]; weight [hidden] -> [num_tokens, hidden]
+at::Tensor rms_norm_cuda(const at::Tensor& input, const at::Tensor& weight, double eps) {
+  check_norm_inputs(input, weight);
+  at::Tensor out = at::empty({input.size(0), input.size(1)}, input.options());
+  const c10::DeviceGuard guard(input.device());
+  check_launch(cuda::rms_norm(out.data_ptr(), input.data_ptr(), weight.data_ptr(), input.stride(0),
+                              static_cast<int>(input.size(0)), static_cast<int>(input.size(1)),
+                              static_cast<float>(eps), to_kernel_dtype(input.scalar_type()),
+                              current_stream(input.device())),
+               "rms_norm");
+  return out;
+}
+
+// residual += input; input = rms_norm(residual) * weight (both in place)
+void fused_add_rms_norm_cuda(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  check_norm_inputs(input, weight);
+  LS_CHECK_SAME_DEVICE(input, residual);
+  LS_CHECK_CONTIGUOUS(input);
+  LS_CHECK_CONTIGUOUS(residual);
+  TORCH_CHECK(input.sizes() == residual.sizes(), "input ", input.sizes(), " and residual ", residual.sizes(),
+              " shapes differ");
+  TORCH_CHECK(input.scalar_type() == residual.scalar_type(), "input and residual dtypes differ");
+  const c10::DeviceGuard guard(input.device());
+  check_launch(cuda::fused_add_rms_norm(input.data_ptr(), residual.data_ptr(), weight.data_ptr(),
+                                        static_cast<int>(input.size(0)), static_cast<int>(input.size(1)),
+                                        static_cast<float>(eps), to_kernel_dtype(input.scalar_type()),
+                                        current_stream(input.device())),
+               "fused_add_rms_norm");
+}
+
+// x [num_tokens, 2 * d] -> [num_tokens, d]
+at::Tensor silu_and_mul_cuda(const at::Tensor& x) {
+  LS_CHECK_CUDA(x);
+  LS_CHECK_DIM(x, 2);
+  LS_CHECK_CONTIGUOUS(x);
+  TORCH_CHECK(is_float_type(x.scalar_type()), "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) % 2 == 0, "silu_and_mul: last dimension must be even, got ", x.size(1));
+  const int64_t num_tokens = x.size(0), d = x.size(1) / 2;
+  at::Tensor out = at::empty({num_tokens, d}, x.options());
+  const c10::DeviceGuard guard(x.device());
+  check_launch(cuda::silu_and_mul(out.data_ptr(), x.data_ptr(), checked_int(num_tokens, "num_tokens"),
+                                  checked_int(d, "d"), to_kernel_dtype(x.scalar_type()), current_stream(x.device())),
+               "silu_and_mul");
+  return out;
+}
+
+// positions int64 [num_tokens]; query [num_tokens, num_heads * head_dim], key [num_tokens,
+// num_kv_heads * head_dim] (rows may be strided views); cos_sin_cache float32 [max_position, rot_dim].
+void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, int64_t head_dim,
+                           const at::Tensor& cos_sin_cache, bool is_neox) {
+  LS_CHECK_CUDA(query);
+  LS_CHECK_SAME_DEVICE(query, positions);
+  LS_CHECK_SAME_DEVICE(query, key);
+  LS_CHECK_SAME_DEVICE(query, cos_sin_cache);
+  LS_CHECK_DTYPE(positions, at::kLong);
+  LS_CHECK_DTYPE(cos_sin_cache, at::kFloat);
+  LS_CHECK_DIM(positions, 1);
+  LS_CHECK_CONTIGUOUS(positions);
+  LS_CHECK_DIM(cos_sin_cache, 2);
+  LS_CHECK_CONTIGUOUS(cos_sin_cache);
+  LS_CHECK_DIM(query, 2);
+  LS_CHECK_DIM(key, 2);
+  TORCH_CHECK(is_float_type(query.scalar_type()), "query must be float32, float16 or bfloat16, got ",
+              query.scalar_type());
+  TORCH_CHECK(query.stride(1) == 1 && key.stride(1) == 1, "query and key rows must be contiguous");
+  TORCH_CHECK(query.scalar_type() == key.scalar_type(), "query and key dtypes differ");
+  const int64_t num_tokens = positions.size(0);
+  TORCH_CHECK(query.size(0) == num_tokens && key.size(0) == num_tokens, "query/key must have one row per position");
+  TORCH_CHECK(head_dim > 0 && query.size(1) % head_dim == 0 && key.size(1) % head_dim == 0,
+              "query/key widths must be multiples of head_dim ", head_dim);
+  const int64_t rot_dim = cos_sin_cache.size(1);
+  TORCH_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= head_dim, "cos_sin_cache width ", rot_dim,
+              " must be even and at most head_dim ", head_dim);
+  const c10::DeviceGuard guard(query.device());
+  check_launch(cuda::rotary_embedding(positions.data_ptr<int64_t>(), query.data_ptr(), key.data_ptr(),
+                                      cos_sin_cache.data_ptr<float>(), query.stride(0), key.stride(0),
+                                      checked_int(num_tokens, "num_tokens"),
+                                      checked_int(query.size(1) / head_dim, "num_heads"),
+                                      checked_int(key.size(1) / head_dim, "num_kv_heads"),
+                                      checked_int(head_dim, "head_dim"), static_cast<int>(rot_dim),
+                                      cos_sin_cache.size(0), is_neox, to_kernel_dtype(query.scalar_type()),
+                                      current_stream(query.device())),
+               "rotary_embedding");
+}
+
+}  // namespace
+}  // namespace lenserve
+
+TORCH_LIBRARY_IMPL(lenserve, CUDA, m) {
+  m.impl("varlen_attention", &lenserve::varlen_attention_cuda);
+  m.impl("paged_decode_attention", &lenserve::paged_decode_attention_cuda);
+  m.impl("reshape_and_cache", &lenserve::reshape_and_cache_cuda);
+  m.impl("rms_norm", &lenserve::rms_norm_cuda);
+  m.impl("fused_add_rms_norm", &lenserve::fused_add_rms_norm_cuda);
+  m.impl("silu_and_mul", &lenserve::silu_and_mul_cuda);
+  m.impl("rotary_embedding", &lenserve::rotary_embedding_cuda);
+}
