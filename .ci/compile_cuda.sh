@@ -3,6 +3,8 @@
 # with nvcc for sm_80 and sm_90 (object files to a temporary directory, the flags torch's
 # CUDAExtension and setup.py use), then the torch binding csrc/cuda/*.cpp with g++ -fsyntax-only
 # against torch's headers (it needs no CUDA header, so a CPU build of torch suffices).
+# Warnings are errors, and so is any register spill or local-memory use that ptxas reports: a
+# kernel that starts spilling has lost its performance even though it still builds.
 # Fails on the first error. NVCC, CXX and PYTHON override the tools; -j N compiles N files at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -439,12 +439,12 @@ def _varlen_args(**override):
     return list(args.values())
 
 
-def _bf16(*shape, device=DEV):
-    return torch.randn(*shape, device=device, dtype=torch.bfloat16)
+def _bf16(*shape, device=None):
+    return torch.randn(*shape, device=device or DEV, dtype=torch.bfloat16)
 
 
-def _int32(values, device=DEV):
-    return torch.tensor(values, dtype=torch.int32, device=device)
+def _int32(values, device=None):
+    return torch.tensor(values, dtype=torch.int32, device=device or DEV)
 
 
 @pytest.mark.parametrize(
