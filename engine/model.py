@@ -101,6 +101,7 @@ class LlamaModel:
         self.norm: torch.Tensor
         self.lm_head: Linear
         self.layers = [DecoderLayer(cfg, attention_backend) for _ in range(cfg.num_layers)]
+        self.prepack_linear = True
         self.cos_sin_cache = rope_cos_sin_cache(cfg, cfg.max_position_embeddings, device)
 
     @classmethod
@@ -111,8 +112,11 @@ class LlamaModel:
         dtype: torch.dtype,
         device: torch.device,
         attention_backend: str = "auto",
+        prepack_linear: bool = True,
     ) -> "LlamaModel":
+        """prepack_linear=False keeps torch's own GEMM on CPU (bitwise closer to transformers)."""
         model = cls(cfg, dtype, device, attention_backend)
+        model.prepack_linear = prepack_linear
         pending: dict[int, dict[str, torch.Tensor]] = {}
         seen: set[str] = set()
 
@@ -126,7 +130,7 @@ class LlamaModel:
             elif name == "model.norm.weight":
                 model.norm = put(w)
             elif name == "lm_head.weight":
-                model.lm_head = Linear(put(w))
+                model.lm_head = Linear(put(w), prepack=prepack_linear)
             elif name.startswith("model.layers."):
                 idx_s, rest = name[len("model.layers.") :].split(".", 1)
                 idx = int(idx_s)
@@ -144,7 +148,7 @@ class LlamaModel:
         if not hasattr(model, "lm_head"):
             if not cfg.tie_word_embeddings and "lm_head.weight" not in seen:
                 cfg.tie_word_embeddings = True
-            model.lm_head = Linear(model.embed_tokens)
+            model.lm_head = Linear(model.embed_tokens, prepack=prepack_linear)
         return model
 
     def _maybe_finish_layer(self, idx: int, pending: dict[int, dict[str, torch.Tensor]], put) -> None:
@@ -173,12 +177,13 @@ class LlamaModel:
         qkv_bias = None
         if cfg.attention_bias:
             qkv_bias = put(torch.cat([p["self_attn.q_proj.bias"], p["self_attn.k_proj.bias"], p["self_attn.v_proj.bias"]]))
-        layer.qkv_proj = Linear(put(qkv), qkv_bias)
-        layer.o_proj = Linear(put(p["self_attn.o_proj.weight"]))
+        pp = self.prepack_linear
+        layer.qkv_proj = Linear(put(qkv), qkv_bias, prepack=pp)
+        layer.o_proj = Linear(put(p["self_attn.o_proj.weight"]), prepack=pp)
         layer.input_norm = put(p["input_layernorm.weight"])
         layer.post_norm = put(p["post_attention_layernorm.weight"])
-        layer.gate_up_proj = Linear(put(torch.cat([p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"]])))
-        layer.down_proj = Linear(put(p["mlp.down_proj.weight"]))
+        layer.gate_up_proj = Linear(put(torch.cat([p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"]])), prepack=pp)
+        layer.down_proj = Linear(put(p["mlp.down_proj.weight"]), prepack=pp)
         del pending[idx]
 
     def num_bytes(self) -> int:

@@ -1,0 +1,229 @@
+"""The FastAPI application: engine created in the lifespan and kept on app.state; thin routes."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lenserve import __version__
+from lenserve.config import EngineConfig
+from lenserve.server.errors import (
+    APIError,
+    api_error_handler,
+    error_body,
+    http_error_handler,
+    unhandled_error_handler,
+    validation_error_handler,
+)
+from lenserve.server.metrics import CONTENT_TYPE, Metrics
+from lenserve.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+logger = logging.getLogger("lenserve")
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+@dataclass
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue: int | None = 256
+    served_model_name: str | None = None
+    request_timeout_s: float | None = None
+    max_request_body_bytes: int = 4 * 2**20
+    shutdown_grace_s: float = 30.0
+    predictor: str | None = "default"  # "default", a directory, or None/"none"
+    log_requests: bool = False
+
+
+class GuardMiddleware:
+    """Pure ASGI: counts in-flight requests (until their body is sent), refuses new work while
+    draining (503), checks the API key (401) and bounds the request body (413)."""
+
+    def __init__(self, app, state) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        cfg: ServerConfig = self.state.config
+        if path not in OPEN_PATHS:
+            if cfg.api_key is not None and not self._authorized(scope, cfg.api_key):
+                return await self._reject(send, 401, "invalid or missing API key (Authorization: Bearer <key>)", "invalid_api_key")
+            if self.state.draining:
+                return await self._reject(send, 503, "the server is shutting down", "shutting_down")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        limit = cfg.max_request_body_bytes
+        if length is not None:
+            try:
+                too_big = int(length) > limit
+            except ValueError:
+                return await self._reject(send, 400, "bad Content-Length header", "bad_request")
+            if too_big:
+                return await self._reject(send, 413, f"request body exceeds {limit} bytes", "body_too_large")
+        received = 0
+        overflow = False
+
+        async def limited_receive():
+            nonlocal received, overflow
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    overflow = True
+                    raise APIError(413, f"request body exceeds {limit} bytes", code="body_too_large")
+            return message
+
+        self.state.inflight += 1
+        try:
+            await self.app(scope, limited_receive if path not in OPEN_PATHS else receive, send)
+        except APIError as e:
+            if not overflow:
+                raise
+            await self._reject(send, e.status, e.message, e.code)
+        finally:
+            self.state.inflight -= 1
+
+    @staticmethod
+    def _authorized(scope, key: str) -> bool:
+        for name, value in scope.get("headers") or []:
+            if name == b"authorization":
+                got = value.decode("latin-1")
+                scheme, _, token = got.partition(" ")
+                # constant-time comparison; the key is never logged
+                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+        return False
+
+    @staticmethod
+    async def _reject(send, status: int, message: str, code: str) -> None:
+        body = json.dumps(error_body(status, message, code=code)).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _load_predictor(spec: str | None):
+    if spec in (None, "none"):
+        return None
+    try:
+        from lenserve.predictor import load_predictor
+    except ImportError:
+        logger.warning("no length predictor available; scheduling without predictions")
+        return None
+    t0 = time.monotonic()
+    predictor = load_predictor(spec)
+    logger.info("length predictor %s loaded in %.2fs", spec, time.monotonic() - t0)
+    return predictor
+
+
+def build_app(config: ServerConfig, engine=None) -> FastAPI:
+    """`engine`: an already loaded LLMEngine to serve (tests); by default one is built in the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from lenserve.engine.async_engine import AsyncEngine
+        from lenserve.engine.llm_engine import LLMEngine
+        from lenserve.server.serving import OpenAIServing
+
+        eng = engine or await asyncio.to_thread(LLMEngine, config.engine)
+        names = [config.served_model_name or eng.model_name]
+        if config.served_model_name and eng.model_name not in names:
+            names.append(eng.model_name)
+        metrics = Metrics(names[0])
+        async_engine = AsyncEngine(eng, max_queue=config.max_queue)
+        async_engine.stats_listeners.append(metrics.record_iteration)
+        async_engine.start(asyncio.get_running_loop())
+        predictor = _load_predictor(config.predictor)
+        app.state.engine = async_engine
+        app.state.metrics = metrics
+        app.state.model_names = names
+        app.state.serving = OpenAIServing(async_engine, names, metrics, predictor, config.request_timeout_s)
+        app.state.started = time.time()
+        logger.info("serving %s on http://%s:%d", names[0], config.host, config.port)
+        try:
+            yield
+        finally:
+            async_engine.shutdown()
+
+    app = FastAPI(title="lenserve", version=__version__, lifespan=lifespan)
+    app.state.config = config
+    app.state.draining = False
+    app.state.inflight = 0
+    app.add_middleware(GuardMiddleware, state=app.state)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, unhandled_error_handler)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await request.app.state.serving.completions(req, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await request.app.state.serving.chat(req, request)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        st = request.app.state
+        created = int(st.started)
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "created": created, "owned_by": "lenserve", "max_model_len": st.engine.engine.max_model_len}
+            for n in st.model_names
+        ]}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest, request: Request):
+        st = request.app.state
+        st.serving.check_model(req.model)
+        tok = st.engine.tokenizer
+        if req.messages is not None:
+            msgs = ChatCompletionRequest(messages=req.messages).messages_as_dicts()
+            ids = tok.encode_chat(msgs, add_generation_prompt=req.add_generation_prompt)
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": st.engine.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest, request: Request):
+        st = request.app.state
+        st.serving.check_model(req.model)
+        vocab = st.engine.engine.arch.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[0]}", "tokens")
+        return {"prompt": st.engine.tokenizer.decode(req.tokens)}
+
+    @app.get("/health")
+    async def health(request: Request):
+        st = request.app.state
+        eng = getattr(st, "engine", None)
+        if eng is None or not eng.healthy:
+            reason = eng.dead_reason if eng is not None else "starting"
+            return JSONResponse(error_body(503, f"engine unhealthy: {reason}", code="engine_unhealthy"), status_code=503)
+        if st.draining:
+            return JSONResponse(error_body(503, "the server is shutting down", code="shutting_down"), status_code=503)
+        return {"status": "ok", "running": eng.num_running, "waiting": eng.num_waiting}
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,81 @@
+"""`lenserve serve`: uvicorn with graceful shutdown (SIGTERM: 503 to new work, drain, exit 0)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+logger = logging.getLogger("lenserve")
+
+
+def register(sub) -> None:
+    from lenserve.cli import add_engine_args
+
+    p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LENSERVE_API_KEY"), help="require 'Authorization: Bearer KEY' (or set LENSERVE_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--request-timeout-s", type=float, default=None)
+    p.add_argument("--max-request-body-bytes", type=int, default=4 * 2**20)
+    p.add_argument("--shutdown-grace-s", type=float, default=30.0)
+    p.add_argument("--predictor", default="default", help="'default', a predictor directory, or 'none'")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lenserve.cli import engine_config_from_args
+    from lenserve.server.app import ServerConfig
+
+    config = ServerConfig(
+        engine=engine_config_from_args(args),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        served_model_name=args.served_model_name,
+        request_timeout_s=args.request_timeout_s,
+        max_request_body_bytes=args.max_request_body_bytes,
+        shutdown_grace_s=args.shutdown_grace_s,
+        predictor=args.predictor,
+    )
+    run_server(config)
+    return 0
+
+
+def run_server(config, engine=None) -> None:
+    import uvicorn
+
+    from lenserve.server.app import build_app
+
+    app = build_app(config, engine)
+
+    class DrainingServer(uvicorn.Server):
+        """First SIGTERM/SIGINT: refuse new work with 503, wait for in-flight requests up to the
+        grace period, then exit. A second signal exits at once."""
+
+        def handle_exit(self, sig, frame):
+            if app.state.draining:
+                return super().handle_exit(sig, frame)
+            app.state.draining = True
+            logger.info("shutting down: draining %d in-flight requests (grace %.0fs)", app.state.inflight, config.shutdown_grace_s)
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+        async def _drain(self):
+            deadline = loop_time() + config.shutdown_grace_s
+            while app.state.inflight > 0 and loop_time() < deadline:
+                await asyncio.sleep(0.05)
+            self.should_exit = True
+
+    def loop_time() -> float:
+        return asyncio.get_event_loop().time()
+
+    server = DrainingServer(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5,
+        timeout_keep_alive=5, access_log=False,
+    ))
+    server.run()

@@ -1,0 +1,105 @@
+"""Prometheus metrics, vLLM's names under `lenserve:`. The only module that touches prometheus objects.
+
+The engine emits IterationStats dataclasses each step (on its own thread); `record_iteration`
+turns them into counters, gauges and histograms. prometheus_client is thread-safe.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from lenserve.engine.stats import IterationStats
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+_ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+_RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None, extra_labels: dict[str, str] | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.labels = {"model_name": model_name, **(extra_labels or {})}
+        names = list(self.labels)
+        r = self.registry
+
+        def gauge(name, doc, extra=()):
+            return Gauge(f"lenserve:{name}", doc, names + list(extra), registry=r)
+
+        def counter(name, doc, extra=()):
+            return Counter(f"lenserve:{name}", doc, names + list(extra), registry=r)
+
+        def hist(name, doc, buckets):
+            return Histogram(f"lenserve:{name}", doc, names, buckets=buckets, registry=r)
+
+        self.num_requests_running = gauge("num_requests_running", "Requests in the running batch")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled")
+        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = 100%)")
+        self.batch_padding_ratio = gauge("batch_padding_ratio", "Padded rows / rows in the last forward (0 when packed)")
+        self.num_preemptions = counter("num_preemptions_total", "Sequences preempted (recomputed later)")
+        self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens computed")
+        self.generation_tokens = counter("generation_tokens_total", "Tokens generated")
+        self.request_success = counter("request_success_total", "Requests finished, by finish reason", ["finished_reason"])
+        self.request_rejected = counter("request_rejected_total", "Requests refused before running, by reason", ["reason"])
+        self.request_bucket = counter("request_bucket_total", "Requests by predicted-length bucket", ["bucket"])
+        self.ttft = hist("time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS)
+        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens", _ITL_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "Request latency, arrival to finish", _LATENCY_BUCKETS)
+        self.queue_time = hist("request_queue_time_seconds", "Time waiting before the first schedule", _LATENCY_BUCKETS)
+        self.prefill_time = hist("request_prefill_time_seconds", "First schedule to first token", _LATENCY_BUCKETS)
+        self.decode_time = hist("request_decode_time_seconds", "First token to finish", _LATENCY_BUCKETS)
+        self.iteration_tokens = hist("iteration_tokens_total", "Tokens per engine step", _TOKEN_BUCKETS + (16384,))
+        self.request_prompt_tokens = hist("request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS)
+        self.request_generation_tokens = hist("request_generation_tokens", "Generated tokens per request", _TOKEN_BUCKETS)
+        self.prediction_error_ratio = hist(
+            "request_predicted_length_error_ratio", "Predicted / actual response length per finished request", _RATIO_BUCKETS
+        )
+        self._last_preemptions_total = 0
+
+    def _l(self, metric, **extra):
+        return metric.labels(**self.labels, **extra)
+
+    def record_iteration(self, stats: IterationStats) -> None:
+        s = stats.scheduler
+        self._l(self.num_requests_running).set(s.num_running)
+        self._l(self.num_requests_waiting).set(s.num_waiting)
+        self._l(self.kv_cache_usage_perc).set(s.kv_cache_usage)
+        self._l(self.batch_padding_ratio).set(stats.padding_ratio)
+        if s.num_preemptions_total > self._last_preemptions_total:
+            self._l(self.num_preemptions).inc(s.num_preemptions_total - self._last_preemptions_total)
+            self._last_preemptions_total = s.num_preemptions_total
+        if stats.num_prompt_tokens:
+            self._l(self.prompt_tokens).inc(stats.num_prompt_tokens)
+        if stats.num_generation_tokens:
+            self._l(self.generation_tokens).inc(stats.num_generation_tokens)
+        if stats.num_batched_tokens:
+            self._l(self.iteration_tokens).observe(stats.num_batched_tokens)
+        for v in stats.time_to_first_tokens_s:
+            self._l(self.ttft).observe(v)
+        for v in stats.inter_token_latencies_s:
+            self._l(self.itl).observe(v)
+        for f in stats.finished:
+            self.record_finished(f)
+
+    def record_finished(self, f) -> None:
+        self._l(self.request_success, finished_reason=f.finish_reason).inc()
+        self._l(self.e2e).observe(f.e2e_s)
+        self._l(self.queue_time).observe(f.queue_s)
+        self._l(self.prefill_time).observe(f.prefill_s)
+        self._l(self.decode_time).observe(f.decode_s)
+        self._l(self.request_prompt_tokens).observe(f.num_prompt_tokens)
+        self._l(self.request_generation_tokens).observe(f.num_generation_tokens)
+        if f.predicted_tokens is not None and f.num_generation_tokens > 0:
+            self._l(self.prediction_error_ratio).observe(f.predicted_tokens / f.num_generation_tokens)
+
+    def record_admitted(self, bucket: int | None) -> None:
+        if bucket is not None:
+            self._l(self.request_bucket, bucket=str(bucket)).inc()
+
+    def record_rejected(self, reason: str) -> None:
+        self._l(self.request_rejected, reason=reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
