@@ -98,10 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list = []
 
 
+def subcommand_group(sub, name: str, help: str):
+    """The subparsers of group `name` (e.g. `lenserve bench ...`), created on first use, so several
+    packages can add commands to one group."""
+    parser = sub.choices.get(name)
+    if parser is None:
+        parser = sub.add_parser(name, help=help)
+        parser.set_defaults(func=lambda args: parser.print_help() or 2)
+        parser._lenserve_group = parser.add_subparsers(dest=f"{name}_command", required=True)
+    return parser._lenserve_group
+
+
 def _load_extra_commands() -> None:
     import importlib
 
-    for module in ("lenserve.server.cli", "lenserve.predictor.cli", "lenserve.traces.cli", "lenserve.scheduler.cli", "lenserve.bench_cli"):
+    for module in ("lenserve.server.cli", "lenserve.predictor.cli", "lenserve.traces.cli", "lenserve.sim_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
