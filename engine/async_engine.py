@@ -78,6 +78,7 @@ class AsyncEngine:
         self._num_enqueued = 0  # adds not yet seen by the core thread
         self.fault_hook: Callable[[], None] | None = None  # tests inject step faults through this
         self.last_step_time = time.monotonic()
+        self._idle_published = True
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -107,7 +108,7 @@ class AsyncEngine:
         if prompt_token_ids is None:
             text, ids = self.engine.encode_prompt(prompt)
         else:
-            text, ids = (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
+            text, ids = (prompt if isinstance(prompt, str) else None), self.engine.check_token_ids(prompt_token_ids)
         if not ids:
             raise ValueError("prompt must not be empty (it encodes to no tokens)")
         params.check_against_model(self.engine.arch.vocab_size, len(ids), self.engine.max_model_len)
@@ -205,7 +206,12 @@ class AsyncEngine:
                 self._drain_commands(block=not eng.has_unfinished_requests())
                 if not eng.has_unfinished_requests():
                     self._publish_counts()
+                    if not self._idle_published:
+                        # aborts freed blocks without a step: let gauges see the idle state
+                        self._idle_published = True
+                        self._notify(IterationStats(scheduler=eng.scheduler.stats()))
                     continue
+                self._idle_published = False
                 try:
                     if self.fault_hook is not None:
                         self.fault_hook()
@@ -217,12 +223,7 @@ class AsyncEngine:
                 self.last_step_time = time.monotonic()
                 self._post([(o.request_id, o) for o in outputs])
                 self._publish_counts()
-                stats = eng.last_stats
-                for listener in self.stats_listeners:
-                    try:
-                        listener(stats)
-                    except Exception:
-                        logger.exception("stats listener failed")
+                self._notify(eng.last_stats)
         except BaseException as e:
             self.dead_reason = f"engine core crashed: {e!r}"
             logger.exception("engine core crashed")
@@ -232,6 +233,13 @@ class AsyncEngine:
                 eng.abort_request(rid)
             err = EngineDeadError(self.dead_reason or "the engine shut down")
             self._post([(rid, err) for rid in list(self._streams)])
+
+    def _notify(self, stats: IterationStats) -> None:
+        for listener in self.stats_listeners:
+            try:
+                listener(stats)
+            except Exception:
+                logger.exception("stats listener failed")
 
     def _publish_counts(self) -> None:
         self.num_waiting = self.engine.scheduler.num_waiting

@@ -115,14 +115,17 @@ class LLMEngine:
             if not prompt:
                 raise ValueError("prompt must not be empty")
             return prompt, self.tokenizer.encode(prompt)
-        ids = list(prompt)
+        return None, self.check_token_ids(prompt)
+
+    def check_token_ids(self, token_ids: Seq[int]) -> list[int]:
+        ids = list(token_ids)
         if not ids:
             raise ValueError("prompt must not be empty")
         vocab = self.arch.vocab_size
         for t in ids:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
-        return None, ids
+        return ids
 
     def add_request(
         self,
@@ -142,9 +145,7 @@ class LLMEngine:
         if prompt_token_ids is None:
             text, ids = self.encode_prompt(prompt)
         else:
-            text, ids = (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
-            if not ids:
-                raise ValueError("prompt must not be empty")
+            text, ids = (prompt if isinstance(prompt, str) else None), self.check_token_ids(prompt_token_ids)
         if not ids:
             raise ValueError("prompt must not be empty (it encodes to no tokens)")
         max_tokens = params.check_against_model(self.arch.vocab_size, len(ids), self.max_model_len)

@@ -20,7 +20,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--policy", default="fcfs", help="scheduling policy")
+    g.add_argument("--policy", default="fcfs", choices=["fcfs", "sjf", "oracle"], help="sjf: shortest predicted response first (aged); oracle: true lengths (analysis only)")
+    g.add_argument("--batching", default="continuous", choices=["continuous", "bucketed"], help="bucketed: static batches per predicted-length bucket (a baseline)")
+    g.add_argument("--kv-reserve", default="none", choices=["none", "predicted", "max"], help="KV blocks reserved at admission beyond the prompt: none, predicted p90, or max_tokens")
+    g.add_argument("--max-wait-s", type=float, default=None, help="requests waiting longer go first, whatever the policy")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "kernels", "torch", "flash-attn"])
     g.add_argument("--attention", default="packed", choices=["packed", "padded"], help="padded: the baseline only")
     g.add_argument("--no-prefix-caching", action="store_true")
@@ -47,6 +50,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             policy=args.policy,
+            batching=args.batching,
+            kv_reserve=args.kv_reserve,
+            max_wait_s=args.max_wait_s,
         ),
     )
 
@@ -105,8 +111,11 @@ def subcommand_group(sub, name: str, help: str):
     if parser is None:
         parser = sub.add_parser(name, help=help)
         parser.set_defaults(func=lambda args: parser.print_help() or 2)
-        parser._lenserve_group = parser.add_subparsers(dest=f"{name}_command", required=True)
-    return parser._lenserve_group
+        return parser.add_subparsers(dest=f"{name}_command", required=True)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return parser.add_subparsers(dest=f"{name}_command", required=True)
 
 
 def _load_extra_commands() -> None:

@@ -1,12 +1,17 @@
 """OpenAI-style error bodies: {"error": {"message", "type", "param", "code"}}."""
 from __future__ import annotations
 
+import re
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lenserve.server.protocol import ErrorInfo, ErrorResponse
+
+# pydantic puts union members and validator kinds into error locations ("prompt.str"): not params.
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|json-or-python|.*\[.*\]|function-.*|lax-.*|strict-.*)$")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -48,7 +53,7 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
     """pydantic's 422 becomes OpenAI's 400, naming the offending parameter."""
     errors = exc.errors()
     first = errors[0] if errors else {}
-    loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _TYPE_TAG.match(str(x))]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         message = "request body is not valid JSON: " + str(first.get("ctx", {}).get("error", first.get("msg", "")))

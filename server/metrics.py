@@ -37,6 +37,8 @@ class Metrics:
         self.num_requests_running = gauge("num_requests_running", "Requests in the running batch")
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled")
         self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = 100%)")
+        self.kv_cache_free_blocks = gauge("kv_cache_free_blocks", "Free KV-cache blocks (cached-but-unused included)")
+        self.kv_cache_total_blocks = gauge("kv_cache_total_blocks", "KV-cache blocks in all")
         self.batch_padding_ratio = gauge("batch_padding_ratio", "Padded rows / rows in the last forward (0 when packed)")
         self.num_preemptions = counter("num_preemptions_total", "Sequences preempted (recomputed later)")
         self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens computed")
@@ -66,6 +68,8 @@ class Metrics:
         self._l(self.num_requests_running).set(s.num_running)
         self._l(self.num_requests_waiting).set(s.num_waiting)
         self._l(self.kv_cache_usage_perc).set(s.kv_cache_usage)
+        self._l(self.kv_cache_free_blocks).set(s.num_free_blocks)
+        self._l(self.kv_cache_total_blocks).set(s.num_total_blocks)
         self._l(self.batch_padding_ratio).set(stats.padding_ratio)
         if s.num_preemptions_total > self._last_preemptions_total:
             self._l(self.num_preemptions).inc(s.num_preemptions_total - self._last_preemptions_total)

@@ -1,0 +1,95 @@
+"""Tokenize, detokenize, health, version, metrics, and OpenAI error bodies for bad input."""
+import json
+
+import pytest
+
+
+def test_tokenize_detokenize(server):
+    with server.client() as c:
+        r = c.post("/tokenize", json={"prompt": "The capital of France is"}).json()
+        assert r["tokens"] == [504, 3575, 282, 4649, 314] and r["count"] == 5
+        assert c.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "The capital of France is"
+        chat = c.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+        assert chat["tokens"][0] == 1
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.get("/version").json()["version"]
+
+
+def _is_openai_error(r, status):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
+    assert body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "n": 1000}, "n"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "logprobs": 50}, "logprobs"),
+        ({"prompt": "x", "stop": ["a"] * 40}, "stop"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [10**7]}, None),
+        ({"prompt": 12}, "prompt"),
+        ({"max_tokens": 5}, "prompt"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "stop_token_ids": [10**8]}, "stop_token_ids"),
+        ({"prompt": "x " * 3000, "max_tokens": 5}, None),
+    ],
+)
+def test_completion_bad_input(server, body, param):
+    with server.client() as c:
+        err = _is_openai_error(c.post("/v1/completions", json=body), 400)
+    if param:
+        assert err["param"] == param, err
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": []},
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"messages": [{"role": "user"}], "max_tokens": 0},
+        {"messages": "hello"},
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3},
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+    ],
+)
+def test_chat_bad_input(server, body):
+    with server.client() as c:
+        _is_openai_error(c.post("/v1/chat/completions", json=body), 400)
+
+
+def test_malformed_and_invalid_utf8(server):
+    with server.client() as c:
+        err = _is_openai_error(c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
+        assert "JSON" in err["message"]
+        _is_openai_error(c.post("/v1/completions", content=b'{"prompt": "\xff\xfe bad"}', headers={"content-type": "application/json"}), 400)
+        _is_openai_error(c.post("/v1/completions", content=b"", headers={"content-type": "application/json"}), 400)
+
+
+def test_unknown_model_is_404(server):
+    with server.client() as c:
+        err = _is_openai_error(c.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404)
+        assert err["code"] == "model_not_found"
+        _is_openai_error(c.get("/v1/nothing-here"), 404)
+
+
+def test_prompt_beyond_context_names_limit(server):
+    with server.client() as c:
+        err = _is_openai_error(c.post("/v1/completions", json={"prompt": [5] * 2040, "max_tokens": 100}), 400)
+        assert "2048" in err["message"]
+
+
+def test_body_too_large_is_413(server):
+    with server.client() as c:
+        big = json.dumps({"prompt": "x" * (5 * 2**20)})
+        _is_openai_error(c.post("/v1/completions", content=big, headers={"content-type": "application/json"}), 413)
