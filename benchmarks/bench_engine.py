@@ -1,0 +1,148 @@
+"""Engine throughput on this machine: prints one JSON object (and writes it under results/).
+
+- single-stream decode tok/s; aggregate decode tok/s at 8, 32 and 64 concurrent sequences;
+- prefill of a mixed-length batch (Azure conversation lengths) packed vs padded, with the padding ratio;
+- peak RSS of the model plus 32 sequences of 1,024 tokens (in a child process);
+- the same decode figures on the pure-torch attention backend, for the kernels' end-to-end gain.
+
+    python benchmarks/bench_engine.py [--quick] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import azure_prompt_lengths, machine, write_result  # noqa: E402
+
+
+def _engine(backend="auto", attention="packed", max_num_seqs=64, max_batched=2048):
+    from lenserve.config import EngineConfig
+    from lenserve.engine.llm_engine import LLMEngine
+    from lenserve.scheduler.config import SchedulerConfig
+
+    return LLMEngine(EngineConfig(
+        attention_backend=backend, attention=attention, enable_prefix_caching=False,
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched),
+    ))
+
+
+def decode_tok_s(eng, batch: int, new_tokens: int, prompt_len: int = 32) -> float:
+    """Tokens per second over decode-only steps once every sequence is prefilled."""
+    from lenserve.engine.sampling_params import SamplingParams
+
+    p = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(f"d{batch}-{i}", [1] + [100 + (7 * i + j) % 4000 for j in range(prompt_len - 1)], p)
+    tokens, secs = 0, 0.0
+    while eng.has_unfinished_requests():
+        t = time.perf_counter()
+        eng.step()
+        dt = time.perf_counter() - t
+        s = eng.last_stats
+        if s.num_prompt_tokens == 0:
+            tokens += s.num_generation_tokens
+            secs += dt
+    return tokens / secs
+
+
+def prefill_packed_vs_padded(lengths: list[int], repeats: int) -> dict:
+    """One forward over the whole mixed batch, packed and padded (same prompts, same engine weights)."""
+    import torch
+
+    from lenserve.engine.kv_cache import KVCache
+    from lenserve.engine.model_runner import ModelRunner
+    from lenserve.scheduler import BlockManager, SchedulerOutput, Sequence
+
+    eng = _engine()
+    model = eng.model
+    bs = 16
+    num_blocks = sum(n // bs + 1 for n in lengths) + 1
+    kv = KVCache(model.cfg, num_blocks, bs, torch.float16, model.device)
+    result = {}
+    for mode in ("packed", "padded"):
+        runner = ModelRunner(model, kv, padded=mode == "padded")
+        times = []
+        for r in range(repeats + 1):
+            bm = BlockManager(num_blocks, bs, enable_prefix_caching=False)
+            seqs = []
+            for i, n in enumerate(lengths):
+                s = Sequence(f"s{i}", [100 + (i * 31 + j) % 4000 for j in range(n)], max_tokens=1)
+                bm.allocate(s, n)
+                seqs.append(s)
+            out = SchedulerOutput(seqs, list(lengths), len(lengths))
+            t = time.perf_counter()
+            runner.execute(out)
+            if r:  # the first run warms up
+                times.append(time.perf_counter() - t)
+        result[mode] = {"time_s": min(times), "padding_ratio": runner.last_padding_ratio}
+    real = sum(lengths)
+    padded_tokens = max(lengths) * len(lengths)
+    result["real_tokens"] = real
+    result["padded_tokens"] = padded_tokens
+    result["packed_tok_s"] = real / result["packed"]["time_s"]
+    result["padded_tok_s"] = real / result["padded"]["time_s"]
+    result["speedup"] = result["padded"]["time_s"] / result["packed"]["time_s"]
+    result["target_speedup"] = 0.8 * padded_tokens / real
+    return result
+
+
+def rss_child(num_seqs: int, context: int) -> dict:
+    """Runs in a fresh process: the model plus num_seqs sequences of `context` tokens; peak RSS."""
+    from lenserve.engine.sampling_params import SamplingParams
+
+    eng = _engine(max_num_seqs=num_seqs, max_batched=4096)
+    load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gen = 8
+    p = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    for i in range(num_seqs):
+        eng.add_request(f"m{i}", [1] + [100 + (i * 13 + j) % 4000 for j in range(context - gen - 1)], p)
+    while eng.has_unfinished_requests():
+        eng.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"num_seqs": num_seqs, "context_tokens": context, "peak_rss_mb": round(peak, 1), "rss_after_load_mb": round(load_rss, 1),
+            "kv_cache_dtype": str(eng.kv_cache.dtype)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer tokens (smoke run)")
+    ap.add_argument("--out", default="bench_engine_cpu.json")
+    ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        print(json.dumps(rss_child(32, 1024)))
+        return
+    new = 32 if args.quick else 128
+    result: dict = {"machine": machine(), "decode": {}, "decode_torch_backend": {}}
+    eng = _engine()
+    decode_tok_s(eng, 1, 8)  # warm-up
+    for batch in (1, 8, 32, 64):
+        result["decode"][f"batch_{batch}"] = round(decode_tok_s(eng, batch, new), 1)
+    del eng
+    ref = _engine(backend="torch")
+    for batch in (1, 32):
+        result["decode_torch_backend"][f"batch_{batch}"] = round(decode_tok_s(ref, batch, new), 1)
+    del ref
+    lengths = azure_prompt_lengths(16, seed=1, max_len=2048)
+    result["prefill_mixed_azure"] = {"lengths": lengths, **prefill_packed_vs_padded(lengths, 1 if args.quick else 2)}
+    child = subprocess.run([sys.executable, __file__, "--rss-child"], capture_output=True, text=True, check=True)
+    result["memory"] = json.loads(child.stdout.strip().splitlines()[-1])
+    result["targets"] = {
+        "single_stream_tok_s>=30": result["decode"]["batch_1"] >= 30,
+        "batch32_tok_s>=300": result["decode"]["batch_32"] >= 300,
+        "packed_prefill_speedup>=0.8*padded/real": result["prefill_mixed_azure"]["speedup"] >= result["prefill_mixed_azure"]["target_speedup"],
+        "rss_32x1024_under_2GB": result["memory"]["peak_rss_mb"] < 2048,
+    }
+    print(json.dumps(result, indent=1))
+    if not args.quick:
+        write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Shared bits of the benchmarks: machine description, result files, Azure length mixes."""
+from __future__ import annotations
+
+import csv
+import datetime
+import gzip
+import json
+import os
+import platform
+import random
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.date.today().isoformat()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_result(name: str, payload: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path
+
+
+def azure_prompt_lengths(n: int, seed: int = 0, max_len: int | None = None) -> list[int]:
+    """Prompt lengths (ContextTokens) of n requests drawn from the shipped Azure conversation trace."""
+    path = os.path.join(ROOT, "traces", "data", "azure_llm_2023_conv.csv.gz")
+    with gzip.open(path, "rt") as f:
+        lengths = [int(r["ContextTokens"]) for r in csv.DictReader(f)]
+    rng = random.Random(seed)
+    out = rng.sample(lengths, n)
+    return [min(x, max_len) for x in out] if max_len else out
