@@ -206,10 +206,11 @@ class AsyncEngine:
                 self._drain_commands(block=not eng.has_unfinished_requests())
                 if not eng.has_unfinished_requests():
                     self._publish_counts()
-                    if not self._idle_published:
-                        # aborts freed blocks without a step: let gauges see the idle state
+                    pending = eng.take_pending_finished()
+                    if not self._idle_published or pending:
+                        # aborts freed blocks without a step: let gauges and counters see it
                         self._idle_published = True
-                        self._notify(IterationStats(scheduler=eng.scheduler.stats()))
+                        self._notify(IterationStats(scheduler=eng.scheduler.stats(), finished=pending))
                     continue
                 self._idle_published = False
                 try:

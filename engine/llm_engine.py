@@ -102,6 +102,7 @@ class LLMEngine:
         self.requests: dict[str, _RequestState] = {}
         self._seq_to_request: dict[str, tuple[str, int]] = {}
         self.last_stats = IterationStats()
+        self._pending_finished: list[FinishedRequestStats] = []
         self.num_steps = 0
         logger.info(
             "loaded %s (%d layers, %.0f MB %s) on %s in %.1fs; KV cache %d blocks x %d tokens (%.2f GiB %s)",
@@ -182,11 +183,12 @@ class LLMEngine:
             self._seq_to_request[seq.request_id] = (request_id, i)
         self.requests[request_id] = _RequestState(request_id, text, ids, params, seqs, detoks, outs, arrival, prediction)
 
-    def abort_request(self, request_id: str) -> bool:
+    def abort_request(self, request_id: str, reason: str = "abort") -> bool:
         """Aborts every sequence of a request and frees its blocks. Returns False if it was unknown."""
         state = self.requests.pop(request_id, None)
         if state is None:
             return False
+        self._pending_finished.append(self._finished_stats(state, reason))
         for seq in state.seqs:
             self.scheduler.abort(seq.request_id)
             self.sampler.forget(seq.request_id)
@@ -205,7 +207,7 @@ class LLMEngine:
         """Runs one scheduling step; returns a delta for every request that changed."""
         t0 = time.monotonic()
         out = self.scheduler.schedule()
-        stats = IterationStats(num_preemptions=len(out.preempted))
+        stats = IterationStats(num_preemptions=len(out.preempted), finished=self.take_pending_finished())
         if out.is_empty:
             stats.scheduler = self.scheduler.stats()
             self.last_stats = stats
@@ -258,7 +260,7 @@ class LLMEngine:
             if state.finished:
                 for seq in state.seqs:
                     self._seq_to_request.pop(seq.request_id, None)
-                    stats.finished.append(self._finished_stats(seq))
+                stats.finished.append(self._finished_stats(state))
                 del self.requests[rid]
 
         stats.step_time_s = now - t0
@@ -309,21 +311,25 @@ class LLMEngine:
         )
 
     @staticmethod
-    def _finished_stats(seq: Sequence) -> FinishedRequestStats:
-        end = seq.finished_time or time.monotonic()
+    def _finished_stats(state: _RequestState, reason: str | None = None) -> FinishedRequestStats:
+        """One record per request (n completions together): timing from its first sequence."""
+        now = time.monotonic()
+        seq = state.seqs[0]
+        end = max((s.finished_time or now for s in state.seqs), default=now)
         sched = seq.first_scheduled_time or end
-        first = seq.first_token_time or end
+        firsts = [s.first_token_time for s in state.seqs if s.first_token_time]
+        first = min(firsts) if firsts else None
         return FinishedRequestStats(
-            finish_reason=seq.status.finish_reason or "abort",
-            e2e_s=end - seq.arrival_time,
-            queue_s=sched - seq.arrival_time,
-            prefill_s=first - sched,
-            decode_s=end - first,
-            ttft_s=(seq.first_token_time - seq.arrival_time) if seq.first_token_time else None,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_generation_tokens=seq.num_output_tokens,
-            predicted_tokens=seq.prediction.mean if seq.prediction else None,
-            bucket=seq.bucket,
+            finish_reason=reason or state.outputs[0].finish_reason or "abort",
+            e2e_s=end - state.arrival_time,
+            queue_s=sched - state.arrival_time,
+            prefill_s=(first or end) - sched,
+            decode_s=end - (first or end),
+            ttft_s=(first - state.arrival_time) if first else None,
+            num_prompt_tokens=len(state.prompt_token_ids),
+            num_generation_tokens=sum(s.num_output_tokens for s in state.seqs),
+            predicted_tokens=state.prediction.mean if state.prediction else None,
+            bucket=state.prediction.bucket if state.prediction else None,
         )
 
     def fail_requests(self, request_ids: list[str], message: str) -> list[RequestOutput]:
@@ -337,9 +343,14 @@ class LLMEngine:
             for comp in state.outputs:
                 if comp.finish_reason is None:
                     comp.finish_reason = "abort"
-            self.abort_request(rid)
+            self.abort_request(rid, reason="error")
             results.append(self._emit(state))
         return results
+
+    def take_pending_finished(self) -> list[FinishedRequestStats]:
+        """Records of requests that ended outside a step (aborts, errors) since the last call."""
+        pending, self._pending_finished = self._pending_finished, []
+        return pending
 
     def generate_all(self) -> None:
         while self.has_unfinished_requests():

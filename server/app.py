@@ -5,6 +5,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -129,6 +130,24 @@ def _load_predictor(spec: str | None):
     return predictor
 
 
+def file_fault_hook(path: str):
+    """Fault injection for resilience tests (LENSERVE_FAULT_FILE=path): while the file holds a
+    positive integer N, the next engine step raises and N is decremented."""
+
+    def hook() -> None:
+        try:
+            with open(path) as f:
+                remaining = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return
+        if remaining > 0:
+            with open(path, "w") as f:
+                f.write(str(remaining - 1))
+            raise RuntimeError("injected fault (LENSERVE_FAULT_FILE)")
+
+    return hook
+
+
 def build_app(config: ServerConfig, engine=None) -> FastAPI:
     """`engine`: an already loaded LLMEngine to serve (tests); by default one is built in the lifespan."""
 
@@ -145,6 +164,9 @@ def build_app(config: ServerConfig, engine=None) -> FastAPI:
         metrics = Metrics(names[0])
         async_engine = AsyncEngine(eng, max_queue=config.max_queue)
         async_engine.stats_listeners.append(metrics.record_iteration)
+        if os.environ.get("LENSERVE_FAULT_FILE"):
+            logger.warning("fault injection enabled through LENSERVE_FAULT_FILE")
+            async_engine.fault_hook = file_fault_hook(os.environ["LENSERVE_FAULT_FILE"])
         async_engine.start(asyncio.get_running_loop())
         predictor = _load_predictor(config.predictor)
         app.state.engine = async_engine

@@ -44,6 +44,7 @@ class Metrics:
         self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens computed")
         self.generation_tokens = counter("generation_tokens_total", "Tokens generated")
         self.request_success = counter("request_success_total", "Requests finished, by finish reason", ["finished_reason"])
+        self.request_admitted = counter("request_admitted_total", "Requests accepted into the engine (per prompt)")
         self.request_rejected = counter("request_rejected_total", "Requests refused before running, by reason", ["reason"])
         self.request_bucket = counter("request_bucket_total", "Requests by predicted-length bucket", ["bucket"])
         self.ttft = hist("time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS)
@@ -99,6 +100,7 @@ class Metrics:
             self._l(self.prediction_error_ratio).observe(f.predicted_tokens / f.num_generation_tokens)
 
     def record_admitted(self, bucket: int | None) -> None:
+        self._l(self.request_admitted).inc()
         if bucket is not None:
             self._l(self.request_bucket, bucket=str(bucket)).inc()
 
