@@ -2,6 +2,7 @@
 
 Replay is an HTTP client: nothing here imports the engine or the server.
 """
-from lenserve.traces.trace import Trace, TraceRequest
+from lenserve.traces.loaders import TraceFormatError, load_trace
+from lenserve.traces.trace import Trace, TraceColumns, TraceRequest
 
-__all__ = ["Trace", "TraceRequest"]
+__all__ = ["Trace", "TraceColumns", "TraceFormatError", "TraceRequest", "load_trace"]
