@@ -22,5 +22,17 @@ void rotary_embedding_cpu(const torch::Tensor& positions, torch::Tensor& query, 
 // slot_mapping int64 [num_tokens] (negative = skip). Converts to the cache dtype.
 void reshape_and_cache_cpu(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& key_cache,
                            torch::Tensor& value_cache, const torch::Tensor& slot_mapping);
+// q [total_q, num_heads, head_dim]; k, v [total_k, num_kv_heads, head_dim] (rows may be strided
+// views: only [heads, head_dim] must be contiguous); cu_seqlens_q/k int32 [num_seqs + 1].
+// Causal is aligned bottom-right; a query that sees no key outputs zeros. -> [total_q, num_heads, head_dim]
+torch::Tensor varlen_attention_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                   const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
+                                   int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal);
+// q [num_seqs, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim] (any of
+// float32/bfloat16/float16, independent of q's dtype); block_tables int32 [num_seqs, max_blocks];
+// context_lens int32 [num_seqs]. -> [num_seqs, num_heads, head_dim]
+torch::Tensor paged_decode_attention_cpu(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                         const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                                         const torch::Tensor& context_lens, double softmax_scale);
 
 }  // namespace lenserve

@@ -13,6 +13,12 @@ TORCH_LIBRARY(lenserve, m) {
       "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, int head_dim, Tensor cos_sin_cache, "
       "bool is_neox) -> ()");
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
+  m.def(
+      "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float softmax_scale, bool causal) -> Tensor");
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
+      "float softmax_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lenserve, CPU, m) {
@@ -21,6 +27,8 @@ TORCH_LIBRARY_IMPL(lenserve, CPU, m) {
   m.impl("silu_and_mul", &lenserve::silu_and_mul_cpu);
   m.impl("rotary_embedding", &lenserve::rotary_embedding_cpu);
   m.impl("reshape_and_cache", &lenserve::reshape_and_cache_cpu);
+  m.impl("varlen_attention", &lenserve::varlen_attention_cpu);
+  m.impl("paged_decode_attention", &lenserve::paged_decode_attention_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

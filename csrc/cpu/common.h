@@ -24,3 +24,22 @@ inline T from_float(float v) {
 }
 
 }  // namespace lenserve
+
+namespace lenserve {
+
+// Calls fn(T{}) with T the C++ type of a float32, bfloat16 or float16 dtype; other dtypes raise.
+// (A plain switch, since #pragma lines cannot appear inside AT_DISPATCH macro arguments.)
+template <typename Fn>
+void dispatch_float_types(at::ScalarType t, const char* what, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+}  // namespace lenserve

@@ -1,0 +1,274 @@
+// Decode attention on the CPU: one new query token per sequence against its paged KV cache.
+//
+// A work item is (sequence, context split) and covers every head: a cache slot holds the keys of
+// all KV heads side by side, so the item reads whole contiguous blocks, and the `group` query heads
+// of each KV head share its keys and values, converted to fp32 once. Decode is bound by reading
+// the cache; when there are fewer sequences than threads, long contexts are split across threads
+// (flash-decoding) and the partial results combined by their softmax statistics.
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "cpu/common.h"
+#include "cpu/tile_gemm.h"
+#include "cpu/vec.h"
+#include "cpu/work_queue.h"
+#include "ops.h"
+
+namespace lenserve {
+namespace {
+
+constexpr int64_t kTileK = 32;          // keys per tile (may span several cache blocks)
+constexpr int64_t kMinSplitKeys = 256;  // shortest context piece worth its own work item
+constexpr int64_t kItemsPerThread = 4;
+constexpr int64_t kMaxHeadDim = 256;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Problem {
+  const int32_t* block_tables;
+  const int32_t* context_lens;
+  int64_t max_blocks, block_size, num_heads, num_kv_heads, head_dim, group;
+  int64_t q_stride;
+  int64_t split_keys;  // keys per split; a multiple of kTileK
+  int64_t num_splits;  // splits of the longest context; 1 means no split
+  float scale_log2;
+};
+
+struct WorkItem {
+  int64_t seq, split, key_start, key_end;
+};
+
+struct Scratch {
+  Scratch(int64_t num_heads, int64_t num_kv_heads, int64_t group, int64_t head_dim)
+      : q(num_heads * head_dim), s(group * kTileK), o(num_heads * head_dim), m(num_heads), l(num_heads),
+        alpha(num_heads), kbuf(kTileK * num_kv_heads * head_dim), vbuf(kTileK * num_kv_heads * head_dim) {}
+  std::vector<float> q;           // [num_heads, head_dim] pre-scaled queries
+  std::vector<float> s;           // [group, kTileK] scores of one KV head's queries, then probabilities
+  std::vector<float> o;           // [num_heads, head_dim] unnormalised output
+  std::vector<float> m, l, alpha; // [num_heads]
+  std::vector<float> kbuf, vbuf;  // [num_kv_heads, kTileK, head_dim] keys/values of the tile in fp32
+};
+
+// Partial results of split items: o [num_seqs, num_heads, num_splits, head_dim], m and l
+// [num_seqs, num_heads, num_splits]. Unused when num_splits == 1.
+struct Partials {
+  float* o;
+  float* m;
+  float* l;
+};
+
+template <typename QT, typename CT>
+void attend(const Problem& p, const WorkItem& w, const QT* q, const CT* k_cache, const CT* v_cache, QT* out,
+            const Partials& part, Scratch& sc) {
+  using namespace vec;
+  const int64_t D = p.head_dim, G = p.group, H = p.num_heads;
+  const int32_t* table = p.block_tables + w.seq * p.max_blocks;
+  const int64_t row_stride = p.num_kv_heads * D;  // elements between consecutive slots of the cache
+
+  for (int64_t h = 0; h < H; ++h) {
+    const QT* src = q + w.seq * p.q_stride + h * D;
+    for (int64_t d = 0; d < D; d += kWidth) vstore(sc.q.data() + h * D + d, mul(vload(src + d), set1(p.scale_log2)));
+  }
+  std::fill(sc.m.begin(), sc.m.end(), kNegInf);
+  std::fill(sc.l.begin(), sc.l.end(), 0.f);
+  std::fill(sc.o.begin(), sc.o.end(), 0.f);
+
+  for (int64_t t0 = w.key_start; t0 < w.key_end; t0 += kTileK) {
+    const int64_t num_keys = std::min(kTileK, w.key_end - t0);
+    // Whole cache rows (every KV head) in slot order, so reads run through contiguous memory
+    // within each block; kbuf/vbuf hold them head-major, [num_kv_heads, kTileK, head_dim].
+    for (int64_t j = 0; j < num_keys;) {
+      const int64_t pos = t0 + j, in_block = std::min(num_keys - j, p.block_size - pos % p.block_size);
+      const int64_t slot = static_cast<int64_t>(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
+      for (int64_t r = 0; r < in_block; ++r, ++j) {
+        const CT* k_row = k_cache + (slot + r) * row_stride;
+        const CT* v_row = v_cache + (slot + r) * row_stride;
+        for (int64_t kvh = 0; kvh < p.num_kv_heads; ++kvh) {
+          convert(k_row + kvh * D, sc.kbuf.data() + (kvh * kTileK + j) * D, D);
+          convert(v_row + kvh * D, sc.vbuf.data() + (kvh * kTileK + j) * D, D);
+        }
+      }
+    }
+    const int64_t padded_keys = round_up(num_keys, kWidth);
+    for (int64_t kvh = 0; kvh < p.num_kv_heads; ++kvh) {
+      const float* kt = sc.kbuf.data() + kvh * kTileK * D;  // [kTileK, D]
+      const float* vt = sc.vbuf.data() + kvh * kTileK * D;
+      // Scores of eight keys at a time for each query head of the group: dot products along
+      // head_dim, then one transposing reduction puts the eight sums in one vector. Rows past
+      // num_keys hold stale (finite) data and are masked below.
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = kvh * G + g;
+        const float* qh = sc.q.data() + h * D;
+        float* sg = sc.s.data() + g * kTileK;
+        for (int64_t j0 = 0; j0 < padded_keys; j0 += kWidth) {
+          Vec8 acc[kWidth];
+          for (int jj = 0; jj < kWidth; ++jj) acc[jj] = zero();
+          for (int64_t d = 0; d < D; d += kWidth) {
+            const Vec8 qv = vload(qh + d);
+            for (int jj = 0; jj < kWidth; ++jj) acc[jj] = fma(qv, vload(kt + (j0 + jj) * D + d), acc[jj]);
+          }
+          vstore(sg + j0, transpose_sum(acc));
+        }
+        std::fill(sg + num_keys, sg + padded_keys, kNegInf);
+        Vec8 mx = set1(sc.m[h]);
+        for (int64_t j = 0; j < padded_keys; j += kWidth) mx = max(mx, vload(sg + j));
+        const float m_new = reduce_max(mx);  // finite: the tile has at least one key
+        const Vec8 m_vec = set1(m_new);
+        Vec8 sum = zero();
+        for (int64_t j = 0; j < padded_keys; j += kWidth) {
+          const Vec8 e = exp2(sub(vload(sg + j), m_vec));
+          vstore(sg + j, e);
+          sum = add(sum, e);
+        }
+        sc.alpha[h] = sc.m[h] == kNegInf ? 0.f : std::exp2(sc.m[h] - m_new);
+        sc.l[h] = sc.l[h] * sc.alpha[h] + reduce_add(sum);
+        sc.m[h] = m_new;
+      }
+      // O [G, D] = alpha * O + P [G, num_keys] V [num_keys, D] for the group's heads
+      tile_gemm(G, D, num_keys, sc.s.data(), kTileK, 1, vt, D, sc.o.data() + kvh * G * D, D,
+                sc.alpha.data() + kvh * G);
+    }
+  }
+
+  if (p.num_splits == 1) {
+    for (int64_t h = 0; h < H; ++h) {
+      const Vec8 inv = safe_reciprocal(set1(sc.l[h]));  // an empty context outputs zeros
+      QT* dst = out + (w.seq * H + h) * D;
+      for (int64_t d = 0; d < D; d += kWidth) vstore(dst + d, mul(vload(sc.o.data() + h * D + d), inv));
+    }
+    return;
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t idx = (w.seq * H + h) * p.num_splits + w.split;
+    std::copy(sc.o.begin() + h * D, sc.o.begin() + (h + 1) * D, part.o + idx * D);
+    part.m[idx] = sc.m[h];
+    part.l[idx] = sc.l[h];
+  }
+}
+
+// out[seq, head] = sum_c 2^(m_c - M) o_c / sum_c 2^(m_c - M) l_c over the splits c of the context.
+template <typename QT>
+void combine_splits(const Problem& p, int64_t num_seqs, const Partials& part, QT* out) {
+  using namespace vec;
+  const int64_t D = p.head_dim;
+  at::parallel_for(0, num_seqs * p.num_heads, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(D);
+    for (int64_t sh = begin; sh < end; ++sh) {
+      const int64_t used = ceil_div(p.context_lens[sh / p.num_heads], p.split_keys);
+      const float* m = part.m + sh * p.num_splits;
+      const float* l = part.l + sh * p.num_splits;
+      float m_max = kNegInf;
+      for (int64_t c = 0; c < used; ++c) m_max = std::max(m_max, m[c]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float denom = 0.f;
+      for (int64_t c = 0; c < used; ++c) {
+        const float w = std::exp2(m[c] - m_max);
+        denom += w * l[c];
+        const float* o = part.o + (sh * p.num_splits + c) * D;
+        for (int64_t d = 0; d < D; d += kWidth) vstore(acc.data() + d, fma(vload(o + d), set1(w), vload(acc.data() + d)));
+      }
+      const Vec8 inv = safe_reciprocal(set1(denom));
+      for (int64_t d = 0; d < D; d += kWidth) vstore(out + sh * D + d, mul(vload(acc.data() + d), inv));
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor paged_decode_attention_cpu(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                         const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                                         const torch::Tensor& context_lens, double softmax_scale) {
+  LS_CHECK_CPU(q);
+  LS_CHECK_CPU(k_cache);
+  LS_CHECK_CPU(v_cache);
+  LS_CHECK_CPU(block_tables);
+  LS_CHECK_CPU(context_lens);
+  TORCH_CHECK(q.dim() == 3, "paged_decode_attention: q must be [num_seqs, num_heads, head_dim], got ", q.dim(),
+              " dimensions");
+  TORCH_CHECK(q.stride(2) == 1 && (q.size(1) <= 1 || q.stride(1) == q.size(2)),
+              "paged_decode_attention: q must have contiguous [num_heads, head_dim] rows");
+  TORCH_CHECK(k_cache.dim() == 4, "paged_decode_attention: k_cache must be [num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "paged_decode_attention: k_cache ", k_cache.sizes(), " and v_cache ",
+              v_cache.sizes(), " shapes differ");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_decode_attention: k_cache and v_cache dtypes differ");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: k_cache and v_cache must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.is_contiguous(),
+              "paged_decode_attention: block_tables must be a contiguous int32 [num_seqs, max_blocks] tensor");
+  TORCH_CHECK(context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 && context_lens.is_contiguous(),
+              "paged_decode_attention: context_lens must be a contiguous int32 [num_seqs] tensor");
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim, "paged_decode_attention: cache head_dim ", k_cache.size(3),
+              " != q head_dim ", head_dim);
+  TORCH_CHECK(head_dim % kGemmNR == 0 && head_dim > 0 && head_dim <= kMaxHeadDim,
+              "paged_decode_attention: head_dim must be a multiple of ", kGemmNR, " up to ", kMaxHeadDim, ", got ",
+              head_dim);
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "paged_decode_attention: num_heads (", num_heads,
+              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+  TORCH_CHECK(block_tables.size(0) == num_seqs && context_lens.size(0) == num_seqs,
+              "paged_decode_attention: block_tables and context_lens must have one row per sequence (", num_seqs,
+              "), got ", block_tables.size(0), " and ", context_lens.size(0));
+  TORCH_CHECK(block_size > 0, "paged_decode_attention: block_size must be positive");
+  TORCH_CHECK(softmax_scale > 0, "paged_decode_attention: softmax_scale must be positive, got ", softmax_scale);
+
+  const int64_t max_blocks = block_tables.size(1);
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  int64_t max_len = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    TORCH_CHECK(lens[s] >= 0 && lens[s] <= max_blocks * block_size, "paged_decode_attention: context_lens[", s,
+                "] = ", lens[s], " outside [0, max_blocks * block_size = ", max_blocks * block_size, "]");
+    for (int64_t b = 0; b < ceil_div(lens[s], block_size); ++b) {
+      const int32_t block = tables[s * max_blocks + b];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "paged_decode_attention: block_tables[", s, ", ", b, "] = ", block,
+                  " outside the cache of ", num_blocks, " blocks");
+    }
+    max_len = std::max<int64_t>(max_len, lens[s]);
+  }
+
+  auto out = torch::empty({num_seqs, num_heads, head_dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t group = num_heads / num_kv_heads;
+  // Split contexts only when the sequences alone cannot keep every thread busy.
+  const int64_t want_splits = ceil_div(kItemsPerThread * at::get_num_threads(), std::max<int64_t>(num_seqs, 1));
+  const int64_t max_splits = std::max<int64_t>(1, max_len / kMinSplitKeys);
+  const int64_t num_splits = std::clamp<int64_t>(want_splits, 1, max_splits);
+  const int64_t split_keys = num_splits == 1 ? std::max<int64_t>(max_len, 1) : round_up(ceil_div(max_len, num_splits), kTileK);
+  const Problem p{tables,     lens,         max_blocks,        block_size, num_heads,
+                  num_kv_heads, head_dim,   group,             q.stride(0), split_keys,
+                  ceil_div(std::max<int64_t>(max_len, 1), split_keys), static_cast<float>(softmax_scale) * vec::kLog2e};
+
+  std::vector<WorkItem> items;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t pieces = std::max<int64_t>(1, ceil_div(lens[s], split_keys));
+    for (int64_t c = 0; c < pieces; ++c) items.push_back({s, c, c * split_keys, std::min<int64_t>(lens[s], (c + 1) * split_keys)});
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const WorkItem& a, const WorkItem& b) { return a.key_end - a.key_start > b.key_end - b.key_start; });
+
+  torch::Tensor partials;
+  Partials part{nullptr, nullptr, nullptr};
+  if (p.num_splits > 1) {
+    const int64_t rows = num_seqs * num_heads * p.num_splits;
+    partials = torch::empty({rows * (head_dim + 2)}, q.options().dtype(at::kFloat));
+    part = {partials.data_ptr<float>(), partials.data_ptr<float>() + rows * head_dim,
+            partials.data_ptr<float>() + rows * (head_dim + 1)};
+  }
+
+  dispatch_float_types(q.scalar_type(), "paged_decode_attention: q", [&](auto q_tag) {
+    using QT = decltype(q_tag);
+    dispatch_float_types(k_cache.scalar_type(), "paged_decode_attention: k_cache", [&](auto c_tag) {
+      using CT = decltype(c_tag);
+      const QT* qp = q.data_ptr<QT>();
+      const CT* kp = k_cache.data_ptr<CT>();
+      const CT* vp = v_cache.data_ptr<CT>();
+      QT* op = out.data_ptr<QT>();
+      parallel_dynamic(
+          static_cast<int64_t>(items.size()), [&] { return Scratch(num_heads, num_kv_heads, group, head_dim); },
+          [&](int64_t i, Scratch& sc) { attend<QT, CT>(p, items[i], qp, kp, vp, op, part, sc); });
+      if (p.num_splits > 1) combine_splits<QT>(p, num_seqs, part, op);
+    });
+  });
+  return out;
+}
+
+}  // namespace lenserve
