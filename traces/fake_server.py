@@ -60,7 +60,7 @@ class FakeOpenAIServer:
         self.num_generation_requests = 0
         self._streams: list[_Stream] = []
         self._stepper: asyncio.Task | None = None
-        self._handlers: set[asyncio.Task] = set()  # one per open connection
+        self._handlers: dict[asyncio.Task, asyncio.StreamWriter] = {}  # one per open connection
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -78,10 +78,17 @@ class FakeOpenAIServer:
 
     async def stop(self) -> None:
         self._server.close()
-        tasks = [*self._handlers, *([self._stepper] if self._stepper else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._stepper is not None:
+            self._stepper.cancel()
+        for stream in self._streams:
+            if not stream.done.done():
+                stream.done.set_result(None)
+        for writer in self._handlers.values():
+            writer.transport.abort()  # handlers then end on their own, as on a dropped connection
+        if self._handlers:
+            _, pending = await asyncio.wait(list(self._handlers), timeout=2.0)
+            for task in pending:
+                task.cancel()
         await self._server.wait_closed()
 
     # -- running in a background thread (tests) ------------------------------------------------
@@ -112,7 +119,7 @@ class FakeOpenAIServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._handlers.add(task)
+        self._handlers[task] = writer
         try:
             while True:
                 try:
@@ -133,7 +140,7 @@ class FakeOpenAIServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
-            self._handlers.discard(task)
+            self._handlers.pop(task, None)
             writer.close()
 
     @staticmethod

@@ -60,8 +60,8 @@ def test_exact_replay_writes_report_plots_and_records(fake_server, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_open_loop_sends_on_time_while_earlier_requests_are_in_flight(tmp_path):
-    # Responses take ~0.5 s, requests arrive every 20 ms: a closed loop would fall behind.
-    server = FakeOpenAIServer(FakeServerConfig(ttft_s=0.3, itl_s=0.05)).start_in_thread()
+    # Responses take ~0.7 s, requests arrive every 20 ms: a closed loop would fall behind.
+    server = FakeOpenAIServer(FakeServerConfig(ttft_s=0.5, itl_s=0.05)).start_in_thread()
     try:
         trace = Trace([TraceRequest(0.02 * i, 20, 5) for i in range(25)])
         replayer = Replayer(trace, ReplayConfig(url=server.url, show_progress=False, metrics_interval_s=0))
@@ -177,14 +177,15 @@ def test_an_interrupted_replay_still_reports_what_it_sent(tmp_path):
 
         async def main():
             task = asyncio.create_task(replayer.run())
-            await asyncio.sleep(1.5)
+            while sum(r.sent_s is not None for r in replayer.records) < 8 and not task.done():
+                await asyncio.sleep(0.05)
             task.cancel()  # what Ctrl-C does to asyncio.run's main task
             await task
 
         asyncio.run(main())
     finally:
         server.stop_thread()
-    assert replayer.interrupted and 5 < len(replayer.records) < 40
+    assert replayer.interrupted and 8 <= len(replayer.records) < 40
     statuses = {r.status for r in replayer.records}
     assert statuses <= {200, "cancelled"} and "cancelled" in statuses
     report = write_outputs(replayer, tmp_path)
