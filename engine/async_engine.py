@@ -78,7 +78,7 @@ class AsyncEngine:
         self._num_enqueued = 0  # adds not yet seen by the core thread
         self.fault_hook: Callable[[], None] | None = None  # tests inject step faults through this
         self.last_step_time = time.monotonic()
-        self._idle_published = True
+        self._idle_published = False  # publish the idle state once at start, so gauges exist
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:

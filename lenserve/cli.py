@@ -121,6 +121,7 @@ def subcommand_group(sub, name: str, help: str):
 def _load_extra_commands() -> None:
     import importlib
 
+    _EXTRA_COMMANDS.clear()
     for module in ("lenserve.server.cli", "lenserve.predictor.cli", "lenserve.traces.cli", "lenserve.sim_cli"):
         try:
             mod = importlib.import_module(module)
