@@ -123,8 +123,16 @@ class BlockManager:
         needed = self.num_new_blocks_needed(seq, num_tokens)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
+        if self.enable_prefix_caching:
+            for _ in range(needed):
+                seq.block_ids.append(self._pop_free_block())
+            return
+        # No hashes to clear: take blocks straight off the free list (the simulator's hot path).
+        popitem, ref_counts, block_ids = self.free_blocks.popitem, self.ref_counts, seq.block_ids
         for _ in range(needed):
-            seq.block_ids.append(self._pop_free_block())
+            block = popitem(last=False)[0]
+            ref_counts[block] = 1
+            block_ids.append(block)
 
     def free(self, seq: Sequence) -> None:
         """Releases `seq`'s blocks; the tail is freed first so shared prefixes are evicted last."""

@@ -3,13 +3,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+POLICIES = ("fcfs", "sjf", "oracle")
+BATCHING_MODES = ("continuous", "bucketed")
+KV_RESERVE_MODES = ("none", "predicted", "max")
+
 
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 8192
+    # fcfs | sjf (predicted remaining length, aged) | oracle (true length from a trace; analysis only)
     policy: str = "fcfs"
+    # sjf/oracle aging: each second of waiting counts as this many tokens less predicted work.
+    aging_rate_tok_s: float = 10.0
+    # Requests that have waited longer than this go first, whatever the policy (None: no bound).
+    max_wait_s: float | None = None
+    # continuous: admit every step (vLLM-style); bucketed: static batches from one length bucket
+    # (S3 / Zheng et al. style), kept as a comparison baseline.
+    batching: str = "continuous"
+    # Continuous batching: fill a step's admissions from the head's predicted-length bucket (and
+    # its neighbours) first, so requests admitted together finish together.
+    bucket_affinity: bool = False
+    # Admission looks this far into the waiting queue (in policy order) to pick and prepack prompts.
+    admission_window: int = 32
+    # KV blocks reserved at admission: none (the prompt only; decode grows on demand), predicted
+    # (prompt + predicted p90) or max (prompt + max_tokens; never preempts, admits fewest).
+    kv_reserve: str = "none"
     enable_chunked_prefill: bool = True
     # Free blocks kept back when admitting new sequences, so running ones can grow without preemption.
     watermark: float = 0.01
@@ -23,3 +43,15 @@ class SchedulerConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
+        if self.kv_reserve not in KV_RESERVE_MODES:
+            raise ValueError(f"kv_reserve must be one of {', '.join(KV_RESERVE_MODES)}, got {self.kv_reserve!r}")
+        if not self.aging_rate_tok_s >= 0:
+            raise ValueError(f"aging_rate_tok_s must be >= 0, got {self.aging_rate_tok_s}")
+        if self.max_wait_s is not None and not self.max_wait_s > 0:
+            raise ValueError(f"max_wait_s must be > 0 (or None for no bound), got {self.max_wait_s}")
+        if self.admission_window < 1:
+            raise ValueError(f"admission_window must be at least 1, got {self.admission_window}")

@@ -46,3 +46,5 @@ class SchedulerStats:
     kv_cache_usage: float = 0.0
     num_preemptions_total: int = 0
     prefix_cache_hit_rate: float = 0.0
+    num_reserved_blocks: int = 0  # free blocks promised to running sequences (KV admission)
+    num_reestimations_total: int = 0  # running sequences that outlived their predicted p90

@@ -1,72 +1,64 @@
-"""Continuous-batching scheduler: chunked prefill, prefix reuse, preemption by recompute.
+"""Length-aware continuous batching: policy-ordered admission, prepacking, buckets, KV reservation.
 
 Each step first gives every running sequence its new tokens (one for a decode, a chunk of the
-prompt for a prefill in progress), preempting the lowest-ranked running sequence when KV blocks
-run out, then admits waiting sequences in policy order while the token budget, the sequence
-limit and the free blocks allow.
+prompt for a prefill in progress); a sequence that needs a KV block beyond its reservation when
+none is free preempts (by recompute) the lowest-ranked running sequence. Then, if nothing was
+preempted, waiting sequences are admitted in policy order:
+
+- continuous batching admits every step: the head of the queue and the sequences after it (in
+  the head's length bucket first, with `bucket_affinity`) while sequence slots and KV blocks
+  allow; their prompts are prepacked into the step's token budget, long ones chunked;
+- bucketed batching (the static baseline) admits a whole batch from one bucket when the
+  previous batch has finished.
+
+KV admission counts, for each sequence, the blocks it holds plus those reserved for it
+(`Sequence.num_reserved_blocks`, promised but not yet allocated): prompt only, prompt + the
+predicted p90, or prompt + max_tokens. Reserved blocks stay in the free pool; the scheduler
+keeps `num_free_blocks >= num_reserved_blocks`, so growth inside a reservation never fails.
+
+The simulator drives this same class with a virtual clock; `decode_horizon` and `fast_forward`
+let it take runs of identical decode steps at once.
 """
 from __future__ import annotations
 
-import heapq
+import math
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 from lenserve.scheduler.block_manager import BlockManager
 from lenserve.scheduler.config import SchedulerConfig
+from lenserve.scheduler.estimates import reestimate
 from lenserve.scheduler.output import SchedulerOutput, SchedulerStats
+from lenserve.scheduler.packing import prepack
 from lenserve.scheduler.policies import QueuePolicy, make_policy
 from lenserve.scheduler.sequence import Sequence, SequenceStatus
+from lenserve.scheduler.waiting_queue import WaitingQueue, bucket_key
 
-
-class WaitingQueue:
-    """A heap ordered by the policy's key, with lazy removal of aborted sequences."""
-
-    def __init__(self, policy: QueuePolicy) -> None:
-        self.policy = policy
-        self._heap: list[tuple[tuple, int, Sequence]] = []
-        self._members: set[int] = set()
-
-    def push(self, seq: Sequence) -> None:
-        heapq.heappush(self._heap, (self.policy.key(seq), seq.seq_no, seq))
-        self._members.add(seq.seq_no)
-
-    def _clean(self) -> None:
-        while self._heap and self._heap[0][1] not in self._members:
-            heapq.heappop(self._heap)
-
-    def peek(self) -> Sequence | None:
-        self._clean()
-        return self._heap[0][2] if self._heap else None
-
-    def pop(self) -> Sequence:
-        self._clean()
-        _, seq_no, seq = heapq.heappop(self._heap)
-        self._members.discard(seq_no)
-        return seq
-
-    def remove(self, seq: Sequence) -> None:
-        self._members.discard(seq.seq_no)
-
-    def __contains__(self, seq: Sequence) -> bool:
-        return seq.seq_no in self._members
-
-    def __len__(self) -> int:
-        return len(self._members)
-
-    def __iter__(self):
-        return (entry[2] for entry in self._heap if entry[1] in self._members)
+RUNNING = SequenceStatus.RUNNING
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: QueuePolicy | None = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        policy: QueuePolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.block_manager = block_manager
-        self.policy = policy if policy is not None else make_policy(config.policy)
-        self.waiting = WaitingQueue(self.policy)
+        self.policy = policy if policy is not None else make_policy(config.policy, config.aging_rate_tok_s)
+        self.clock = clock
+        self.waiting = WaitingQueue(
+            self.policy, config.max_wait_s, by_bucket=config.batching == "bucketed" or config.bucket_affinity
+        )
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions_total = 0
+        self.num_reestimations_total = 0
+        self.num_reserved_blocks = 0  # sum of the running sequences' num_reserved_blocks
         self._watermark_blocks = int(config.watermark * block_manager.num_blocks)
+        self._bucketed = config.batching == "bucketed"
 
     # ---- requests ----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -83,6 +75,14 @@ class Scheduler:
                 f"prompt needs {blocks} KV blocks but the cache has {self.block_manager.num_blocks}; "
                 "raise the KV cache size or shorten the prompt"
             )
+        if not self.config.enable_chunked_prefill and seq.num_tokens > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"prompt has {seq.num_tokens} tokens, more than max_num_batched_tokens "
+                f"({self.config.max_num_batched_tokens}) with chunked prefill disabled"
+            )
+        # A response never outgrows the whole cache (it could never be scheduled again).
+        cache_tokens = self.block_manager.num_blocks * self.block_manager.block_size
+        seq.max_tokens = min(seq.max_tokens, cache_tokens - seq.num_prompt_tokens)
         seq.status = SequenceStatus.WAITING
         self.requests[seq.request_id] = seq
         self.waiting.push(seq)
@@ -102,13 +102,18 @@ class Scheduler:
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
-        elif seq.status is SequenceStatus.RUNNING:
+        elif seq.status is RUNNING:
             self.running.remove(seq)
-        self.block_manager.free(seq)
-        seq.num_reserved_blocks = 0
+        self._release(seq)
         seq.status = status
-        seq.finished_time = time.monotonic()
+        seq.finished_time = self.clock()
         self.requests.pop(seq.request_id, None)
+
+    def _release(self, seq: Sequence) -> None:
+        """Frees the sequence's blocks and its reservation."""
+        self.block_manager.free(seq)
+        self.num_reserved_blocks -= seq.num_reserved_blocks
+        seq.num_reserved_blocks = 0
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -121,81 +126,72 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
-    # ---- scheduling ----------------------------------------------------------------------------------
+    # ---- KV accounting -----------------------------------------------------------------------------
+    @property
+    def num_unreserved_blocks(self) -> int:
+        """Free blocks nobody has been promised."""
+        return self.block_manager.num_free_blocks - self.num_reserved_blocks
+
+    def target_tokens(self, seq: Sequence) -> int:
+        """Tokens of KV the sequence is expected to need, by the kv_reserve mode."""
+        mode = self.config.kv_reserve
+        if mode == "none":
+            return seq.num_tokens
+        if mode == "max" or seq.estimate is None:
+            num_output = seq.max_tokens
+        else:
+            num_output = min(max(math.ceil(seq.estimate.p90), seq.num_output_tokens + 1), seq.max_tokens)
+        return max(min(seq.num_prompt_tokens + num_output, self.config.max_model_len), seq.num_tokens)
+
+    def _admission_blocks(self, seq: Sequence, matched: list[int]) -> int:
+        """Blocks admitting `seq` takes out of the unreserved pool: new ones plus cached free ones it reuses."""
+        bm = self.block_manager
+        num_new = max(bm.num_blocks_for(self.target_tokens(seq)) - len(matched), 0)
+        return num_new + sum(1 for b in matched if bm.ref_counts[b] == 0)
+
+    def _grow(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
+        """Gives `seq` blocks for `num_tokens` slots, from its reservation first, preempting the
+        lowest-ranked sequences while the unreserved pool is short. False if `seq` itself went."""
+        bm = self.block_manager
+        needed = bm.num_blocks_for(num_tokens) - len(seq.block_ids)
+        from_reserve = min(needed, seq.num_reserved_blocks)
+        while needed - from_reserve > bm.num_free_blocks - self.num_reserved_blocks:
+            victim = self._victim()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        bm.allocate(seq, num_tokens)
+        seq.num_reserved_blocks -= from_reserve
+        self.num_reserved_blocks -= from_reserve
+        return True
+
+    def _victim(self) -> Sequence:
+        return max(self.running, key=self.policy.key)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq)
-        seq.num_reserved_blocks = 0
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.num_preemptions_total += 1
         self.waiting.push(seq)
 
-    def _victim(self) -> Sequence:
-        return max(self.running, key=self.policy.key)
-
-    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
-        remaining = seq.num_uncomputed_tokens
-        if remaining <= budget:
-            return remaining
-        return budget if self.config.enable_chunked_prefill else 0
-
+    # ---- scheduling ----------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        bm = self.block_manager
+        now = self.clock()
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
-        now = time.monotonic()
-
-        # Running sequences, in admission order; the lowest-ranked are preempted when blocks run out.
-        for seq in list(self.running):
-            if budget == 0:
-                break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            num_new = self._num_new_tokens(seq, budget)
-            if num_new == 0:
-                continue
-            needed = bm.num_new_blocks_needed(seq, seq.num_computed_tokens + num_new)
-            while not bm.can_allocate(needed):
-                victim = self._victim()
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            bm.allocate(seq, seq.num_computed_tokens + num_new)
-            scheduled.append((seq, num_new))
-            budget -= num_new
-
-        # Waiting sequences, in policy order, while nothing had to be preempted.
-        while not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting.peek()
-            if seq is None:
-                break
-            matched = bm.match_prefix(seq) if not seq.block_ids else []
-            num_cached = len(matched) * bm.block_size
-            remaining = seq.num_tokens - num_cached
-            num_new = remaining if remaining <= budget else (budget if self.config.enable_chunked_prefill else 0)
-            if num_new == 0:
-                break
-            total_blocks = bm.num_blocks_for(num_cached + num_new)
-            free_after = bm.num_free_after_prefix(matched)
-            if total_blocks - len(matched) + self._watermark_blocks > free_after:
-                break
-            self.waiting.pop()
-            if matched:
-                seq.num_computed_tokens = bm.take_prefix(seq, matched)
-                seq.num_cached_tokens = seq.num_computed_tokens
-            bm.allocate(seq, seq.num_computed_tokens + num_new)
-            seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-            self.running.append(seq)
-            scheduled.append((seq, num_new))
-            budget -= num_new
+        if self.running:
+            budget = self._schedule_running(budget, scheduled, preempted)
+        if not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs and self.waiting:
+            if self._bucketed:
+                if not self.running:
+                    self._admit_batch(now, budget, scheduled)
+            else:
+                self._admit(now, budget, scheduled)
 
         prefills = [(s, n) for s, n in scheduled if n > 1]
         decodes = [(s, n) for s, n in scheduled if n == 1]
@@ -207,26 +203,293 @@ class Scheduler:
             preempted=preempted,
         )
 
+    def _schedule_running(self, budget: int, scheduled: list, preempted: list) -> int:
+        """New tokens for running sequences in admission order; returns the budget left."""
+        bs = self.block_manager.block_size
+        chunked = self.config.enable_chunked_prefill
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = seq.num_tokens - seq.num_computed_tokens
+            if num_new > budget:
+                if not chunked:
+                    continue
+                num_new = budget
+            num_tokens = seq.num_computed_tokens + num_new
+            if num_tokens > len(seq.block_ids) * bs and not self._grow(seq, num_tokens, preempted):
+                continue
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        if preempted:  # a victim may have been scheduled earlier in the loop
+            kept = [(s, n) for s, n in scheduled if s.status is RUNNING]
+            budget += sum(n for _, n in scheduled) - sum(n for _, n in kept)
+            scheduled[:] = kept
+        return budget
+
+    def _match(self, seq: Sequence) -> list[int]:
+        bm = self.block_manager
+        return bm.match_prefix(seq) if bm.enable_prefix_caching and not seq.block_ids else []
+
+    def _admit(self, now: float, budget: int, scheduled: list) -> None:
+        """Continuous batching: picks sequences from the front of the queue, then prepacks them."""
+        cfg = self.config
+        available = self.num_unreserved_blocks - self._watermark_blocks
+        head = self.waiting.peek(now)
+        matched = self._match(head)
+        need = self._admission_blocks(head, matched)
+        if need > available and (self.running or not self._fits_alone(head, matched)):
+            return  # the head waits for memory, and nothing passes it (it could wait forever)
+        self.waiting.remove(head)
+        selected = [(head, matched)]
+        available -= need
+        free_slots = cfg.max_num_seqs - len(self.running)
+        head_bucket = bucket_key(head) if cfg.bucket_affinity else None
+        far: list[Sequence] = []  # outside the head's bucket neighbourhood: considered last
+        skipped: list[Sequence] = []
+        examined = 1
+        # Look past the budget (up to the window) so first-fit decreasing has prompts to fit in.
+        while len(selected) < free_slots and examined < cfg.admission_window:
+            seq = self.waiting.pop(now)
+            if seq is None:
+                break
+            examined += 1
+            if head_bucket is not None and not _near(bucket_key(seq), head_bucket):
+                far.append(seq)
+                continue
+            available = self._select(seq, available, selected, skipped)
+        for seq in far:
+            if len(selected) < free_slots:
+                available = self._select(seq, available, selected, skipped)
+            else:
+                skipped.append(seq)
+        for seq in skipped:
+            self.waiting.push(seq)
+        self._start(now, selected, budget, scheduled, static=False)
+
+    def _select(self, seq: Sequence, available: int, selected: list, skipped: list) -> int:
+        """Selects `seq` if its blocks fit; returns the blocks still available."""
+        matched = self._match(seq)
+        need = self._admission_blocks(seq, matched)
+        if need > available:
+            skipped.append(seq)
+            return available
+        selected.append((seq, matched))
+        return available - need
+
+    def _fits_alone(self, seq: Sequence, matched: list[int]) -> bool:
+        """Whether `seq`'s prompt (without its output reservation) fits the unreserved pool."""
+        bm = self.block_manager
+        num_new = max(bm.num_blocks_for(seq.num_tokens) - len(matched), 0)
+        return num_new + sum(1 for b in matched if bm.ref_counts[b] == 0) <= self.num_unreserved_blocks
+
+    def _admit_batch(self, now: float, budget: int, scheduled: list) -> None:
+        """Bucketed (static) batching: the head, its bucket, then the neighbouring buckets fill one batch."""
+        cfg = self.config
+        available = self.num_unreserved_blocks - self._watermark_blocks
+        head = self.waiting.peek(now)
+        matched = self._match(head)
+        need = self._admission_blocks(head, matched)
+        if need > available and not self._fits_alone(head, matched):
+            return
+        self.waiting.remove(head)
+        selected = [(head, matched)]
+        available -= need
+        b = bucket_key(head)
+        for buckets in ([b], [b - 1, b + 1] if b is not None else []):
+            while len(selected) < cfg.max_num_seqs:
+                seq = self.waiting.pop_from_buckets(buckets)
+                if seq is None:
+                    break
+                matched = self._match(seq)
+                need = self._admission_blocks(seq, matched)
+                if need > available:
+                    self.waiting.push(seq)
+                    break
+                selected.append((seq, matched))
+                available -= need
+        self._start(now, selected, budget, scheduled, static=True)
+
+    def _start(self, now: float, selected: list, budget: int, scheduled: list, static: bool) -> None:
+        """Prepacks the selected prompts into the budget and starts those that got tokens (all of
+        them for a static batch; the rest of a continuous selection goes back to the queue)."""
+        bm = self.block_manager
+        takes = prepack(
+            [seq.num_tokens - len(matched) * bm.block_size for seq, matched in selected],
+            budget,
+            self.config.enable_chunked_prefill,
+        )
+        for (seq, matched), num_new in zip(selected, takes):
+            # An admission earlier in this loop may have reused a cached free block this one matched.
+            if (num_new == 0 and not static) or (matched and self._match(seq) != matched):
+                self.waiting.push(seq)
+                continue
+            if matched:
+                seq.num_computed_tokens = bm.take_prefix(seq, matched)
+                seq.num_cached_tokens = seq.num_computed_tokens
+            num_new = min(num_new, seq.num_tokens - seq.num_computed_tokens)
+            if num_new:
+                bm.allocate(seq, seq.num_computed_tokens + num_new)
+            reserve = min(bm.num_blocks_for(self.target_tokens(seq)) - len(seq.block_ids), self.num_unreserved_blocks)
+            if reserve > 0:
+                seq.num_reserved_blocks = reserve
+                self.num_reserved_blocks += reserve
+            seq.status = RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            self.running.append(seq)
+            if num_new:
+                scheduled.append((seq, num_new))
+
+    # ---- results -------------------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Sequence]:
         """Advances the computed counts, appends sampled tokens and returns the sequences that finished."""
         finished: list[Sequence] = []
-        now = time.monotonic()
+        now = self.clock()
+        bm = self.block_manager
+        caching = bm.enable_prefix_caching
         for seq, num_new in zip(output.seqs, output.num_new_tokens):
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not RUNNING:
                 continue  # aborted while the step ran
             seq.num_computed_tokens += num_new
-            self.block_manager.commit_full_blocks(seq)
+            if caching:
+                bm.commit_full_blocks(seq)
             token = sampled.get(seq.request_id)
-            if token is None:
-                continue
+            if token is not None:
+                self._sampled(seq, token, now, finished)
+        return finished
+
+    def _sampled(self, seq: Sequence, token: int, now: float, finished: list[Sequence]) -> None:
+        seq.append_token(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        status = seq.check_stop(self.config.max_model_len)
+        if status is not None:
+            self._finish(seq, status)
+            finished.append(seq)
+        elif seq.estimate is not None and seq.num_output_tokens > seq.estimate.p90:
+            self._reestimate(seq)
+
+    def _reestimate(self, seq: Sequence) -> None:
+        """The sequence outlived its p90: a longer estimate, and a reservation topped up to match
+        as far as unreserved blocks allow."""
+        seq.estimate = reestimate(seq.prediction or seq.estimate, seq.num_output_tokens, seq.max_tokens)
+        self.num_reestimations_total += 1
+        if self.config.kv_reserve == "predicted":
+            bm = self.block_manager
+            wanted = bm.num_blocks_for(self.target_tokens(seq)) - len(seq.block_ids) - seq.num_reserved_blocks
+            grant = min(wanted, self.num_unreserved_blocks - self._watermark_blocks)
+            if grant > 0:
+                seq.num_reserved_blocks += grant
+                self.num_reserved_blocks += grant
+
+    # ---- bulk decode (the simulator) -------------------------------------------------------------------
+    def can_admit(self) -> bool:
+        """Whether the next schedule() would admit a waiting sequence (running ones decoding)."""
+        cfg = self.config
+        if not self.waiting or len(self.running) >= cfg.max_num_seqs or len(self.running) >= cfg.max_num_batched_tokens:
+            return False
+        if self._bucketed and self.running:
+            return False
+        head = self.waiting.peek(self.clock())
+        matched = self._match(head)
+        need = self._admission_blocks(head, matched)
+        if need <= self.num_unreserved_blocks - self._watermark_blocks:
+            return True
+        return not self.running and self._fits_alone(head, matched)
+
+    def next_wakeup_time(self) -> float:
+        """When a waiting sequence becomes overdue (max_wait_s), changing the head of the queue."""
+        return self.waiting.next_overdue_time(self.clock())
+
+    def decode_horizon(self) -> int:
+        """How many steps from now are plain decode steps of the running set that `fast_forward` may
+        take at once: 0 unless every running sequence is decoding, all fit the token budget and
+        nothing can be admitted. Bounded so that no sequence reaches a length limit or its p90
+        (re-estimation) before the last of them, and no step would need to preempt."""
+        running = self.running
+        cfg = self.config
+        if not running or len(running) > cfg.max_num_batched_tokens or self.can_admit():
+            return 0
+        max_len = cfg.max_model_len
+        horizon = max_len
+        for seq in running:
+            n = seq.num_tokens
+            if seq.num_computed_tokens != n - 1:
+                return 0
+            n_out = n - seq.num_prompt_tokens
+            h = seq.max_tokens - n_out
+            if max_len - n < h:
+                h = max_len - n
+            est = seq.estimate
+            if est is not None and est.p90 - n_out + 1 < h:
+                h = max(int(est.p90) - n_out + 1, 1)
+            if h < horizon:
+                horizon = h
+        unreserved = self.num_unreserved_blocks
+        bs = self.block_manager.block_size
+        if len(running) * (horizon // bs + 1) <= unreserved or self._extra_blocks(horizon) <= unreserved:
+            return horizon
+        lo, hi = 0, horizon  # extra blocks grow with the steps: the last k that needs no preemption
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._extra_blocks(mid) <= unreserved:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _extra_blocks(self, num_steps: int) -> int:
+        """Unreserved blocks the running set draws on over `num_steps` decode steps."""
+        bs = self.block_manager.block_size
+        total = 0
+        for seq in self.running:
+            extra = -(-(seq.num_computed_tokens + num_steps) // bs) - len(seq.block_ids) - seq.num_reserved_blocks
+            if extra > 0:
+                total += extra
+        return total
+
+    def fast_forward(self, num_steps: int, sampled: Mapping[str, int], filler_token_id: int = 0) -> list[Sequence]:
+        """Takes `num_steps` decode steps at once: what that many schedule()/update() pairs would do
+        if every running sequence sampled `filler_token_id` except at the last step, where it samples
+        `sampled[request_id]` (default the filler). Needs 1 <= num_steps <= decode_horizon(), and a
+        filler token that stops no sequence (no EOS, no stop token)."""
+        bm = self.block_manager
+        bs = bm.block_size
+        caching = bm.enable_prefix_caching
+        max_len = self.config.max_model_len
+        now = self.clock()
+        finished: list[Sequence] = []
+        for seq in list(self.running):
+            num_tokens = seq.num_computed_tokens + num_steps
+            if num_tokens > len(seq.block_ids) * bs:
+                needed = -(-num_tokens // bs) - len(seq.block_ids)
+                from_reserve = min(needed, seq.num_reserved_blocks)
+                bm.allocate(seq, num_tokens)
+                seq.num_reserved_blocks -= from_reserve
+                self.num_reserved_blocks -= from_reserve
+            seq.num_computed_tokens = num_tokens
+            if caching:
+                bm.commit_full_blocks(seq)
+            if num_steps > 1:
+                seq.append_tokens(filler_token_id, num_steps - 1)
+            token = sampled.get(seq.request_id, filler_token_id)
             seq.append_token(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now
-            status = seq.check_stop(self.config.max_model_len)
+            n_out = seq.num_tokens - seq.num_prompt_tokens
+            status = None
+            if token != filler_token_id or n_out >= seq.max_tokens or seq.num_tokens >= max_len:
+                status = seq.check_stop(max_len)
             if status is not None:
                 self._finish(seq, status)
                 finished.append(seq)
+            elif seq.estimate is not None and n_out > seq.estimate.p90:
+                self._reestimate(seq)
+        assert bm.num_free_blocks >= self.num_reserved_blocks, "fast_forward past its horizon"
         return finished
 
     def stats(self) -> SchedulerStats:
@@ -240,4 +503,10 @@ class Scheduler:
             kv_cache_usage=bm.usage,
             num_preemptions_total=self.num_preemptions_total,
             prefix_cache_hit_rate=hit,
+            num_reserved_blocks=self.num_reserved_blocks,
+            num_reestimations_total=self.num_reestimations_total,
         )
+
+
+def _near(bucket: int | None, head_bucket: int) -> bool:
+    return bucket is not None and abs(bucket - head_bucket) <= 1

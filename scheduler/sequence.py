@@ -76,13 +76,16 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.block_ids: list[int] = []
-        self.num_reserved_blocks = 0  # KV admission reservation beyond block_ids (length-aware)
+        self.num_reserved_blocks = 0  # KV blocks promised to this sequence beyond block_ids (not yet allocated)
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.finished_time: float | None = None
         self.bucket: int | None = prediction.bucket if prediction is not None else None
+        # The scheduler's current estimate of the total output length: the prediction until the
+        # sequence outlives its p90, then a re-estimate conditioned on the tokens generated so far.
+        self.estimate: LengthPrediction | None = prediction
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -91,7 +94,7 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -111,18 +114,36 @@ class Sequence:
 
     @property
     def predicted_remaining(self) -> float:
-        """Predicted output tokens still to come (p50 of the prediction; max_tokens bound)."""
-        if self.prediction is None:
+        """Expected output tokens still to come: the current estimate's mean, within max_tokens.
+
+        The mean, not the median, because ordering by expected remaining work is what minimises
+        mean completion time when lengths are uncertain (Smith's rule)."""
+        if self.estimate is None:
             return float(self.max_tokens - self.num_output_tokens)
-        return max(min(self.prediction.p50, self.max_tokens) - self.num_output_tokens, 1.0)
+        return max(min(self.estimate.mean, self.max_tokens) - self.num_output_tokens, 1.0)
+
+    @property
+    def true_remaining(self) -> float:
+        """Output tokens still to come by the true length (traces); the estimate when it is unknown."""
+        if self.true_output_len is None:
+            return self.predicted_remaining
+        return float(max(min(self.true_output_len, self.max_tokens) - self.num_output_tokens, 1))
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
+    def append_tokens(self, token_id: int, count: int) -> None:
+        """Appends `token_id` `count` times (the simulator's bulk decode)."""
+        self.token_ids.extend([token_id] * count)
+
     def check_stop(self, max_model_len: int) -> SequenceStatus | None:
         """The finish status after the last appended token, or None to continue."""
         n_out = self.num_output_tokens
-        last = self.token_ids[-1]
+        last = self.last_token_id
         if n_out >= self.min_tokens:
             if not self.ignore_eos and last == self.eos_token_id:
                 self.stop_reason = None

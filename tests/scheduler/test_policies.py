@@ -1,0 +1,108 @@
+"""Each policy's admission order, priority, aging and the max-wait bound."""
+import pytest
+
+from lenserve.scheduler.policies import make_policy
+from lenserve.scheduler.waiting_queue import WaitingQueue
+
+from .helpers import Clock, drain, make_scheduler, make_seq, prediction
+
+
+def _order(policy, seqs, now=0.0, **kwargs):
+    queue = WaitingQueue(make_policy(policy, **kwargs))
+    for s in seqs:
+        queue.push(s)
+    out = []
+    while queue:
+        out.append(queue.pop(now).request_id)
+    return out
+
+
+def _three():
+    # a: early, long (predicted 300, true 20); b: middle, short (predicted 10, true 500); c: late, medium.
+    return [
+        make_seq("a", 8, 20, max_tokens=1000, arrival=0.0, pred=prediction(300)),
+        make_seq("b", 8, 500, max_tokens=1000, arrival=1.0, pred=prediction(10)),
+        make_seq("c", 8, 100, max_tokens=1000, arrival=2.0, pred=prediction(50)),
+    ]
+
+
+def test_fcfs_orders_by_arrival():
+    assert _order("fcfs", _three()) == ["a", "b", "c"]
+
+
+def test_sjf_orders_by_predicted_remaining():
+    assert _order("sjf", _three()) == ["b", "c", "a"]
+
+
+def test_oracle_orders_by_true_length():
+    assert _order("oracle", _three()) == ["a", "c", "b"]
+
+
+def test_priority_comes_before_the_policy():
+    seqs = _three()
+    seqs[2].priority = -1
+    for policy in ("fcfs", "sjf", "oracle"):
+        assert _order(policy, seqs)[0] == "c"
+
+
+def test_sjf_without_prediction_uses_max_tokens():
+    seqs = [make_seq("long", 4, 5, max_tokens=900), make_seq("short", 4, 5, max_tokens=10, arrival=1.0)]
+    assert _order("sjf", seqs) == ["short", "long"]
+
+
+def test_aging_lets_a_long_request_pass_later_short_ones():
+    old_long = make_seq("old", 4, 1, arrival=0.0, pred=prediction(500), max_tokens=1000)
+    # 10 tok/s: after 60 s the long request's 500 tokens weigh less than a fresh 10-token one.
+    fresh = [make_seq(f"new{i}", 4, 1, arrival=60.0 + i, pred=prediction(10), max_tokens=1000) for i in range(3)]
+    assert _order("sjf", [old_long] + fresh, aging_rate_tok_s=10.0)[0] == "old"
+    assert _order("sjf", [old_long] + fresh, aging_rate_tok_s=0.0)[-1] == "old"
+
+
+def test_max_wait_puts_overdue_requests_first():
+    queue = WaitingQueue(make_policy("sjf"), max_wait_s=30.0)
+    old = make_seq("old", 4, 1, arrival=0.0, pred=prediction(900), max_tokens=1000)
+    new = make_seq("new", 4, 1, arrival=20.0, pred=prediction(5), max_tokens=1000)
+    queue.push(old)
+    queue.push(new)
+    assert queue.peek(now=25.0) is new
+    assert queue.next_overdue_time(now=25.0) == 30.0
+    assert queue.peek(now=31.0) is old
+    assert queue.next_overdue_time(now=31.0) == float("inf")
+
+
+def test_queue_lazy_removal_and_repush():
+    queue = WaitingQueue(make_policy("fcfs"), max_wait_s=5.0, by_bucket=True)
+    a, b = make_seq("a", 4, 1, arrival=0.0), make_seq("b", 4, 1, arrival=1.0)
+    queue.push(a)
+    queue.push(b)
+    queue.remove(a)
+    assert len(queue) == 1 and a not in queue and queue.peek(100.0) is b
+    queue.push(a)  # back after a preemption: one live entry, not two
+    assert len(queue) == 2 and sorted(s.request_id for s in queue) == ["a", "b"]
+    assert [queue.pop(0.0).request_id, queue.pop(0.0).request_id] == ["a", "b"]
+    assert queue.pop(0.0) is None and not queue
+
+
+@pytest.mark.parametrize("max_wait_s", [None, 50.0])
+def test_aging_bounds_waiting_under_a_stream_of_short_requests(max_wait_s):
+    """One long request among a steady stream of shorter ones: sjf with aging (or the max-wait
+    bound) still starts it within a bounded time, while pure sjf would hold it back to the end."""
+    clock = Clock()
+    sched = make_scheduler(num_blocks=256, clock=clock, max_num_seqs=1, policy="sjf",
+                           aging_rate_tok_s=0.0 if max_wait_s else 5.0, max_wait_s=max_wait_s)
+    long_seq = make_seq("long", 4, 3, arrival=0.0, pred=prediction(400), max_tokens=1000)
+    sched.add(long_seq)
+    started = {}
+    arrivals = iter(range(10_000))
+
+    def on_step(step, out):
+        for seq in out.seqs:
+            started.setdefault(seq.request_id, clock.now)
+        if step < 600 and step % 2 == 0:  # a short request every 2 s keeps the queue busy
+            i = next(arrivals)
+            sched.add(make_seq(f"s{i}", 4, 2, arrival=clock.now, pred=prediction(5), max_tokens=1000))
+
+    drain(sched, on_step=on_step)
+    # Ages 5 tok/s: passes the 5-token requests after (400 - 5) / 5 = 79 s; max-wait: after 50 s.
+    assert started["long"] <= 100.0
+    assert started["long"] < max(started.values()) - 100
