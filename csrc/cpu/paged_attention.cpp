@@ -20,7 +20,7 @@ namespace {
 
 constexpr int64_t kTileK = 32;          // keys per tile (may span several cache blocks)
 constexpr int64_t kMinSplitKeys = 256;  // shortest context piece worth its own work item
-constexpr int64_t kItemsPerThread = 4;
+constexpr int64_t kItemsPerThread = 4;     // items per thread to aim for when splitting, so pieces balance
 constexpr int64_t kMaxHeadDim = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -209,7 +209,6 @@ torch::Tensor paged_decode_attention_cpu(const torch::Tensor& q, const torch::Te
               "paged_decode_attention: block_tables and context_lens must have one row per sequence (", num_seqs,
               "), got ", block_tables.size(0), " and ", context_lens.size(0));
   TORCH_CHECK(block_size > 0, "paged_decode_attention: block_size must be positive");
-  TORCH_CHECK(softmax_scale > 0, "paged_decode_attention: softmax_scale must be positive, got ", softmax_scale);
 
   const int64_t max_blocks = block_tables.size(1);
   const int32_t* tables = block_tables.data_ptr<int32_t>();

@@ -200,7 +200,6 @@ torch::Tensor varlen_attention_cpu(const torch::Tensor& q, const torch::Tensor& 
               ") is shorter than the longest query sequence (", longest_q, ")");
   TORCH_CHECK(longest_k <= max_seqlen_k, "varlen_attention: max_seqlen_k (", max_seqlen_k,
               ") is shorter than the longest key sequence (", longest_k, ")");
-  TORCH_CHECK(softmax_scale > 0, "varlen_attention: softmax_scale must be positive, got ", softmax_scale);
 
   auto out = torch::empty({total_q, num_heads, head_dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t group = num_heads / num_kv_heads;
