@@ -1,0 +1,201 @@
+"""Building the served model's own CASTILLO-style dataset: sample each prompt's responses, record lengths.
+
+Each prompt goes to the engine as one request with n = samples, rendered with the chat template;
+many requests are in flight at once so the engine decodes in large batches. Every finished
+prompt is appended to `<out>.partial` at once, so an interrupted build resumes where it stopped
+(prompts already there are skipped). When every prompt is done, the rows are written to `out`
+sorted by prompt id and the partial file is removed.
+
+A response's length counts the tokens the engine generated for it, the end-of-sequence token
+included (one decode step each), as `RequestOutput.outputs[i].token_ids` holds them.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from lenserve.predictor.dataset import LengthRow, iter_rows, write_rows
+
+logger = logging.getLogger(__name__)
+
+# Prompt sources as CASTILLO names its datasets.
+DATASET_NAMES = {
+    "alpaca": "Alpaca", "apps": "Apps", "bigcodebench": "BigCodeBench", "dolly": "DollyDataset",
+    "ds1000": "DS1000", "mbpp": "Mbpp", "sharegpt": "ShareGPT",
+}
+
+
+@dataclass
+class BuildConfig:
+    samples: int = 10
+    max_tokens: int = 1024
+    temperature: float = 0.2
+    top_p: float = 0.9
+    top_k: int = 50
+    num_prompts: int | None = None
+    seed: int = 0
+    model_name: str | None = None
+    model: str | None = None  # None: the embedded SmolLM2
+    device: str = "auto"
+    dtype: str = "auto"
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 4096
+    num_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str
+    text: str
+    dataset: str
+
+
+def read_prompts(path: str) -> list[Prompt]:
+    """Prompts from JSON lines: `id`/`prompt`/`source` (lenserve's prompt sets) or CASTILLO's `prompt_id`/`prompt_text`/`dataset`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    opener = gzip.open if path.endswith(".gz") else open
+    prompts, seen = [], set()
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                text = obj.get("prompt", obj.get("prompt_text")) if isinstance(obj, dict) else None
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"{path}:{lineno}: needs a non-empty `prompt` (or `prompt_text`) string")
+                pid = str(obj.get("id") or obj.get("prompt_id") or hashlib.sha1(text.encode()).hexdigest()[:16])
+                if pid in seen:
+                    continue
+                seen.add(pid)
+                source = str(obj.get("source") or obj.get("dataset") or "undefined")
+                prompts.append(Prompt(pid, text, DATASET_NAMES.get(source.lower(), source)))
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read as JSON lines ({e})") from None
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def select_prompts(prompts: list[Prompt], num_prompts: int | None, seed: int) -> list[Prompt]:
+    """A deterministic random subset (by hash of seed and id), in a stable order."""
+    ordered = sorted(prompts, key=lambda p: hashlib.sha256(f"{seed}:{p.prompt_id}".encode()).digest())
+    return ordered if num_prompts is None else ordered[:num_prompts]
+
+
+def _request_seed(seed: int, prompt_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:sample:{prompt_id}".encode()).digest()[:7], "big")
+
+
+def _read_partial(path: str) -> list[LengthRow]:
+    """Rows of an interrupted build; a last line cut off mid-write is dropped (and the file repaired)."""
+    if not os.path.exists(path):
+        return []
+    rows, good_bytes = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                rows.append(LengthRow.from_dict(json.loads(raw), where=path))
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+                logger.warning("%s: dropping an incomplete last row", path)
+                break
+            good_bytes += len(raw)
+    with open(path, "r+b") as f:
+        f.truncate(good_bytes)
+    return rows
+
+
+def make_engine(cfg: BuildConfig):
+    from lenserve.config import EngineConfig
+    from lenserve.engine.llm_engine import LLMEngine
+    from lenserve.scheduler.config import SchedulerConfig
+
+    return LLMEngine(EngineConfig(
+        model=cfg.model, device=cfg.device, dtype=cfg.dtype, num_threads=cfg.num_threads,
+        scheduler=SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens),
+    ))
+
+
+def build_dataset(prompts_path: str, out_path: str, cfg: BuildConfig, engine=None, progress: bool = True) -> dict:
+    """Samples `cfg.samples` responses for each selected prompt; returns a summary."""
+    from tqdm import tqdm
+
+    from lenserve.engine.sampling_params import SamplingParams
+
+    prompts = select_prompts(read_prompts(prompts_path), cfg.num_prompts, cfg.seed)
+    partial_path = out_path + ".partial"
+    done_rows = (list(iter_rows(out_path)) if os.path.exists(out_path) else []) + _read_partial(partial_path)
+    done = {r.prompt_id for r in done_rows}
+    todo = deque(p for p in prompts if p.prompt_id not in done)
+    logger.info("%d prompts selected, %d already done, %d to sample", len(prompts), len(prompts) - len(todo), len(todo))
+
+    if todo and engine is None:
+        engine = make_engine(cfg)
+    model_name = cfg.model_name or (engine.model_name if engine is not None else done_rows[0].model)
+    # Enough requests in flight to fill max_num_seqs sequences, plus one so a batch never runs dry.
+    max_in_flight = max(1, cfg.max_num_seqs // cfg.samples) + 1
+    in_flight: dict[str, tuple[Prompt, int, float]] = {}
+    skipped: set[str] = set()
+    num_written = num_tokens = 0
+    t0 = time.monotonic()
+    bar = tqdm(total=len(todo), unit="prompt", disable=not progress, dynamic_ncols=True)
+    with open(partial_path, "a", encoding="utf-8") as partial:
+        while todo or in_flight:
+            while todo and len(in_flight) < max_in_flight:
+                prompt = todo.popleft()
+                ids = engine.tokenizer.encode_chat([{"role": "user", "content": prompt.text}])
+                room = engine.max_model_len - len(ids)
+                if room < 1:
+                    logger.warning("prompt %s (%d tokens) does not fit the context; skipped", prompt.prompt_id, len(ids))
+                    skipped.add(prompt.prompt_id)
+                    bar.update(1)
+                    continue
+                params = SamplingParams(
+                    n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                    max_tokens=min(cfg.max_tokens, room), seed=_request_seed(cfg.seed, prompt.prompt_id),
+                )
+                engine.add_request(prompt.prompt_id, prompt.text, params, prompt_token_ids=ids)
+                in_flight[prompt.prompt_id] = (prompt, len(ids), time.monotonic())
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                prompt, num_prompt_tokens, started = in_flight.pop(out.request_id)
+                if out.error:
+                    logger.warning("prompt %s failed (%s); it will be retried on the next run", prompt.prompt_id, out.error)
+                    bar.update(1)
+                    continue
+                sizes = [len(o.token_ids) for o in out.outputs]
+                row = LengthRow(
+                    prompt_id=prompt.prompt_id, model=model_name, prompt_text=prompt.text,
+                    input_size=num_prompt_tokens, output_sizes=sizes, dataset=prompt.dataset,
+                    top_k=cfg.top_k, top_p=cfg.top_p, temp=cfg.temperature,
+                    gen_time=round(time.monotonic() - started, 4),
+                )
+                partial.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
+                partial.flush()
+                num_written += 1
+                num_tokens += sum(sizes)
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{num_tokens / max(time.monotonic() - t0, 1e-9):.0f}")
+    bar.close()
+
+    rows = done_rows + _read_partial(partial_path)
+    by_id = {r.prompt_id: r for r in rows}
+    if all(p.prompt_id in by_id or p.prompt_id in skipped for p in prompts):
+        write_rows(out_path, sorted(by_id.values(), key=lambda r: r.prompt_id))
+        os.remove(partial_path)
+    splits = {}
+    for r in by_id.values():
+        splits[r.split] = splits.get(r.split, 0) + 1
+    return {"out": out_path, "model": model_name, "rows": len(by_id), "new_rows": num_written, "skipped": len(skipped),
+            "splits": splits, "generated_tokens": num_tokens, "seconds": round(time.monotonic() - t0, 1)}
