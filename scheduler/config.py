@@ -15,8 +15,13 @@ class SchedulerConfig:
     max_model_len: int = 8192
     # fcfs | sjf (predicted remaining length, aged) | oracle (true length from a trace; analysis only)
     policy: str = "fcfs"
-    # sjf/oracle aging: each second of waiting counts as this many tokens less predicted work.
-    aging_rate_tok_s: float = 10.0
+    # sjf/oracle aging: each engine step a request waits counts as this many tokens less predicted
+    # work. Counted in steps, not seconds, so one setting suits any hardware: at 1 a waiting
+    # request gains on later arrivals as fast as a running one generates.
+    aging_tok_per_step: float = 1.0
+    # sjf/oracle: a prompt token still to prefill counts as this many response tokens of work
+    # (prefill compute per token relative to one decoded token of one sequence in a full batch).
+    prompt_weight: float = 0.3
     # Requests that have waited longer than this go first, whatever the policy (None: no bound).
     max_wait_s: float | None = None
     # continuous: admit every step (vLLM-style); bucketed: static batches from one length bucket
@@ -49,8 +54,10 @@ class SchedulerConfig:
             raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
         if self.kv_reserve not in KV_RESERVE_MODES:
             raise ValueError(f"kv_reserve must be one of {', '.join(KV_RESERVE_MODES)}, got {self.kv_reserve!r}")
-        if not self.aging_rate_tok_s >= 0:
-            raise ValueError(f"aging_rate_tok_s must be >= 0, got {self.aging_rate_tok_s}")
+        if not self.aging_tok_per_step >= 0:
+            raise ValueError(f"aging_tok_per_step must be >= 0, got {self.aging_tok_per_step}")
+        if not self.prompt_weight >= 0:
+            raise ValueError(f"prompt_weight must be >= 0, got {self.prompt_weight}")
         if self.max_wait_s is not None and not self.max_wait_s > 0:
             raise ValueError(f"max_wait_s must be > 0 (or None for no bound), got {self.max_wait_s}")
         if self.admission_window < 1:

@@ -5,7 +5,9 @@ can be a heap; lower keys go first, and the highest-keyed running sequence is th
 when memory runs out. The request's `priority` (lower first) always comes first in the key.
 
 Aging stays heap-compatible: a score `remaining - rate * (now - arrival)` orders sequences
-exactly as `remaining + rate * arrival` does, since `rate * now` is common to all of them.
+exactly as `remaining + rate * arrival` does, since `rate * now` is common to all of them. The
+clock is the scheduler's step count (`Sequence.arrival_step`), so aging is measured in work the
+engine did while the request waited, whatever the hardware's speed.
 """
 from __future__ import annotations
 
@@ -30,18 +32,24 @@ class FCFSPolicy:
 
 
 class SJFPolicy:
-    """Shortest predicted remaining response first, aged by `aging_rate_tok_s` tokens per second waited."""
+    """Least predicted remaining work first: the response tokens still to come, plus the prompt
+    tokens still to prefill at `prompt_weight` each (a prompt token's compute relative to one
+    decoded token of one sequence in a full batch); aged by `aging_tok_per_step` per step waited."""
 
     name = "sjf"
 
-    def __init__(self, aging_rate_tok_s: float = 0.0) -> None:
-        self.aging_rate_tok_s = aging_rate_tok_s
+    def __init__(self, aging_tok_per_step: float = 0.0, prompt_weight: float = 0.0) -> None:
+        self.aging_tok_per_step = aging_tok_per_step
+        self.prompt_weight = prompt_weight
 
     def remaining(self, seq: Sequence) -> float:
         return seq.predicted_remaining
 
     def key(self, seq: Sequence) -> tuple:
-        return (seq.priority, self.remaining(seq) + self.aging_rate_tok_s * seq.arrival_time, seq.seq_no)
+        work = self.remaining(seq)
+        if self.prompt_weight and seq.num_computed_tokens < seq.num_prompt_tokens:
+            work += self.prompt_weight * (seq.num_prompt_tokens - seq.num_computed_tokens)
+        return (seq.priority, work + self.aging_tok_per_step * (seq.arrival_step or 0), seq.seq_no)
 
 
 class OraclePolicy(SJFPolicy):
@@ -56,9 +64,9 @@ class OraclePolicy(SJFPolicy):
 POLICIES: dict[str, type] = {"fcfs": FCFSPolicy, "sjf": SJFPolicy, "oracle": OraclePolicy}
 
 
-def make_policy(name: str, aging_rate_tok_s: float = 0.0) -> QueuePolicy:
+def make_policy(name: str, aging_tok_per_step: float = 0.0, prompt_weight: float = 0.0) -> QueuePolicy:
     try:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown scheduling policy {name!r}; choose from {sorted(POLICIES)}") from None
-    return cls() if cls is FCFSPolicy else cls(aging_rate_tok_s)
+    return cls() if cls is FCFSPolicy else cls(aging_tok_per_step, prompt_weight)

@@ -47,7 +47,7 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.block_manager = block_manager
-        self.policy = policy if policy is not None else make_policy(config.policy, config.aging_rate_tok_s)
+        self.policy = policy if policy is not None else make_policy(config.policy, config.aging_tok_per_step, config.prompt_weight)
         self.clock = clock
         self.waiting = WaitingQueue(
             self.policy, config.max_wait_s, by_bucket=config.batching == "bucketed" or config.bucket_affinity
@@ -57,6 +57,7 @@ class Scheduler:
         self.num_preemptions_total = 0
         self.num_reestimations_total = 0
         self.num_reserved_blocks = 0  # sum of the running sequences' num_reserved_blocks
+        self.num_steps = 0  # schedule() calls (and fast-forwarded steps): the aging clock
         self._watermark_blocks = int(config.watermark * block_manager.num_blocks)
         self._bucketed = config.batching == "bucketed"
 
@@ -83,6 +84,8 @@ class Scheduler:
         # A response never outgrows the whole cache (it could never be scheduled again).
         cache_tokens = self.block_manager.num_blocks * self.block_manager.block_size
         seq.max_tokens = min(seq.max_tokens, cache_tokens - seq.num_prompt_tokens)
+        if seq.arrival_step is None:
+            seq.arrival_step = self.num_steps
         seq.status = SequenceStatus.WAITING
         self.requests[seq.request_id] = seq
         self.waiting.push(seq)
@@ -181,6 +184,7 @@ class Scheduler:
     # ---- scheduling ----------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
+        self.num_steps += 1
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
@@ -426,6 +430,8 @@ class Scheduler:
             est = seq.estimate
             if est is not None and est.p90 - n_out + 1 < h:
                 h = max(int(est.p90) - n_out + 1, 1)
+            if seq.first_token_time is None:  # a prompt's last token: its first sample is timed
+                h = 1
             if h < horizon:
                 horizon = h
         unreserved = self.num_unreserved_blocks
@@ -462,7 +468,9 @@ class Scheduler:
         max_len = self.config.max_model_len
         now = self.clock()
         finished: list[Sequence] = []
-        for seq in list(self.running):
+        self.num_steps += num_steps
+        running = list(self.running)
+        for seq in running:  # every step's blocks first, as schedule() allocates before update() samples
             num_tokens = seq.num_computed_tokens + num_steps
             if num_tokens > len(seq.block_ids) * bs:
                 needed = -(-num_tokens // bs) - len(seq.block_ids)
@@ -470,7 +478,8 @@ class Scheduler:
                 bm.allocate(seq, num_tokens)
                 seq.num_reserved_blocks -= from_reserve
                 self.num_reserved_blocks -= from_reserve
-            seq.num_computed_tokens = num_tokens
+        for seq in running:
+            seq.num_computed_tokens += num_steps
             if caching:
                 bm.commit_full_blocks(seq)
             if num_steps > 1:

@@ -52,10 +52,13 @@ def test_sjf_without_prediction_uses_max_tokens():
 
 def test_aging_lets_a_long_request_pass_later_short_ones():
     old_long = make_seq("old", 4, 1, arrival=0.0, pred=prediction(500), max_tokens=1000)
-    # 10 tok/s: after 60 s the long request's 500 tokens weigh less than a fresh 10-token one.
+    old_long.arrival_step = 0
+    # 1 token per step: 500 steps later, a fresh 10-token request weighs more than the old one.
     fresh = [make_seq(f"new{i}", 4, 1, arrival=60.0 + i, pred=prediction(10), max_tokens=1000) for i in range(3)]
-    assert _order("sjf", [old_long] + fresh, aging_rate_tok_s=10.0)[0] == "old"
-    assert _order("sjf", [old_long] + fresh, aging_rate_tok_s=0.0)[-1] == "old"
+    for i, seq in enumerate(fresh):
+        seq.arrival_step = 500 + i
+    assert _order("sjf", [old_long] + fresh, aging_tok_per_step=1.0)[0] == "old"
+    assert _order("sjf", [old_long] + fresh, aging_tok_per_step=0.0)[-1] == "old"
 
 
 def test_max_wait_puts_overdue_requests_first():
@@ -89,7 +92,7 @@ def test_aging_bounds_waiting_under_a_stream_of_short_requests(max_wait_s):
     bound) still starts it within a bounded time, while pure sjf would hold it back to the end."""
     clock = Clock()
     sched = make_scheduler(num_blocks=256, clock=clock, max_num_seqs=1, policy="sjf",
-                           aging_rate_tok_s=0.0 if max_wait_s else 5.0, max_wait_s=max_wait_s)
+                           aging_tok_per_step=0.0 if max_wait_s else 5.0, max_wait_s=max_wait_s)
     long_seq = make_seq("long", 4, 3, arrival=0.0, pred=prediction(400), max_tokens=1000)
     sched.add(long_seq)
     started = {}
@@ -103,6 +106,6 @@ def test_aging_bounds_waiting_under_a_stream_of_short_requests(max_wait_s):
             sched.add(make_seq(f"s{i}", 4, 2, arrival=clock.now, pred=prediction(5), max_tokens=1000))
 
     drain(sched, on_step=on_step)
-    # Ages 5 tok/s: passes the 5-token requests after (400 - 5) / 5 = 79 s; max-wait: after 50 s.
+    # Ages 5 tokens a step (1 s): passes the 5-token requests after (400 - 5) / 5 = 79 steps; max-wait: after 50 s.
     assert started["long"] <= 100.0
     assert started["long"] < max(started.values()) - 100

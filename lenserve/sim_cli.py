@@ -1,0 +1,209 @@
+"""Subcommands: `lenserve simulate` (the scheduler on a trace, no model) and `lenserve bench cost-model`
+(measure the step-time model the simulator uses from the real engine)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+
+logger = logging.getLogger("lenserve")
+
+
+# ---- lenserve simulate -------------------------------------------------------------------------------
+def add_simulation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("simulation")
+    g.add_argument("--policies", default="fcfs,sjf,oracle", help="comma-separated: fcfs, sjf, oracle")
+    g.add_argument("--predictions", default="noisy-tau:0.5",
+                   help="oracle | noisy:SIGMA (log-length noise) | noisy-tau:TAU (noise for that Kendall tau) | "
+                   "empirical:FILE (a predictor eval's residuals)")
+    g.add_argument("--cost-model", default=None, metavar="FILE", help="default: the CPU model shipped in lenserve/scheduler/data")
+    g.add_argument("--time-scale", type=float, default=1.0, metavar="X", help="speed-up: arrival time = trace time / X")
+    g.add_argument("--batching", choices=("continuous", "bucketed"), default="continuous")
+    g.add_argument("--bucket-affinity", action="store_true", help="continuous batching: admit from the head's length bucket first")
+    g.add_argument("--kv-reserve", choices=("none", "predicted", "max"), default="predicted")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="default: the cost model's engine setting")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the cost model's engine setting")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="default: the cost model's engine setting")
+    g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--max-model-len", type=int, default=None, help="longer requests are clipped (default: the cost model's)")
+    g.add_argument("--max-tokens", type=int, default=2048, help="each request's max_tokens (raised to its true length if shorter)")
+    g.add_argument("--aging", type=float, default=None, metavar="TOK_PER_STEP", help="sjf/oracle aging: tokens of predicted work forgiven per engine step waited (default 1)")
+    g.add_argument("--max-wait-s", type=float, default=None, help="requests waiting longer go first")
+    g.add_argument("--seed", type=int, default=0, help="prediction noise")
+    g.add_argument("--json", action="store_true", help="print one JSON object keyed by policy")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from lenserve.scheduler.cost_model import CostModel, load_default
+    from lenserve.scheduler.simulator import SimRequests, make_predictions, scheduler_config_for, simulate_policies
+    from lenserve.traces.cli import load_from_args
+
+    cost = CostModel.load(args.cost_model) if args.cost_model else load_default()
+    trace = load_from_args(args)
+    max_model_len = args.max_model_len or cost.max_model_len
+    requests = SimRequests.from_trace(trace, time_scale=args.time_scale, max_model_len=max_model_len, max_tokens=args.max_tokens)
+    if not len(requests):
+        raise ValueError(f"trace {args.trace} has no requests with a response")
+    predictions = make_predictions(args.predictions, requests.output_tokens, args.seed)
+    overrides = dict(
+        batching=args.batching,
+        bucket_affinity=args.bucket_affinity,
+        kv_reserve=args.kv_reserve,
+        max_model_len=max_model_len,
+        max_wait_s=args.max_wait_s,
+    )
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.aging is not None:
+        overrides["aging_tok_per_step"] = args.aging
+    config = scheduler_config_for(cost, **overrides)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    results = simulate_policies(
+        requests, policies, config, cost, predictions, num_kv_blocks=args.num_kv_blocks, block_size=args.block_size
+    )
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{trace.name}: {len(requests)} requests ({requests.num_clipped} clipped to {max_model_len} tokens), "
+          f"predictions {predictions.source}, {config.batching} batching, kv-reserve {config.kv_reserve}")
+    cols = [("mean_e2e_s", "mean E2E s"), ("p50_e2e_s", "p50 E2E s"), ("p99_e2e_s", "p99 E2E s"),
+            ("mean_ttft_s", "mean TTFT s"), ("p99_ttft_s", "p99 TTFT s"), ("throughput_tok_s", "tok/s"),
+            ("preemptions", "preempt"), ("max_concurrent", "max conc"), ("sim_requests_per_s", "sim req/s")]
+    print(f"{'policy':<8}" + "".join(f"{label:>13}" for _, label in cols))
+    for policy, s in results.items():
+        print(f"{policy:<8}" + "".join(f"{s[key]:>13.2f}" if isinstance(s[key], float) else f"{s[key]:>13}" for key, _ in cols))
+    return 0
+
+
+# ---- lenserve bench cost-model ---------------------------------------------------------------------------
+# (batch size, context tokens) pairs measured; each is one prefill, a prefix-cached fill to the
+# batch size, then a few decode steps. About a minute on an idle 2-core CPU.
+DECODE_POINTS = ((1, 128), (1, 1024), (8, 512), (32, 256), (64, 128))
+PREFILL_LENGTHS = (128, 512, 1024)
+NUM_DECODE_STEPS = 3
+
+
+def measure_cost_model(engine_config, quick: bool = False):
+    """Times real engine steps over a grid of prefill lengths, batch sizes and contexts, and fits
+    the cost model to them."""
+    import os
+
+    import torch
+
+    from lenserve.engine.llm_engine import LLMEngine
+    from lenserve.engine.sampling_params import SamplingParams
+    from lenserve.scheduler.cost_model import fit, step_features
+
+    engine = LLMEngine(engine_config)
+    sched = engine.scheduler
+    captured: list[dict] = []
+    schedule = sched.schedule
+
+    def spy():
+        out = schedule()
+        captured.append({**step_features(zip(out.seqs, out.num_new_tokens)), "num_seqs": len(out.seqs)})
+        return out
+
+    sched.schedule = spy
+    rng = random.Random(0)
+    vocab = engine.arch.vocab_size
+    samples: list[dict] = []
+    ids = iter(range(10**9))
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(100, vocab - 100) for _ in range(n)]
+
+    def step(record: bool) -> None:
+        captured.clear()
+        t0 = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t0
+        if record and captured and captured[0]["num_seqs"]:
+            samples.append({**captured[0], "step_s": dt})
+
+    def drain(record: bool) -> None:
+        while engine.has_unfinished_requests():
+            step(record)
+
+    # Warm-up: the first steps allocate and pick kernels.
+    engine.add_request(f"w{next(ids)}", prompt(64), SamplingParams(max_tokens=4, ignore_eos=True))
+    drain(False)
+    prefills = PREFILL_LENGTHS[:2] if quick else PREFILL_LENGTHS
+    points = DECODE_POINTS[::2] if quick else DECODE_POINTS
+    for n in prefills:
+        engine.add_request(f"p{next(ids)}", prompt(n), SamplingParams(max_tokens=1, ignore_eos=True))
+        drain(True)
+    for batch, context in points:
+        shared = prompt(context)
+        params = SamplingParams(max_tokens=NUM_DECODE_STEPS + 1, ignore_eos=True)
+        engine.add_request(f"d{next(ids)}", shared, params)
+        step(True)  # the prefill; the rest of the batch then finds it in the prefix cache
+        for _ in range(batch - 1):
+            engine.add_request(f"d{next(ids)}", shared, params)
+        drain(True)
+        logger.info("cost model: batch %d x %d tokens measured", batch, context)
+    bm = engine.block_manager
+    cfg = engine.config.scheduler
+    meta = {
+        "device": str(engine.device),
+        "model": engine.model_name,
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine inflates step times
+        "samples": samples,
+    }
+    return fit(
+        samples,
+        num_kv_blocks=bm.num_blocks,
+        block_size=bm.block_size,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_model_len=engine.max_model_len,
+        meta=meta,
+    )
+
+
+def cmd_cost_model(args: argparse.Namespace) -> int:
+    from lenserve.cli import engine_config_from_args
+
+    t0 = time.monotonic()
+    cost = measure_cost_model(engine_config_from_args(args), quick=args.quick)
+    cost.meta["measure_s"] = round(time.monotonic() - t0, 1)
+    cost.meta["machine"] = _machine()
+    cost.save(args.out)
+    summary = {k: v for k, v in cost.to_json().items() if k != "meta"}
+    summary["fit_mean_abs_rel_error"] = cost.meta["fit_mean_abs_rel_error"]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def register(sub) -> None:
+    from lenserve.cli import add_engine_args, subcommand_group
+    from lenserve.traces.cli import add_trace_args
+
+    p = sub.add_parser("simulate", help="simulate the scheduler on a trace with a measured cost model (no model)")
+    add_trace_args(p)
+    add_simulation_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+    c = subcommand_group(sub, "bench", "benchmarks").add_parser(
+        "cost-model", help="measure the engine's step times and fit the simulator's cost model"
+    )
+    c.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    c.add_argument("--quick", action="store_true", help="a smaller grid (a rougher fit)")
+    add_engine_args(c)
+    c.set_defaults(func=cmd_cost_model)

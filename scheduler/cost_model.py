@@ -1,0 +1,140 @@
+"""How long an engine step takes, as a function of what the scheduler put in it.
+
+    step_s = step_base_s + token_s * num_tokens + sample_s * num_sampled
+             + prefill_attention_s * prefill_pairs + decode_context_s * decode_context
+
+`num_tokens` counts every scheduled token (the linear layers see each once), `num_sampled` the
+sequences that sample this step (LM head and sampler), `prefill_pairs` the query-key pairs of
+prompt chunks (n new tokens after c cached ones attend n * (c + (n + 1) / 2); compute-bound) and
+`decode_context` the tokens that one-token decodes attend to (their whole context; paged and
+memory-bound, so a pair costs far more than in a prefill).
+The coefficients are fitted (non-negative least squares) to step times measured from the real
+engine by `lenserve bench cost-model`; the JSON file also records the engine settings measured
+(KV blocks, block size, batch limits), which the simulator uses as its defaults.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+FEATURES = ("step_base_s", "token_s", "sample_s", "prefill_attention_s", "decode_context_s")
+
+
+@dataclass
+class CostModel:
+    step_base_s: float
+    token_s: float
+    sample_s: float
+    prefill_attention_s: float
+    decode_context_s: float
+    # Engine settings at measurement time: defaults for a simulation of that engine.
+    num_kv_blocks: int = 11650
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 8192
+    meta: dict = field(default_factory=dict)
+
+    def step_time(self, num_tokens: int, num_sampled: int, prefill_pairs: float, decode_context: int) -> float:
+        return (
+            self.step_base_s
+            + self.token_s * num_tokens
+            + self.sample_s * num_sampled
+            + self.prefill_attention_s * prefill_pairs
+            + self.decode_context_s * decode_context
+        )
+
+    def decode_time(self, num_seqs: int, context_tokens: int, num_steps: int) -> float:
+        """Time of `num_steps` decode steps of `num_seqs` sequences holding `context_tokens` tokens
+        in all (each step attends to every token, and adds one per sequence)."""
+        per_step = self.step_base_s + (self.token_s + self.sample_s) * num_seqs + self.decode_context_s * context_tokens
+        return num_steps * per_step + self.decode_context_s * num_seqs * num_steps * (num_steps - 1) / 2
+
+    def decode_steps_to(self, num_seqs: int, context_tokens: int, duration_s: float) -> int:
+        """The fewest decode steps (at least 1) that take at least `duration_s`."""
+        per_step = self.step_base_s + (self.token_s + self.sample_s) * num_seqs + self.decode_context_s * context_tokens
+        growth = self.decode_context_s * num_seqs / 2
+        if growth > 0:
+            b = per_step - growth
+            k = (-b + math.sqrt(b * b + 4 * growth * max(duration_s, 0.0))) / (2 * growth)
+        else:
+            k = duration_s / per_step if per_step > 0 else 1.0
+        k = max(math.ceil(k), 1)
+        while k > 1 and self.decode_time(num_seqs, context_tokens, k - 1) >= duration_s:
+            k -= 1
+        while self.decode_time(num_seqs, context_tokens, k) < duration_s:
+            k += 1
+        return k
+
+    # ---- files -----------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CostModel:
+        with open(path) as f:
+            data = json.load(f)
+        missing = [k for k in FEATURES if k not in data]
+        if missing:
+            raise ValueError(f"cost model {path} lacks {', '.join(missing)}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+DEFAULT_COST_MODEL = os.path.join(os.path.dirname(__file__), "data", "cost_model_cpu.json")
+
+
+def load_default() -> CostModel:
+    if not os.path.exists(DEFAULT_COST_MODEL):
+        raise FileNotFoundError(
+            f"no default cost model at {DEFAULT_COST_MODEL}; measure one with `lenserve bench cost-model --out FILE`"
+        )
+    return CostModel.load(DEFAULT_COST_MODEL)
+
+
+def step_features(seqs_and_new_tokens) -> dict:
+    """The cost model's inputs for one step: (sequence, new tokens) pairs, before the step runs."""
+    num_tokens = num_sampled = decode_context = 0
+    prefill_pairs = 0.0
+    for seq, num_new in seqs_and_new_tokens:
+        computed = seq.num_computed_tokens
+        num_tokens += num_new
+        if computed + num_new == seq.num_tokens:
+            num_sampled += 1
+        if num_new == 1:
+            decode_context += computed + 1
+        else:
+            prefill_pairs += num_new * (computed + (num_new + 1) / 2)
+    return {"num_tokens": num_tokens, "num_sampled": num_sampled, "prefill_pairs": prefill_pairs, "decode_context": decode_context}
+
+
+def fit(samples: Sequence[dict], **settings) -> CostModel:
+    """Non-negative least squares over measured steps (dicts of step_features and step_s).
+    Relative error is what matters (a 50 ms decode step and a 2 s prefill both count), so each
+    row is weighted by 1 / its time."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    keys = ("num_tokens", "num_sampled", "prefill_pairs", "decode_context")
+    x = np.array([[1.0] + [float(s[k]) for k in keys] for s in samples])
+    y = np.array([s["step_s"] for s in samples])
+    w = 1.0 / np.maximum(y, 1e-6)
+    scale = np.maximum(np.abs(x).max(axis=0), 1e-12)  # conditions the solve; undone below
+    coef, _ = nnls(x / scale * w[:, None], y * w)
+    coef = coef / scale
+    rel = np.abs(x @ coef - y) / y
+    meta = dict(settings.pop("meta", {}))
+    meta.update({
+        "num_samples": len(samples),
+        "fit_mean_abs_rel_error": float(rel.mean()),
+        "fit_max_abs_rel_error": float(rel.max()),
+    })
+    return CostModel(*map(float, coef), meta=meta, **settings)
