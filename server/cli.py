@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--max-request-body-bytes", type=int, default=4 * 2**20)
     p.add_argument("--shutdown-grace-s", type=float, default=30.0)
     p.add_argument("--predictor", default="default", help="'default', a predictor directory, or 'none'")
+    # also accepted after the subcommand; SUPPRESS keeps `lenserve --log-level X serve` working
+    p.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING, ... (as `lenserve --log-level`)")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

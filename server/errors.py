@@ -27,9 +27,12 @@ _TYPES = {
 }
 
 
-class APIError(Exception):
+class APIError(StarletteHTTPException):
+    """An error with an OpenAI body. An HTTPException, so that FastAPI re-raises one that comes out
+    of reading the body (GuardMiddleware's 413) rather than turning it into a generic 400."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.status = status
         self.message = message
         self.param = param

@@ -15,7 +15,7 @@ from lenserve.engine.outputs import CompletionOutput, RequestOutput
 from lenserve.engine.sampler import SampleLogprobs
 from lenserve.engine.sampling_params import SamplingParams
 from lenserve.predictor.types import LengthPrediction, PromptInput
-from lenserve.server.errors import APIError
+from lenserve.server.errors import APIError, error_body
 from lenserve.server.metrics import Metrics
 from lenserve.server.protocol import ChatCompletionRequest, CompletionRequest, now, random_id
 
@@ -263,7 +263,7 @@ class OpenAIServing:
                 yield _sse({**base, "choices": [], "usage": self._usage(jobs, finals)})
             yield "data: [DONE]\n\n"
         except APIError as e:
-            yield _sse({"error": {"message": e.message, "type": "internal_server_error", "param": None, "code": e.code}})
+            yield _sse(error_body(e.status, e.message, e.param, e.code))
             yield "data: [DONE]\n\n"
 
     # ---- /v1/chat/completions ---------------------------------------------------------------------------
@@ -348,7 +348,7 @@ class OpenAIServing:
                 yield _sse({**base, "choices": [], "usage": self._usage(jobs, finals)})
             yield "data: [DONE]\n\n"
         except APIError as e:
-            yield _sse({"error": {"message": e.message, "type": "internal_server_error", "param": None, "code": e.code}})
+            yield _sse(error_body(e.status, e.message, e.param, e.code))
             yield "data: [DONE]\n\n"
 
 
