@@ -185,8 +185,8 @@ class AsyncEngine:
                 break
             if isinstance(cmd, _Add):
                 self._num_enqueued -= 1
-                if cmd.request_id not in self._streams:
-                    continue  # the client left before we saw it
+                # Added even when the client already left: its _Abort follows in the queue and
+                # records the abort, so every admitted request is accounted for exactly once.
                 try:
                     eng.add_request(
                         cmd.request_id, cmd.prompt if cmd.prompt is not None else cmd.prompt_token_ids, cmd.params,
