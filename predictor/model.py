@@ -189,7 +189,7 @@ class LearnedLengthPredictor(LengthPredictor):
 
     @classmethod
     def load(cls, path: str) -> "LearnedLengthPredictor":
-        import lightgbm as lgb
+        lgb = _import_lightgbm()
 
         from lenserve.predictor.text import TextScorer
 
@@ -209,8 +209,24 @@ def _save_booster(booster, file: str) -> None:
         f.write(booster.model_to_string())
 
 
+def _import_lightgbm():
+    """lightgbm, imported without its optional scikit-learn glue when scikit-learn is not loaded yet:
+    that glue imports all of scikit-learn (seconds), and a Booster never needs it."""
+    import sys
+
+    if "lightgbm" not in sys.modules and "sklearn" not in sys.modules:
+        sys.modules["sklearn"] = None  # makes lightgbm's `import sklearn` fail, so it skips the glue
+        try:
+            import lightgbm
+        finally:
+            del sys.modules["sklearn"]
+    import lightgbm
+
+    return lightgbm
+
+
 def _load_booster(file: str):
-    import lightgbm as lgb
+    lgb = _import_lightgbm()
 
     with gzip.open(file, "rt", encoding="utf-8") as f:
         return lgb.Booster(model_str=f.read())

@@ -21,7 +21,7 @@ import numpy as np
 from lenserve.predictor.dataset import LengthRow
 from lenserve.predictor.features import feature_matrix, prompt_body
 from lenserve.predictor.model import LearnedLengthPredictor, PromptLengthBaseline, stack_features
-from lenserve.predictor.text import TextScorer, fit_ridge, fit_vectorizer
+from lenserve.predictor.text import NGRAM_RANGE, TOKEN_PATTERN, TextScorer
 from lenserve.predictor.types import DEFAULT_BUCKET_EDGES
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,26 @@ class TrainConfig:
     num_threads: int = 2
     seed: int = 0
     levels: tuple[float, ...] = QUANTILE_LEVELS
+
+
+def fit_vectorizer(texts: list[str], min_df: int = 2, max_features: int = 30000):
+    """Vocabulary, idf and the TF-IDF matrix [num_texts, vocab] of the training texts."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vec = TfidfVectorizer(ngram_range=NGRAM_RANGE, token_pattern=TOKEN_PATTERN, min_df=min_df,
+                          max_features=max_features, sublinear_tf=True, dtype=np.float32)
+    x = vec.fit_transform(texts).tocsr()
+    vocab = [""] * len(vec.vocabulary_)
+    for term, i in vec.vocabulary_.items():
+        vocab[i] = term
+    return vocab, vec.idf_.astype(np.float32), x
+
+
+def fit_ridge(x, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+    from sklearn.linear_model import Ridge
+
+    ridge = Ridge(alpha=alpha).fit(x, y)
+    return ridge.coef_.astype(np.float32), float(ridge.intercept_)
 
 
 def group_folds(groups: np.ndarray, num_folds: int, seed: int) -> list[np.ndarray]:
