@@ -119,13 +119,16 @@ class GuardMiddleware:
 def _load_predictor(spec: str | None):
     if spec in (None, "none"):
         return None
-    try:
-        from lenserve.predictor import load_predictor
-    except ImportError:
-        logger.warning("no length predictor available; scheduling without predictions")
-        return None
+    from lenserve.predictor import load_default_predictor, load_predictor
+
     t0 = time.monotonic()
-    predictor = load_predictor(spec)
+    try:
+        predictor = load_default_predictor() if spec == "default" else load_predictor(spec)
+    except (OSError, ValueError) as e:
+        if spec != "default":
+            raise
+        logger.warning("the default length predictor could not be loaded (%s); scheduling without predictions", e)
+        return None
     logger.info("length predictor %s loaded in %.2fs", spec, time.monotonic() - t0)
     return predictor
 
