@@ -45,11 +45,21 @@ def cmd_build_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _read(args: argparse.Namespace):
     from lenserve.predictor.dataset import read_rows
-    from lenserve.predictor.train import TrainConfig, fit_baseline, fit_learned
 
     rows = read_rows(args.data, args.llm)
+    if args.split:
+        rows = [r for r in rows if r.split == args.split]
+        if not rows:
+            raise ValueError(f"{args.data}: no rows in split {args.split!r}")
+    return rows
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lenserve.predictor.train import TrainConfig, fit_baseline, fit_learned
+
+    rows = _read(args)
     models = sorted({r.model for r in rows})
     default = args.default_llm or (args.llm if args.llm else None)
     if default is not None and default not in models:
@@ -63,10 +73,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lenserve.predictor.dataset import read_rows
     from lenserve.predictor.evaluate import evaluate_file
 
-    rows = read_rows(args.data, args.llm)
+    rows = _read(args)
     result = evaluate_file(rows, args.predictor, args.edges, per_model=args.per_model)
     print(json.dumps(result))
     return 0
@@ -98,6 +107,7 @@ def register(subparsers) -> None:
     t = sub.add_parser("train", help="train the length predictor (and its prompt-length baseline)")
     t.add_argument("--data", required=True, help="CASTILLO-schema JSON lines (gzip or not)")
     t.add_argument("--llm", default=None, help="only this model's rows (default: all models jointly, model as a feature)")
+    t.add_argument("--split", default=None, help="only rows of this split (train, validate, test)")
     t.add_argument("--default-llm", default=None, help="model to answer for when asked about an unknown one")
     t.add_argument("--out", required=True, help="directory to write the predictor to")
     t.add_argument("--edges", type=_edges, default=DEFAULT_BUCKET_EDGES, help="bucket edges, e.g. 64,128,256,512,1024")
@@ -110,6 +120,7 @@ def register(subparsers) -> None:
     e.add_argument("--data", required=True, help="CASTILLO-schema JSON lines (gzip or not)")
     e.add_argument("--predictor", required=True, help="directory written by `lenserve predictor train`")
     e.add_argument("--llm", default=None, help="only rows whose `model` is this")
+    e.add_argument("--split", default=None, help="only rows of this split (train, validate, test)")
     e.add_argument("--edges", type=_edges, default=DEFAULT_BUCKET_EDGES, help="bucket edges, e.g. 64,128,256,512,1024")
     e.add_argument("--per-model", action="store_true", help="add a per_model breakdown")
     e.set_defaults(func=cmd_eval)
