@@ -4,7 +4,7 @@ from lenserve.predictor.types import DEFAULT_BUCKET_EDGES, LengthPrediction, Pro
 
 
 def load_default_predictor():
-    """The predictor shipped for the embedded SmolLM2 (lenserve/predictor/models/default); loads in well under 1 s."""
+    """The predictor shipped for the embedded SmolLM2 (lenserve/predictor/models/default); loads in under 1 s."""
     from lenserve.predictor.model import load_default_predictor as load
 
     return load()
