@@ -60,16 +60,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter
+
+
 def time_ms(fn, device: str, repeats: int, min_time_s: float = 0.0) -> float:
-    """Best wall time of `repeats` calls after one warm-up (the minimum is the least noisy on a shared machine)."""
+    """Best time of `repeats` calls after one warm-up (the minimum is the least noisy on a shared machine)."""
     fn()
     _sync(device)
     best, spent, n = math.inf, 0.0, 0
     while n < repeats or spent < min_time_s:
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
         _sync(device)
-        dt = time.perf_counter() - t
+        dt = CLOCK() - t
         best, spent, n = min(best, dt), spent + dt, n + 1
     return best * 1e3
 
@@ -197,6 +200,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=2048, help="cap on sequence lengths")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: process CPU time, with --threads 1 — immune to other processes on a shared machine")
     ap.add_argument("--quick", action="store_true", help="one shape, 8 sequences, no fp32 reference")
     ap.add_argument("--save", default=None, help="also write {machine, args, rows} to benchmarks/results/SAVE")
     args = ap.parse_args()
@@ -206,11 +211,17 @@ def main() -> None:
         args.shapes, args.num_seqs, args.repeats = args.shapes[:1], 8, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if args.device != "cpu" or torch.get_num_threads() != 1:
+            ap.error("--clock cpu measures one CPU thread's work: use it with --device cpu --threads 1")
+        global CLOCK
+        CLOCK = time.process_time
     load_before = os.getloadavg()
     rows = run(args)
     if args.save:
         info = machine()
         info["torch_threads"] = torch.get_num_threads()
+        info["clock"] = args.clock
         # Other processes on a shared machine slow the short multi-threaded calls most.
         info["loadavg_1min_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
         path = write_result(args.save, {"machine": info, "args": vars(args), "rows": rows})
