@@ -153,6 +153,12 @@ class AsyncEngine:
         finally:
             stream.close()
 
+    def expire_all(self) -> None:
+        """Event-loop side: ends every open request as if its timeout had passed (finish_reason
+        "abort"), for a shutdown whose grace period is over; their blocks are freed."""
+        for q in list(self._streams.values()):
+            q.put_nowait(_EXPIRED)
+
     def abort(self, request_id: str) -> None:
         """Thread-safe; the core thread frees the request's blocks before its next step."""
         self._commands.put(_Abort(request_id))
@@ -260,6 +266,9 @@ class AsyncEngine:
             self._stop.set()
 
 
+_EXPIRED = object()  # queued by expire_all: the stream ends as a timeout
+
+
 class RequestStream:
     """Async iterator over one request's RequestOutput deltas."""
 
@@ -289,6 +298,10 @@ class RequestStream:
                 self.timed_out = True
                 self.close()
                 raise
+        if item is _EXPIRED:
+            self.timed_out = True
+            self.close()
+            raise asyncio.TimeoutError
         if isinstance(item, BaseException):
             self.finished = True
             self.close()

@@ -71,6 +71,15 @@ def run_server(config, engine=None) -> None:
             deadline = loop_time() + config.shutdown_grace_s
             while app.state.inflight > 0 and loop_time() < deadline:
                 await asyncio.sleep(0.05)
+            engine = getattr(app.state, "engine", None)
+            if app.state.inflight > 0 and engine is not None:
+                # past the grace period: answer what is left (finish_reason "abort") instead of
+                # cutting connections, then give the responses a moment to go out
+                logger.warning("grace period over: ending %d in-flight requests with finish_reason 'abort'", app.state.inflight)
+                engine.expire_all()
+                flush_deadline = loop_time() + 5
+                while app.state.inflight > 0 and loop_time() < flush_deadline:
+                    await asyncio.sleep(0.05)
             self.should_exit = True
 
     def loop_time() -> float:
