@@ -30,8 +30,10 @@ def add_simulation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None, help="longer requests are clipped (default: the cost model's)")
     g.add_argument("--max-tokens", type=int, default=2048, help="each request's max_tokens (raised to its true length if shorter)")
-    g.add_argument("--aging", type=float, default=None, metavar="TOK_PER_STEP", help="sjf/oracle aging: tokens of predicted work forgiven per engine step waited (default 1)")
+    g.add_argument("--aging", type=float, default=None, metavar="TOK_PER_STEP", help="sjf/oracle aging: tokens of predicted work forgiven per engine step waited (default 0.3)")
     g.add_argument("--max-wait-s", type=float, default=None, help="requests waiting longer go first")
+    g.add_argument("--fcfs-wait-bound", type=float, default=None, metavar="X",
+                   help="requests that have waited X times their fcfs wait (work queued ahead at arrival) go first")
     g.add_argument("--seed", type=int, default=0, help="prediction noise")
     g.add_argument("--json", action="store_true", help="print one JSON object keyed by policy")
 
@@ -54,6 +56,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         kv_reserve=args.kv_reserve,
         max_model_len=max_model_len,
         max_wait_s=args.max_wait_s,
+        fcfs_wait_bound=args.fcfs_wait_bound,
     )
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) is not None:

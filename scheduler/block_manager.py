@@ -120,7 +120,7 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grows `seq`'s block list to hold `num_tokens` slots. Raises if blocks run out."""
-        needed = self.num_new_blocks_needed(seq, num_tokens)
+        needed = -(-num_tokens // self.block_size) - len(seq.block_ids)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
         if self.enable_prefix_caching:

@@ -16,14 +16,20 @@ class SchedulerConfig:
     # fcfs | sjf (predicted remaining length, aged) | oracle (true length from a trace; analysis only)
     policy: str = "fcfs"
     # sjf/oracle aging: each engine step a request waits counts as this many tokens less predicted
-    # work. Counted in steps, not seconds, so one setting suits any hardware: at 1 a waiting
-    # request gains on later arrivals as fast as a running one generates.
-    aging_tok_per_step: float = 1.0
+    # work. Counted in steps, not seconds, so one setting suits any hardware (at 1 a waiting
+    # request gains on later arrivals as fast as a running one generates). The default trades
+    # mean latency against the tail; benchmarks/bench_scheduler.py sweeps it.
+    aging_tok_per_step: float = 0.3
     # sjf/oracle: a prompt token still to prefill counts as this many response tokens of work
     # (prefill compute per token relative to one decoded token of one sequence in a full batch).
     prompt_weight: float = 0.3
     # Requests that have waited longer than this go first, whatever the policy (None: no bound).
     max_wait_s: float | None = None
+    # A request goes first, whatever the policy, once the engine has done this many times the
+    # predicted work that was queued ahead of it when it arrived, i.e. once it has waited that
+    # multiple of what fcfs would have made it wait. Bounds the tail that sjf trades for its mean,
+    # whatever the load (None: no bound).
+    fcfs_wait_bound: float | None = None
     # continuous: admit every step (vLLM-style); bucketed: static batches from one length bucket
     # (S3 / Zheng et al. style), kept as a comparison baseline.
     batching: str = "continuous"
@@ -58,6 +64,8 @@ class SchedulerConfig:
             raise ValueError(f"aging_tok_per_step must be >= 0, got {self.aging_tok_per_step}")
         if not self.prompt_weight >= 0:
             raise ValueError(f"prompt_weight must be >= 0, got {self.prompt_weight}")
+        if self.fcfs_wait_bound is not None and not self.fcfs_wait_bound >= 1.0:
+            raise ValueError(f"fcfs_wait_bound must be >= 1 (or None for no bound), got {self.fcfs_wait_bound}")
         if self.max_wait_s is not None and not self.max_wait_s > 0:
             raise ValueError(f"max_wait_s must be > 0 (or None for no bound), got {self.max_wait_s}")
         if self.admission_window < 1:

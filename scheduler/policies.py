@@ -16,6 +16,15 @@ from typing import Protocol
 from lenserve.scheduler.sequence import Sequence
 
 
+def predicted_work(seq: Sequence, prompt_weight: float) -> float:
+    """Predicted work left, in response tokens: those still to come, plus the prompt tokens still
+    to prefill at `prompt_weight` each."""
+    work = seq.predicted_remaining
+    if prompt_weight and seq.num_computed_tokens < seq.num_prompt_tokens:
+        work += prompt_weight * (seq.num_prompt_tokens - seq.num_computed_tokens)
+    return work
+
+
 class QueuePolicy(Protocol):
     name: str
 

@@ -30,7 +30,7 @@ from lenserve.scheduler.config import SchedulerConfig
 from lenserve.scheduler.estimates import reestimate
 from lenserve.scheduler.output import SchedulerOutput, SchedulerStats
 from lenserve.scheduler.packing import prepack
-from lenserve.scheduler.policies import QueuePolicy, make_policy
+from lenserve.scheduler.policies import QueuePolicy, make_policy, predicted_work
 from lenserve.scheduler.sequence import Sequence, SequenceStatus
 from lenserve.scheduler.waiting_queue import WaitingQueue, bucket_key
 
@@ -49,8 +49,13 @@ class Scheduler:
         self.block_manager = block_manager
         self.policy = policy if policy is not None else make_policy(config.policy, config.aging_tok_per_step, config.prompt_weight)
         self.clock = clock
+        self._wait_bound = config.fcfs_wait_bound
+        self._prompt_weight = config.prompt_weight
         self.waiting = WaitingQueue(
-            self.policy, config.max_wait_s, by_bucket=config.batching == "bucketed" or config.bucket_affinity
+            self.policy,
+            config.max_wait_s,
+            by_bucket=config.batching == "bucketed" or config.bucket_affinity,
+            work_fn=(lambda seq: predicted_work(seq, self._prompt_weight)) if self._wait_bound else None,
         )
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
@@ -58,6 +63,9 @@ class Scheduler:
         self.num_reestimations_total = 0
         self.num_reserved_blocks = 0  # sum of the running sequences' num_reserved_blocks
         self.num_steps = 0  # schedule() calls (and fast-forwarded steps): the aging clock
+        # Work done (the fcfs_wait_bound clock), kept as integer counts so it is exact.
+        self.num_sampled_total = 0
+        self.num_prompt_computed_total = 0
         self._watermark_blocks = int(config.watermark * block_manager.num_blocks)
         self._bucketed = config.batching == "bucketed"
 
@@ -86,6 +94,8 @@ class Scheduler:
         seq.max_tokens = min(seq.max_tokens, cache_tokens - seq.num_prompt_tokens)
         if seq.arrival_step is None:
             seq.arrival_step = self.num_steps
+        if self._wait_bound and seq.wait_deadline is None:
+            seq.wait_deadline = self.wait_deadline(self.work_done)
         seq.status = SequenceStatus.WAITING
         self.requests[seq.request_id] = seq
         self.waiting.push(seq)
@@ -117,6 +127,16 @@ class Scheduler:
         self.block_manager.free(seq)
         self.num_reserved_blocks -= seq.num_reserved_blocks
         seq.num_reserved_blocks = 0
+
+    @property
+    def work_done(self) -> float:
+        """Work done so far, in response tokens (prompt tokens at prompt_weight)."""
+        return self.num_sampled_total + self._prompt_weight * self.num_prompt_computed_total
+
+    def wait_deadline(self, work_done: float) -> float:
+        """The wait_deadline of a sequence arriving when `work_done` work is done: fcfs would
+        start it once the work queued now is done; it may wait fcfs_wait_bound times that."""
+        return work_done + self._wait_bound * self.waiting.total_work
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -240,7 +260,7 @@ class Scheduler:
         """Continuous batching: picks sequences from the front of the queue, then prepacks them."""
         cfg = self.config
         available = self.num_unreserved_blocks - self._watermark_blocks
-        head = self.waiting.peek(now)
+        head = self.waiting.peek(now, self.work_done)
         matched = self._match(head)
         need = self._admission_blocks(head, matched)
         if need > available and (self.running or not self._fits_alone(head, matched)):
@@ -255,7 +275,7 @@ class Scheduler:
         examined = 1
         # Look past the budget (up to the window) so first-fit decreasing has prompts to fit in.
         while len(selected) < free_slots and examined < cfg.admission_window:
-            seq = self.waiting.pop(now)
+            seq = self.waiting.pop(now, self.work_done)
             if seq is None:
                 break
             examined += 1
@@ -292,7 +312,7 @@ class Scheduler:
         """Bucketed (static) batching: the head, its bucket, then the neighbouring buckets fill one batch."""
         cfg = self.config
         available = self.num_unreserved_blocks - self._watermark_blocks
-        head = self.waiting.peek(now)
+        head = self.waiting.peek(now, self.work_done)
         matched = self._match(head)
         need = self._admission_blocks(head, matched)
         if need > available and not self._fits_alone(head, matched):
@@ -353,28 +373,33 @@ class Scheduler:
         now = self.clock()
         bm = self.block_manager
         caching = bm.enable_prefix_caching
+        max_len = self.config.max_model_len
+        num_sampled = num_prompt = 0
         for seq, num_new in zip(output.seqs, output.num_new_tokens):
             if seq.status is not RUNNING:
                 continue  # aborted while the step ran
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                num_prompt += min(seq.num_computed_tokens + num_new, seq.num_prompt_tokens) - seq.num_computed_tokens
             seq.num_computed_tokens += num_new
             if caching:
                 bm.commit_full_blocks(seq)
             token = sampled.get(seq.request_id)
-            if token is not None:
-                self._sampled(seq, token, now, finished)
+            if token is None:
+                continue
+            num_sampled += 1
+            seq.append_token(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.last_token_time = now
+            status = seq.check_stop(max_len)
+            if status is not None:
+                self._finish(seq, status)
+                finished.append(seq)
+            elif seq.estimate is not None and seq.num_output_tokens > seq.estimate.p90:
+                self._reestimate(seq)
+        self.num_sampled_total += num_sampled
+        self.num_prompt_computed_total += num_prompt
         return finished
-
-    def _sampled(self, seq: Sequence, token: int, now: float, finished: list[Sequence]) -> None:
-        seq.append_token(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        seq.last_token_time = now
-        status = seq.check_stop(self.config.max_model_len)
-        if status is not None:
-            self._finish(seq, status)
-            finished.append(seq)
-        elif seq.estimate is not None and seq.num_output_tokens > seq.estimate.p90:
-            self._reestimate(seq)
 
     def _reestimate(self, seq: Sequence) -> None:
         """The sequence outlived its p90: a longer estimate, and a reservation topped up to match
@@ -397,7 +422,7 @@ class Scheduler:
             return False
         if self._bucketed and self.running:
             return False
-        head = self.waiting.peek(self.clock())
+        head = self.waiting.peek(self.clock(), self.work_done)
         matched = self._match(head)
         need = self._admission_blocks(head, matched)
         if need <= self.num_unreserved_blocks - self._watermark_blocks:
@@ -434,6 +459,7 @@ class Scheduler:
                 h = 1
             if h < horizon:
                 horizon = h
+        horizon = min(horizon, self.steps_to_next_deadline())
         unreserved = self.num_unreserved_blocks
         bs = self.block_manager.block_size
         if len(running) * (horizon // bs + 1) <= unreserved or self._extra_blocks(horizon) <= unreserved:
@@ -446,6 +472,14 @@ class Scheduler:
             else:
                 hi = mid - 1
         return lo
+
+    def steps_to_next_deadline(self) -> int:
+        """Decode steps of the running set after which a waiting sequence becomes overdue by its
+        wait_deadline (changing the head of the queue); a large number if none will."""
+        deadline = self.waiting.next_deadline()
+        if deadline == float("inf") or deadline < self.work_done or not self.running:
+            return 1 << 62
+        return int((deadline - self.work_done) // len(self.running)) + 1
 
     def _extra_blocks(self, num_steps: int) -> int:
         """Unreserved blocks the running set draws on over `num_steps` decode steps."""
@@ -470,7 +504,10 @@ class Scheduler:
         finished: list[Sequence] = []
         self.num_steps += num_steps
         running = list(self.running)
+        self.num_sampled_total += num_steps * len(running)
         for seq in running:  # every step's blocks first, as schedule() allocates before update() samples
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.num_prompt_computed_total += min(seq.num_computed_tokens + num_steps, seq.num_prompt_tokens) - seq.num_computed_tokens
             num_tokens = seq.num_computed_tokens + num_steps
             if num_tokens > len(seq.block_ids) * bs:
                 needed = -(-num_tokens // bs) - len(seq.block_ids)
@@ -482,10 +519,13 @@ class Scheduler:
             seq.num_computed_tokens += num_steps
             if caching:
                 bm.commit_full_blocks(seq)
-            if num_steps > 1:
-                seq.append_tokens(filler_token_id, num_steps - 1)
             token = sampled.get(seq.request_id, filler_token_id)
-            seq.append_token(token)
+            if token == filler_token_id:
+                seq.append_tokens(token, num_steps)
+            else:
+                if num_steps > 1:
+                    seq.append_tokens(filler_token_id, num_steps - 1)
+                seq.append_token(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now

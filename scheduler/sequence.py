@@ -79,6 +79,7 @@ class Sequence:
         self.num_reserved_blocks = 0  # KV blocks promised to this sequence beyond block_ids (not yet allocated)
         self.num_preemptions = 0
         self.arrival_step: int | None = None  # the scheduler's step count when it was added (aging)
+        self.wait_deadline: float | None = None  # work done by which it goes first (fcfs_wait_bound)
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None

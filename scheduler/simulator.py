@@ -342,6 +342,7 @@ def simulate(
     block_manager = BlockManager(num_kv_blocks or cost.num_kv_blocks, block_size or cost.block_size, enable_prefix_caching=False)
     sched = Scheduler(config, block_manager, clock=lambda: now[0])
     running = sched.running  # the scheduler mutates this list in place
+    wait_bound = config.fcfs_wait_bound
 
     e2e = np.full(n, np.nan)
     ttft = np.full(n, np.nan)
@@ -405,17 +406,23 @@ def simulate(
             while i < n and arrival[i] <= bound:
                 # Joins at the step boundary that follows its arrival, as it would step by step.
                 seq = make(i)
-                seq.arrival_step = sched.num_steps + cost.decode_steps_to(num_seqs, context, arrival[i] - t)
+                steps_before = cost.decode_steps_to(num_seqs, context, arrival[i] - t)
+                seq.arrival_step = sched.num_steps + steps_before
+                if wait_bound:
+                    seq.wait_deadline = sched.wait_deadline(sched.work_done + steps_before * num_seqs)
                 sched.add(seq)
                 i += 1
                 if sched.can_admit():
                     bound = arrival[i - 1]
                     break
+            shorter = k
             if bound < end:
                 shorter = cost.decode_steps_to(num_seqs, context, bound - t)
-                if shorter < k:
-                    k = shorter
-                    ending = []
+            if wait_bound:  # an arrival of this run may become overdue within it
+                shorter = min(shorter, sched.steps_to_next_deadline())
+            if shorter < k:
+                k = shorter
+                ending = []
                 end = t + cost.decode_time(num_seqs, context, k)
             now[0] = end
             stops = {seq.request_id: EOS_TOKEN_ID for seq in ending if seq.true_output_len - seq.num_tokens + seq.num_prompt_tokens == k}

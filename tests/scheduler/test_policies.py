@@ -4,7 +4,7 @@ import pytest
 from lenserve.scheduler.policies import make_policy
 from lenserve.scheduler.waiting_queue import WaitingQueue
 
-from .helpers import Clock, drain, make_scheduler, make_seq, prediction
+from .helpers import Clock, drain, make_scheduler, make_seq, prediction, sample_tokens
 
 
 def _order(policy, seqs, now=0.0, **kwargs):
@@ -109,3 +109,19 @@ def test_aging_bounds_waiting_under_a_stream_of_short_requests(max_wait_s):
     # Ages 5 tokens a step (1 s): passes the 5-token requests after (400 - 5) / 5 = 79 steps; max-wait: after 50 s.
     assert started["long"] <= 100.0
     assert started["long"] < max(started.values()) - 100
+
+
+@pytest.mark.parametrize("bound", [None, 1.0])
+def test_fcfs_wait_bound_lets_a_request_go_once_it_has_waited_its_fcfs_wait(bound):
+    sched = make_scheduler(num_blocks=256, max_num_seqs=1, policy="sjf", aging_tok_per_step=0.0, fcfs_wait_bound=bound)
+    sched.add(make_seq("first", 4, 3, pred=prediction(3), max_tokens=100))
+    out = sched.schedule()  # "first" runs; nothing is queued when "long" arrives
+    first = sched.update(out, sample_tokens(out))
+    sched.add(make_seq("long", 4, 3, pred=prediction(400), max_tokens=1000))
+    for i in range(3):
+        sched.add(make_seq(f"short{i}", 4, 3, pred=prediction(5), max_tokens=1000))
+    if bound:
+        assert sched.waiting.total_work > 0
+    order = [s.request_id for s in first + drain(sched)]
+    # fcfs would start "long" right after "first": with the bound it goes as soon as work is done.
+    assert order[1] == ("long" if bound else "short0")

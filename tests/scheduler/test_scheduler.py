@@ -209,6 +209,7 @@ configs = st.fixed_dictionaries({
     "max_num_seqs": st.integers(1, 6),
     "max_num_batched_tokens": st.integers(8, 64),
     "max_wait_s": st.sampled_from([None, 3.0]),
+    "fcfs_wait_bound": st.sampled_from([None, 1.0, 1.5]),
     "enable_chunked_prefill": st.just(True),
 })
 

@@ -47,7 +47,8 @@ def test_single_request_matches_the_cost_model_exactly():
 def test_fast_forward_equals_step_by_step(kv_reserve, batching):
     req = _trace(200, rate=6.0)
     preds = noisy_predictions(req.output_tokens, 0.8, seed=1)
-    config = scheduler_config_for(COST, policy="sjf", kv_reserve=kv_reserve, batching=batching, max_wait_s=20.0)
+    config = scheduler_config_for(COST, policy="sjf", kv_reserve=kv_reserve, batching=batching, max_wait_s=20.0,
+                                  fcfs_wait_bound=1.2)
     fast = simulate(req, config, COST, preds, num_kv_blocks=300)
     slow = simulate(req, config, COST, preds, num_kv_blocks=300, fast_forward=False)
     np.testing.assert_allclose(fast.e2e_s, slow.e2e_s, rtol=1e-9)
