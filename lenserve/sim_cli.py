@@ -36,6 +36,17 @@ def add_simulation_args(p: argparse.ArgumentParser) -> None:
                    help="requests that have waited X times their fcfs wait (work queued ahead at arrival) go first")
     g.add_argument("--seed", type=int, default=0, help="prediction noise")
     g.add_argument("--json", action="store_true", help="print one JSON object keyed by policy")
+    c = p.add_argument_group("replicas (a router in front of N engines)")
+    c.add_argument("--replicas", type=int, default=1, help="engine replicas behind the router")
+    c.add_argument("--router", default=None, help="comma-separated: least-work, pow2, round-robin (default with --replicas > 1: all three)")
+    c.add_argument("--report-interval-s", type=float, default=1.0, help="least-work: how often replicas report their outstanding work")
+    c.add_argument("--plan-capacity", action="store_true", help="find the fewest replicas meeting --slo-ttft-s and --slo-tpot-s, per router")
+    c.add_argument("--slo-ttft-s", type=float, default=None, help="capacity planning: time to first token objective")
+    c.add_argument("--slo-tpot-s", type=float, default=None, help="capacity planning: time per output token objective")
+    c.add_argument("--slo-quantile", type=float, default=0.99, help="the share of requests that must meet each objective")
+    c.add_argument("--max-replicas", type=int, default=64, help="capacity planning: give up beyond this many")
+    c.add_argument("--plot", default=None, metavar="PNG", help="capacity planning: write the plot here")
+    c.add_argument("--out", default=None, metavar="JSON", help="capacity planning: write the table here")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -65,6 +76,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         overrides["aging_tok_per_step"] = args.aging
     config = scheduler_config_for(cost, **overrides)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if args.replicas > 1 or args.router or args.plan_capacity:
+        return _simulate_replicas(args, trace, requests, predictions, config, cost, policies)
     results = simulate_policies(
         requests, policies, config, cost, predictions, num_kv_blocks=args.num_kv_blocks, block_size=args.block_size
     )
@@ -80,6 +93,66 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"{'policy':<8}" + "".join(f"{label:>13}" for _, label in cols))
     for policy, s in results.items():
         print(f"{policy:<8}" + "".join(f"{s[key]:>13.2f}" if isinstance(s[key], float) else f"{s[key]:>13}" for key, _ in cols))
+    return 0
+
+
+def _simulate_replicas(args, trace, requests, predictions, config, cost, policies) -> int:
+    from dataclasses import replace
+
+    from lenserve.scheduler.cluster import ROUTERS, SLO, plan_capacity, plot_capacity, simulate_routers
+
+    routers = [r.strip() for r in (args.router or ",".join(ROUTERS)).split(",") if r.strip()]
+    for r in routers:
+        if r not in ROUTERS:
+            raise ValueError(f"--router must be among {', '.join(ROUTERS)}, got {r!r}")
+    if len(policies) != 1:
+        raise ValueError(f"with replicas, give one --policies (each replica's scheduler), got {policies}")
+    config = replace(config, policy=policies[0])
+    kwargs = dict(report_interval_s=args.report_interval_s, num_kv_blocks=args.num_kv_blocks, block_size=args.block_size, seed=args.seed)
+    header = (f"{trace.name}: {len(requests)} requests, predictions {predictions.source}, policy {config.policy}, "
+              f"kv-reserve {config.kv_reserve}")
+    if args.plan_capacity:
+        if args.slo_ttft_s is None or args.slo_tpot_s is None:
+            raise ValueError("--plan-capacity needs --slo-ttft-s and --slo-tpot-s")
+        if not 0 < args.slo_quantile <= 1:
+            raise ValueError(f"--slo-quantile must be in (0, 1], got {args.slo_quantile}")
+        slo = SLO(args.slo_ttft_s, args.slo_tpot_s, args.slo_quantile)
+        log = (lambda *a: print(*a, file=sys.stderr, flush=True))
+        plan = plan_capacity(requests, routers, slo, config, cost, predictions, max_replicas=args.max_replicas, log=log, **kwargs)
+        plan["trace"] = {"name": trace.name, "num_requests": len(requests), "time_scale": args.time_scale,
+                         "predictions": predictions.source, "policy": config.policy}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(plan, f, indent=2)
+                f.write("\n")
+        if args.plot:
+            plot_capacity(plan, args.plot, title=header)
+        if args.json:
+            json.dump(plan, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return 0
+        q = f"q{slo.quantile:g}"
+        print(header)
+        print(f"SLO: TTFT {q} <= {slo.ttft_s:g}s, TPOT {q} <= {slo.tpot_s:g}s")
+        print(f"{'router':<12}{'replicas':>9}{'TTFT ' + q:>13}{'TPOT ' + q:>13}{'mean E2E s':>12}{'tok/s':>10}  meets")
+        for row in plan["rows"]:
+            print(f"{row['router']:<12}{row['num_replicas']:>9}{row[f'ttft_{q}_s']:>13.2f}{row[f'tpot_{q}_s']:>13.3f}"
+                  f"{row['mean_e2e_s']:>12.2f}{row['throughput_tok_s']:>10.1f}  {'yes' if row['meets_slo'] else 'no'}")
+        for router, n in plan["min_replicas"].items():
+            print(f"fewest replicas, {router}: {n if n is not None else f'more than {args.max_replicas}'}")
+        return 0
+    results = simulate_routers(requests, args.replicas, routers, config, cost, predictions, **kwargs)
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{header}, {args.replicas} replicas")
+    cols = [("mean_e2e_s", "mean E2E s"), ("p99_e2e_s", "p99 E2E s"), ("mean_ttft_s", "mean TTFT s"), ("p99_ttft_s", "p99 TTFT s"),
+            ("p99_tpot_s", "p99 TPOT s"), ("throughput_tok_s", "tok/s"), ("requests_per_replica_min", "min/replica"),
+            ("requests_per_replica_max", "max/replica"), ("sim_requests_per_s", "sim req/s")]
+    print(f"{'router':<12}" + "".join(f"{label:>13}" for _, label in cols))
+    for router, s in results.items():
+        print(f"{router:<12}" + "".join(f"{s[key]:>13.2f}" if isinstance(s[key], float) else f"{s[key]:>13}" for key, _ in cols))
     return 0
 
 
