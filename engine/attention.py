@@ -218,6 +218,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+# What the CUDA kernels are built for; anything else on CUDA goes to torch under 'auto'
+# (an explicit 'kernels' still reaches the op, whose checks name what it supports).
+_CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_KERNEL_HEAD_DIMS = (64, 128)
+
+
+def _backend_for(backend: str, q: torch.Tensor) -> str:
+    """resolve_backend, then under 'auto' on CUDA the torch path for dtypes and head sizes our
+    CUDA kernels are not built for (fp32, head_dim 80/96, ...)."""
+    resolved = resolve_backend(backend, q.device)
+    if (
+        backend == "auto"
+        and resolved == "kernels"
+        and q.device.type == "cuda"
+        and (q.dtype not in _CUDA_KERNEL_DTYPES or q.shape[-1] not in _CUDA_KERNEL_HEAD_DIMS)
+    ):
+        return "torch"
+    return resolved
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -231,7 +251,7 @@ def varlen_attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """q [total_q, num_heads, head_dim], k/v [total_k, num_kv_heads, head_dim] → [total_q, num_heads, head_dim]."""
-    backend = resolve_backend(backend, q.device)
+    backend = _backend_for(backend, q)
     if backend == "kernels":
         _log_choice("varlen_attention", f"lenserve._C ({q.device.type})")
         return torch.ops.lenserve.varlen_attention(
@@ -259,7 +279,7 @@ def paged_decode_attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """q [num_seqs, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim]."""
-    backend = resolve_backend(backend, q.device)
+    backend = _backend_for(backend, q)
     if backend == "kernels":
         _log_choice("paged_decode_attention", f"lenserve._C ({q.device.type})")
         return torch.ops.lenserve.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, softmax_scale)

@@ -59,6 +59,8 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if logger.isEnabledFor(logging.DEBUG):
+            send = self._access_logged(scope, send)
         path = scope.get("path", "")
         cfg: ServerConfig = self.state.config
         if path not in OPEN_PATHS:
@@ -98,6 +100,20 @@ class GuardMiddleware:
             await self._reject(send, e.status, e.message, e.code)
         finally:
             self.state.inflight -= 1
+
+    @staticmethod
+    def _access_logged(scope, send):
+        """An access log line at DEBUG per response: method, path, status, time. Headers and
+        bodies are never logged (the Authorization header carries the API key)."""
+        t0 = time.monotonic()
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                logger.debug("%s %s -> %d (%.1f ms to headers)", scope.get("method"), scope.get("path"),
+                             message["status"], 1e3 * (time.monotonic() - t0))
+            await send(message)
+
+        return logged_send
 
     @staticmethod
     def _authorized(scope, key: str) -> bool:

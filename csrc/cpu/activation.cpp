@@ -9,9 +9,6 @@
 namespace lenserve {
 namespace {
 
-// Rows per parallel chunk so that a chunk is worth waking a thread for (~16k elements).
-constexpr int64_t kElementsPerChunk = 1 << 14;
-
 // silu(g) * u = g / (1 + e^-g) * u in fp32, rounded once to T. The vector exp keeps this at a few
 // cycles per element where libm's scalar expf dominated the MLP at decode batch sizes.
 template <typename T>
@@ -41,11 +38,10 @@ torch::Tensor silu_and_mul_cpu(const torch::Tensor& x) {
   TORCH_CHECK(x.size(1) % 2 == 0, "silu_and_mul: last dimension must be even, got ", x.size(1));
   const int64_t n = x.size(0), d = x.size(1) / 2;
   auto out = torch::empty({n, d}, x.options());
-  const int64_t grain = std::max<int64_t>(1, kElementsPerChunk / std::max<int64_t>(d, 1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul_cpu", [&] {
     const scalar_t* in = x.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, row_grain(3 * d), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) silu_and_mul_row(in + r * 2 * d, in + r * 2 * d + d, o + r * d, d);
     });
   });

@@ -51,7 +51,7 @@ void reshape_and_cache_cpu(const torch::Tensor& key, const torch::Tensor& value,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key_cache.scalar_type(), "reshape_and_cache_dst", [&] {
       scalar_t* kc = key_cache.data_ptr<scalar_t>();
       scalar_t* vc = value_cache.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, n, row_grain(2 * row), [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           if (slots[t] < 0) continue;
           copy_rows(k + t * k_stride, kc + slots[t] * row, row);

@@ -3,6 +3,7 @@
 
 #include <torch/all.h>
 
+#include <algorithm>
 #include <sstream>
 
 #define LS_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
@@ -37,6 +38,14 @@ void dispatch_float_types(at::ScalarType t, const char* what, Fn&& fn) {
     case at::kHalf: fn(c10::Half{}); break;
     default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
   }
+}
+
+// Rows per at::parallel_for chunk for elementwise/row-wise ops: at least ~32K elements, so the
+// few rows of a decode step (a few microseconds of work) stay on the calling thread instead of
+// paying a thread wake-up and barrier, which on a loaded machine can cost milliseconds.
+constexpr int64_t kParallelElementsPerChunk = 1 << 15;
+inline int64_t row_grain(int64_t elements_per_row) {
+  return std::max<int64_t>(1, kParallelElementsPerChunk / std::max<int64_t>(elements_per_row, 1));
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

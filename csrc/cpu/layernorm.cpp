@@ -48,7 +48,7 @@ torch::Tensor rms_norm_cpu(const torch::Tensor& input, const torch::Tensor& weig
     const scalar_t* x = input.data_ptr<scalar_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, row_grain(d), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) rms_norm_row(x + r * stride, w, o + r * d, d, static_cast<float>(eps));
     });
   });
@@ -67,7 +67,7 @@ void fused_add_rms_norm_cpu(torch::Tensor& input, torch::Tensor& residual, const
     scalar_t* x = input.data_ptr<scalar_t>();
     scalar_t* res = residual.data_ptr<scalar_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, row_grain(d), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) add_rms_norm_row(x + r * d, res + r * d, w, d, static_cast<float>(eps));
     });
   });

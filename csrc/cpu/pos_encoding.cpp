@@ -59,7 +59,7 @@ void rotary_embedding_cpu(const torch::Tensor& positions, torch::Tensor& query, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "rotary_embedding_cpu", [&] {
     scalar_t* q = query.data_ptr<scalar_t>();
     scalar_t* k = key.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, row_grain((num_heads + num_kv_heads) * rot_dim), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const float* cos = cache + pos[t] * rot_dim;
         const float* sin = cos + half;

@@ -31,8 +31,10 @@ def test_prometheus_scrapes_request_count(server, tmp_path):
         api = f"http://127.0.0.1:{port}/api/v1/query"
 
         def value():
-            r = httpx.get(api, params={"query": query}, timeout=5).json()
-            res = r["data"]["result"]
+            r = httpx.get(api, params={"query": query}, timeout=5)
+            if r.status_code != 200:  # 503 "Service Unavailable" while Prometheus starts up
+                raise LookupError(f"prometheus answered {r.status_code}")
+            res = r.json()["data"]["result"]
             return float(res[0]["value"][1]) if res else None
 
         with server.client() as c:  # the counter exists before the first scrape
@@ -42,7 +44,7 @@ def test_prometheus_scrapes_request_count(server, tmp_path):
         while baseline is None:
             try:
                 baseline = value()
-            except (httpx.HTTPError, KeyError):
+            except (httpx.HTTPError, KeyError, LookupError):
                 pass
             assert time.monotonic() < deadline, "prometheus did not scrape the server"
             time.sleep(0.5)
