@@ -24,6 +24,15 @@ def register(sub) -> None:
     p.add_argument("--predictor", default="default", help="'default', a predictor directory, or 'none'")
     # also accepted after the subcommand; SUPPRESS keeps `lenserve --log-level X serve` working
     p.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING, ... (as `lenserve --log-level`)")
+    r = p.add_argument_group("scale-out (Ray Serve; needs `pip install lenserve[ray]`)")
+    r.add_argument("--replicas", type=int, default=None, help="run N engine replicas behind one ingress on Ray Serve")
+    r.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or HOST:PORT) instead of starting a local Ray")
+    r.add_argument("--min-replicas", type=int, default=None, help="autoscale on ongoing requests between --min-replicas and --max-replicas")
+    r.add_argument("--max-replicas", type=int, default=None)
+    r.add_argument("--target-ongoing-requests", type=float, default=8.0, help="autoscaling: ongoing requests per replica to aim for")
+    r.add_argument("--router", default="least-work", choices=["least-work", "pow2", "round-robin"],
+                   help="least-work: least predicted outstanding work; pow2: Ray Serve's power of two choices on queue length")
+    r.add_argument("--session-affinity", action="store_true", help="keep requests of one session_id (else user) on one replica")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -44,7 +53,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace_s,
         predictor=args.predictor,
     )
+    if args.replicas is not None or args.ray_address is not None or args.min_replicas is not None:
+        return cmd_serve_replicas(args, config)
     run_server(config)
+    return 0
+
+
+def cmd_serve_replicas(args: argparse.Namespace, config) -> int:
+    try:
+        from lenserve.server.ray_serve import ScaleOutConfig, start
+    except ImportError as e:
+        if e.name is None or not e.name.startswith("ray"):
+            raise
+        raise ValueError("--replicas and --ray-address need Ray Serve: pip install 'lenserve[ray]'") from None
+    replicas = args.replicas if args.replicas is not None else max(args.min_replicas or 1, 1)
+    start(ScaleOutConfig(
+        server=config,
+        num_replicas=replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        router=args.router,
+        session_affinity=args.session_affinity,
+        ray_address=args.ray_address,
+    ))
     return 0
 
 
