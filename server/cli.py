@@ -37,11 +37,11 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def server_config_from_args(args: argparse.Namespace):
     from lenserve.cli import engine_config_from_args
     from lenserve.server.app import ServerConfig
 
-    config = ServerConfig(
+    return ServerConfig(
         engine=engine_config_from_args(args),
         host=args.host,
         port=args.port,
@@ -53,30 +53,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace_s,
         predictor=args.predictor,
     )
-    if args.replicas is not None or args.ray_address is not None or args.min_replicas is not None:
-        return cmd_serve_replicas(args, config)
-    run_server(config)
-    return 0
 
 
-def cmd_serve_replicas(args: argparse.Namespace, config) -> int:
-    try:
-        from lenserve.server.ray_serve import ScaleOutConfig, start
-    except ImportError as e:
-        if e.name is None or not e.name.startswith("ray"):
-            raise
-        raise ValueError("--replicas and --ray-address need Ray Serve: pip install 'lenserve[ray]'") from None
-    replicas = args.replicas if args.replicas is not None else max(args.min_replicas or 1, 1)
-    start(ScaleOutConfig(
+def scale_out_config_from_args(args: argparse.Namespace, config):
+    """The Ray Serve settings of `lenserve serve --replicas ...` (lenserve.server.ray_serve imports Ray)."""
+    from lenserve.server.ray_serve import ScaleOutConfig
+
+    return ScaleOutConfig(
         server=config,
-        num_replicas=replicas,
+        num_replicas=args.replicas if args.replicas is not None else max(args.min_replicas or 1, 1),
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests,
         router=args.router,
         session_affinity=args.session_affinity,
         ray_address=args.ray_address,
-    ))
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = server_config_from_args(args)
+    if args.replicas is not None or args.ray_address is not None or args.min_replicas is not None:
+        try:
+            from lenserve.server.ray_serve import start
+        except ImportError as e:
+            if e.name is None or not e.name.startswith("ray"):
+                raise
+            raise ValueError("--replicas and --ray-address need Ray Serve: pip install 'lenserve[ray]'") from None
+        start(scale_out_config_from_args(args, config))
+        return 0
+    run_server(config)
     return 0
 
 

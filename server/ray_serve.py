@@ -538,6 +538,28 @@ def build_application(cfg: ScaleOutConfig):
     return LenserveIngress.bind(engine_deployment.bind(server))
 
 
+def app_builder(args: dict):
+    """Ray Serve application builder, for `serve run` / `serve deploy` config files and KubeRay's
+    RayService (import_path `lenserve.server.ray_serve:app_builder`). `args` holds `lenserve serve`
+    flags without their dashes, e.g. {"replicas": 4, "router": "least-work", "max_model_len": 2048};
+    true booleans are plain flags."""
+    from lenserve.cli import _load_extra_commands, build_parser
+    from lenserve.server.cli import scale_out_config_from_args, server_config_from_args
+
+    argv = ["serve"]
+    for key, value in (args or {}).items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (False, None):
+            argv += [flag, str(value)]
+    _load_extra_commands()
+    ns = build_parser().parse_args(argv)
+    if ns.replicas is None and ns.min_replicas is None:
+        ns.replicas = 1
+    return build_application(scale_out_config_from_args(ns, server_config_from_args(ns)))
+
+
 def start(cfg: ScaleOutConfig, *, blocking: bool = True) -> None:
     """Starts (or joins) Ray, runs the application on cfg.server.host:port; with `blocking`, serves
     until SIGTERM/SIGINT, then shuts the application down (and a Ray it started)."""
