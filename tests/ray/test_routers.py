@@ -1,0 +1,67 @@
+"""The Ray Serve routers' choices, on stand-in replicas (no cluster): least predicted work with
+the requests sent since each report, round-robin turns, session affinity."""
+import asyncio
+import time
+from types import SimpleNamespace
+
+from lenserve.server.ray_router import LeastWorkRouter, RoundRobinRouter, session_key
+
+
+def _replica(name: str, work: float = 0.0, at: float = 0.0, mean: float | None = None):
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=name), routing_stats={"work": work, "time": at, "mean_request_work": mean})
+
+
+def _request(body: dict | None = None, rid: str = "r"):
+    return SimpleNamespace(args=["completions", body or {}], kwargs={}, metadata=SimpleNamespace(internal_request_id=rid))
+
+
+def _router(cls, **kwargs):
+    router = object.__new__(cls)
+    router.initialize_state(**kwargs)
+    return router
+
+
+def _choose(router, replicas, request=None):
+    ranks = asyncio.run(router.choose_replicas(replicas, request))
+    return [r.replica_id.unique_id for rank in ranks for r in rank]
+
+
+def test_least_work_ranks_by_reported_work_plus_unreported_sends():
+    now = time.time()
+    a, b = _replica("a", work=1000, at=now - 5, mean=100), _replica("b", work=700, at=now - 5, mean=100)
+    router = _router(LeastWorkRouter)
+    assert _choose(router, [a, b]) == ["b", "a"]
+    for i in range(4):  # 4 x 100 sent to b after its report: 1100 > 1000
+        router.on_request_routed(_request(rid=f"x{i}"), b.replica_id, None)
+    assert _choose(router, [a, b]) == ["a", "b"]
+    for i in range(4):
+        router.on_request_completed(b.replica_id, f"x{i}")
+    assert _choose(router, [a, b]) == ["b", "a"]
+
+
+def test_sends_before_a_report_are_in_it():
+    a, b = _replica("a", work=500), _replica("b", work=600)
+    router = _router(LeastWorkRouter)
+    router.on_request_routed(_request(rid="old"), a.replica_id, None)
+    a.routing_stats["time"] = time.time() + 1  # a reported after that send
+    assert _choose(router, [a, b])[0] == "a"
+
+
+def test_round_robin_turns():
+    reps = [_replica(n) for n in "abc"]
+    router = _router(RoundRobinRouter)
+    assert [_choose(router, reps)[0] for _ in range(6)] == list("abcabc")
+
+
+def test_session_affinity_sticks_to_the_first_replica():
+    reps = [_replica(n) for n in "abc"]
+    router = _router(RoundRobinRouter, session_affinity=True)
+    first = _request({"user": "alice"})
+    chosen = _choose(router, reps, first)[0]
+    router.on_request_routed(first, next(r.replica_id for r in reps if r.replica_id.unique_id == chosen), None)
+    for _ in range(4):
+        assert _choose(router, reps, _request({"user": "alice"}))[0] == chosen
+    # a session whose replica is gone is routed afresh
+    left = [r for r in reps if r.replica_id.unique_id != chosen]
+    assert _choose(router, left, _request({"user": "alice"}))[0] in {r.replica_id.unique_id for r in left}
+    assert session_key({"session_id": "s1", "user": "u"}) == "s1" and session_key({}) is None
