@@ -92,19 +92,29 @@ def prefill_packed_vs_padded(lengths: list[int], repeats: int) -> dict:
     return result
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss, which a child started by fork +
+    exec inherits from the parent's size at the fork."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_child(num_seqs: int, context: int) -> dict:
     """Runs in a fresh process: the model plus num_seqs sequences of `context` tokens; peak RSS."""
     from lenserve.engine.sampling_params import SamplingParams
 
     eng = _engine(max_num_seqs=num_seqs, max_batched=4096)
-    load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    load_rss = _peak_rss_mb()
     gen = 8
     p = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
     for i in range(num_seqs):
         eng.add_request(f"m{i}", [1] + [100 + (i * 13 + j) % 4000 for j in range(context - gen - 1)], p)
     while eng.has_unfinished_requests():
         eng.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     return {"num_seqs": num_seqs, "context_tokens": context, "peak_rss_mb": round(peak, 1), "rss_after_load_mb": round(load_rss, 1),
             "kv_cache_dtype": str(eng.kv_cache.dtype)}
 

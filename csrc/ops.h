@@ -35,4 +35,10 @@ torch::Tensor paged_decode_attention_cpu(const torch::Tensor& q, const torch::Te
                                          const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                                          const torch::Tensor& context_lens, double softmax_scale);
 
+// weight fp32 [N, K] -> [ceil(N / 16), K, 16]: 16-row panels interleaved by k (zero-padded rows)
+torch::Tensor pack_linear_weight_cpu(const torch::Tensor& weight);
+// x fp32 [M, K] (rows contiguous); packed from pack_linear_weight; bias [N] -> x Wᵀ + b  [M, N]
+torch::Tensor packed_linear_cpu(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
+                                const std::optional<torch::Tensor>& bias);
+
 }  // namespace lenserve

@@ -19,6 +19,8 @@ TORCH_LIBRARY(lenserve, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
       "float softmax_scale) -> Tensor");
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lenserve, CPU, m) {
@@ -29,6 +31,8 @@ TORCH_LIBRARY_IMPL(lenserve, CPU, m) {
   m.impl("reshape_and_cache", &lenserve::reshape_and_cache_cpu);
   m.impl("varlen_attention", &lenserve::varlen_attention_cpu);
   m.impl("paged_decode_attention", &lenserve::paged_decode_attention_cpu);
+  m.impl("pack_linear_weight", &lenserve::pack_linear_weight_cpu);
+  m.impl("packed_linear", &lenserve::packed_linear_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

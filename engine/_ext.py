@@ -27,7 +27,8 @@ def extension() -> object | None:
 
 def has_op(name: str, device: torch.device | str = "cpu") -> bool:
     """Whether torch.ops.lenserve.<name> exists with a kernel for `device`."""
-    return _has_op(name, torch.device(device).type)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _has_op(name, device_type)
 
 
 @functools.lru_cache(maxsize=None)

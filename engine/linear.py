@@ -1,13 +1,18 @@
-"""Linear layers. On CPU in fp32 the weights are prepacked once for oneDNN (through torch's mkldnn
-ops), which streams them at close to memory bandwidth for the skinny matrices of decode, where
-the default BLAS path reaches about half of it. Elsewhere this is F.linear.
+"""Linear layers. On CPU in fp32 the weights are prepacked once: into lenserve._C's 16-row panels
+(`packed_linear`, an AVX2 micro-kernel that streams a panel front to back, so decode reads the
+weights near memory bandwidth), or for oneDNN through torch's mkldnn ops when the extension is
+absent. Both beat the default BLAS path, which reaches about half the bandwidth on the skinny
+matrices of decode (benchmarks/bench_linear.py). Elsewhere this is F.linear.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
+
+from lenserve.engine._ext import has_op
 
 logger = logging.getLogger("lenserve")
 
@@ -28,7 +33,13 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.packed = False
-        if prepack and weight.device.type == "cpu" and weight.dtype == torch.float32 and _mkldnn_linear_available():
+        self.lenserve_packed = False
+        cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        if prepack and cpu_fp32 and os.environ.get("LENSERVE_LINEAR") != "onednn" and has_op("packed_linear"):
+            self.weight = torch.ops.lenserve.pack_linear_weight(weight)
+            self.lenserve_packed = True
+            return
+        if prepack and cpu_fp32 and _mkldnn_linear_available():
             try:
                 self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_BATCH_HINT)
                 self.packed = True
@@ -38,11 +49,23 @@ class Linear:
         self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lenserve_packed:
+            if x.dim() == 2:
+                if x.stride(1) != 1:
+                    x = x.contiguous()
+                return torch.ops.lenserve.packed_linear(x, self.weight, self.out_features, self.bias)
+            y = torch.ops.lenserve.packed_linear(x.reshape(-1, self.in_features), self.weight, self.out_features, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     @property
     def num_bytes(self) -> int:
-        n = self.out_features * self.in_features * 4 if self.packed else self.weight.numel() * self.weight.element_size()
+        if self.lenserve_packed:
+            n = self.weight.numel() * 4  # rows padded to a multiple of 16
+        elif self.packed:
+            n = self.out_features * self.in_features * 4
+        else:
+            n = self.weight.numel() * self.weight.element_size()
         return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
