@@ -36,6 +36,14 @@ def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sof
     return torch.empty_like(q)
 
 
+def _pack_linear_weight(weight):
+    return weight.new_empty(-(-weight.shape[0] // 16), weight.shape[1], 16)
+
+
+def _packed_linear(x, packed, out_features, bias):
+    return x.new_empty(x.shape[0], out_features)
+
+
 _register("rms_norm", _rms_norm)
 _register("fused_add_rms_norm", _inplace)
 _register("silu_and_mul", _silu_and_mul)
@@ -43,3 +51,5 @@ _register("rotary_embedding", _inplace)
 _register("reshape_and_cache", _inplace)
 _register("varlen_attention", _varlen_attention)
 _register("paged_decode_attention", _paged_decode_attention)
+_register("pack_linear_weight", _pack_linear_weight)
+_register("packed_linear", _packed_linear)
