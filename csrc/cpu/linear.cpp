@@ -120,19 +120,19 @@ inline void panel_rows(const float* x, int64_t ldx, const float* packed, int64_t
   }
 }
 
-// Zeroed fp32 storage for packed weights. Large ones are 2 MiB aligned and advised into
-// transparent huge pages, so streaming them at decode does not walk the TLB every 4 KiB.
+// Zeroed fp32 storage for packed weights. Large ones are 2 MiB aligned and their whole 2 MiB
+// stretches advised into transparent huge pages, so streaming them at decode does not walk the
+// TLB every 4 KiB; the tail stays in small pages, so no memory is spent on rounding up.
 torch::Tensor alloc_weights(at::IntArrayRef sizes) {
   int64_t numel = 1;
   for (auto s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * sizeof(float);
   constexpr size_t kHuge = size_t{2} << 20;
-  if (bytes < kHuge / 2) return torch::zeros(sizes, torch::kFloat);  // small: not worth a 2 MiB page
-  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  if (bytes < kHuge) return torch::zeros(sizes, torch::kFloat);
   void* ptr = nullptr;
-  TORCH_CHECK(posix_memalign(&ptr, kHuge, rounded) == 0, "pack_linear_weight: out of memory (", rounded, " bytes)");
+  TORCH_CHECK(posix_memalign(&ptr, kHuge, bytes) == 0, "pack_linear_weight: out of memory (", bytes, " bytes)");
 #ifdef MADV_HUGEPAGE
-  madvise(ptr, rounded, MADV_HUGEPAGE);  // advice only: without THP this is ordinary memory
+  madvise(ptr, bytes / kHuge * kHuge, MADV_HUGEPAGE);  // advice only: without THP, ordinary pages
 #endif
   std::memset(ptr, 0, bytes);
   return torch::from_blob(ptr, sizes, [](void* p) { std::free(p); }, torch::TensorOptions().dtype(torch::kFloat));

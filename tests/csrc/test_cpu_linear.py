@@ -57,7 +57,7 @@ def test_pack_is_deterministic_and_padded_with_zeros():
     assert p[1, :, 5:].abs().sum() == 0
 
 
-def test_huge_weights_round_trip():  # > 1 MiB takes the 2 MiB-aligned huge-page allocation
+def test_huge_weights_round_trip():  # >= 2 MiB takes the 2 MiB-aligned huge-page allocation
     x, w, b = _case(4, 3000, 200)
     out = torch.ops.lenserve.packed_linear(x, torch.ops.lenserve.pack_linear_weight(w), 3000, b)
     torch.testing.assert_close(out, x @ w.T + b, atol=1e-4, rtol=1e-5)
