@@ -33,7 +33,7 @@ from lenserve.scheduler.cost_model import CostModel
 from lenserve.scheduler.policies import predicted_work
 from lenserve.scheduler.scheduler import Scheduler
 from lenserve.scheduler.sequence import Sequence
-from lenserve.scheduler.simulator import EOS_TOKEN_ID, FILLER_TOKEN_ID, Predictions, SimRequests, SimSequence
+from lenserve.scheduler.simulator import EOS_TOKEN_ID, FILLER_TOKEN_ID, Predictions, SimRequests, SimSequence, step_work
 
 ROUTERS = ("least-work", "pow2", "round-robin")
 
@@ -158,20 +158,7 @@ class ReplicaSim:
             if out.is_empty:
                 self.stalled = True  # until another arrival changes the picture
                 return
-            num_tokens = num_sampled = decode_context = 0
-            prefill_pairs = 0.0
-            sampled = {}
-            for seq, num_new in zip(out.seqs, out.num_new_tokens):
-                computed = seq.num_computed_tokens
-                num_tokens += num_new
-                if num_new == 1:
-                    decode_context += computed + 1
-                else:
-                    prefill_pairs += num_new * (computed + (num_new + 1) / 2)
-                if computed + num_new == seq.num_tokens:
-                    num_sampled += 1
-                    done = seq.num_tokens - seq.num_prompt_tokens + 1 >= seq.true_output_len
-                    sampled[seq.request_id] = EOS_TOKEN_ID if done else FILLER_TOKEN_ID
+            num_tokens, num_sampled, prefill_pairs, decode_context, sampled = step_work(out)
             dt = cost.step_time(num_tokens, num_sampled, prefill_pairs, decode_context)
             self.max_concurrent = max(self.max_concurrent, len(running))
             self.busy_s += dt

@@ -320,6 +320,27 @@ def scheduler_config_for(cost: CostModel, **overrides) -> SchedulerConfig:
     return SchedulerConfig(**base)
 
 
+
+def step_work(out) -> tuple[int, int, float, int, dict[str, int]]:
+    """What one scheduled step costs and samples: (tokens, sequences sampled, prefill attention
+    pairs, decode context tokens, {request_id: token}) with EOS once a sequence reaches its true
+    length, else a filler token."""
+    num_tokens = num_sampled = decode_context = 0
+    prefill_pairs = 0.0
+    sampled = {}
+    for seq, num_new in zip(out.seqs, out.num_new_tokens):
+        computed = seq.num_computed_tokens
+        num_tokens += num_new
+        if num_new == 1:
+            decode_context += computed + 1
+        else:
+            prefill_pairs += num_new * (computed + (num_new + 1) / 2)
+        if computed + num_new == seq.num_tokens:
+            num_sampled += 1
+            done = seq.num_tokens - seq.num_prompt_tokens + 1 >= seq.true_output_len
+            sampled[seq.request_id] = EOS_TOKEN_ID if done else FILLER_TOKEN_ID
+    return num_tokens, num_sampled, prefill_pairs, decode_context, sampled
+
 def simulate(
     requests: SimRequests,
     config: SchedulerConfig,
@@ -438,20 +459,7 @@ def simulate(
                 raise RuntimeError("simulation stalled: requests wait but nothing can be scheduled")
             now[0] = arrival[i]
             continue
-        num_tokens = num_sampled = decode_context = 0
-        prefill_pairs = 0.0
-        sampled = {}
-        for seq, num_new in zip(out.seqs, out.num_new_tokens):
-            computed = seq.num_computed_tokens
-            num_tokens += num_new
-            if num_new == 1:
-                decode_context += computed + 1
-            else:
-                prefill_pairs += num_new * (computed + (num_new + 1) / 2)
-            if computed + num_new == seq.num_tokens:
-                num_sampled += 1
-                done = seq.num_tokens - seq.num_prompt_tokens + 1 >= seq.true_output_len
-                sampled[seq.request_id] = EOS_TOKEN_ID if done else FILLER_TOKEN_ID
+        num_tokens, num_sampled, prefill_pairs, decode_context, sampled = step_work(out)
         dt = (step_base + token_s * num_tokens + sample_s * num_sampled
               + prefill_s * prefill_pairs + decode_context_s * decode_context)
         num_running = len(running)

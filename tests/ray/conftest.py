@@ -27,14 +27,6 @@ except ImportError:
 from tests.server.conftest import Server, free_port
 
 API_KEY = "ray-test-key"
-BENCH_LOCK = "/tmp/lenserve_bench.lock"
-
-
-def wait_for_bench_lock(max_wait_s: float = 1800) -> None:
-    """Timing benchmarks on this machine hold this file; do not start replicas under them."""
-    deadline = time.monotonic() + max_wait_s
-    while os.path.exists(BENCH_LOCK) and time.monotonic() < deadline:
-        time.sleep(30)
 
 
 class RayServer(Server):
@@ -68,7 +60,6 @@ def _session_pids(sid: int) -> list[int]:
 
 @contextlib.contextmanager
 def start_ray_server(tmp_path_factory, *args: str, replicas: int = 2):
-    wait_for_bench_lock()
     port = free_port()
     log_path = str(tmp_path_factory.mktemp("ray_server") / "server.log")
     cmd = [sys.executable, "-m", "lenserve.cli", "serve", "--replicas", str(replicas), "--port", str(port),

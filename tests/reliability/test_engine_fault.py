@@ -117,9 +117,10 @@ def test_consecutive_faults_make_health_fail_and_answer_everyone(faulty):
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
             started = asyncio.Event()
             stream = asyncio.create_task(_stream(c, "Doomed stream:", started))
-            posts = [asyncio.create_task(c.post("/v1/completions", json={"prompt": f"Doomed {i}:", **LONG})) for i in range(3)]
-            await asyncio.wait_for(started.wait(), 120)
-            await _until(lambda: server.metric("lenserve:num_requests_waiting") >= 1)
+            await asyncio.wait_for(started.wait(), 120)  # the stream runs first, whatever the arrival order
+            # with --max-num-seqs 2, one post runs beside the stream and the rest wait
+            posts = [asyncio.create_task(c.post("/v1/completions", json={"prompt": f"Doomed {i}:", **LONG})) for i in range(5)]
+            await _until(lambda: server.metric("lenserve:num_requests_waiting") >= 3)
             _inject(fault_file, 3)
             return await asyncio.wait_for(stream, 60), await asyncio.wait_for(asyncio.gather(*posts), 60)
 
