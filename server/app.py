@@ -228,25 +228,11 @@ def build_app(config: ServerConfig, engine=None) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest, request: Request):
-        st = request.app.state
-        st.serving.check_model(req.model)
-        tok = st.engine.tokenizer
-        if req.messages is not None:
-            msgs = ChatCompletionRequest(messages=req.messages).messages_as_dicts()
-            ids = tok.encode_chat(msgs, add_generation_prompt=req.add_generation_prompt)
-        else:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": st.engine.engine.max_model_len}
+        return request.app.state.serving.tokenize(req)
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest, request: Request):
-        st = request.app.state
-        st.serving.check_model(req.model)
-        vocab = st.engine.engine.arch.vocab_size
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[0]}", "tokens")
-        return {"prompt": st.engine.tokenizer.decode(req.tokens)}
+        return request.app.state.serving.detokenize(req)
 
     @app.get("/health")
     async def health(request: Request):

@@ -199,9 +199,9 @@ class EngineReplica:
             elif route == "chat":
                 resp = await self.serving.chat(ChatCompletionRequest.model_validate(body), _NoDisconnect())
             elif route == "tokenize":
-                resp = self._tokenize(TokenizeRequest.model_validate(body))
+                resp = self.serving.tokenize(TokenizeRequest.model_validate(body))
             elif route == "detokenize":
-                resp = self._detokenize(DetokenizeRequest.model_validate(body))
+                resp = self.serving.detokenize(DetokenizeRequest.model_validate(body))
             else:
                 raise APIError(404, f"no route {route!r}")
         except APIError as e:
@@ -224,28 +224,6 @@ class EngineReplica:
         else:
             yield {**head, "status": resp.status_code}
             yield bytes(resp.body)
-
-    def _tokenize(self, req) -> dict:
-        from lenserve.server.protocol import ChatCompletionRequest
-
-        self.serving.check_model(req.model)
-        tok = self.engine.tokenizer
-        if req.messages is not None:
-            msgs = ChatCompletionRequest(messages=req.messages).messages_as_dicts()
-            ids = tok.encode_chat(msgs, add_generation_prompt=req.add_generation_prompt)
-        else:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.engine.max_model_len}
-
-    def _detokenize(self, req) -> dict:
-        from lenserve.server.errors import APIError
-
-        self.serving.check_model(req.model)
-        vocab = self.engine.engine.arch.vocab_size
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[0]}", "tokens")
-        return {"prompt": self.engine.tokenizer.decode(req.tokens)}
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -64,6 +64,26 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
 
     # ---- shared -----------------------------------------------------------------------------------
+    def tokenize(self, req) -> dict:
+        """POST /tokenize (a TokenizeRequest): the prompt or chat messages as the model's token ids."""
+        self.check_model(req.model)
+        tok = self.engine.tokenizer
+        if req.messages is not None:
+            msgs = ChatCompletionRequest(messages=req.messages).messages_as_dicts()
+            ids = tok.encode_chat(msgs, add_generation_prompt=req.add_generation_prompt)
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.engine.max_model_len}
+
+    def detokenize(self, req) -> dict:
+        """POST /detokenize (a DetokenizeRequest): token ids, each checked against the vocabulary, as text."""
+        self.check_model(req.model)
+        vocab = self.engine.engine.arch.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[0]}", "tokens")
+        return {"prompt": self.engine.tokenizer.decode(req.tokens)}
+
     def check_model(self, name: str | None) -> str:
         if name is None or name in self.model_names:
             return self.model_names[0]
