@@ -4,8 +4,10 @@ in the process that holds the deployment handle, the ingress; never by the singl
 - `LeastWorkRouter`: the replica with the least predicted outstanding work. Each engine replica
   reports, through Ray Serve's routing stats (`record_routing_stats`), the predicted work left in
   its scheduler (predicted remaining output tokens plus prompt tokens still to prefill, weighted as
-  the scheduler weighs them) and when it measured it; the router adds a typical request's work for
-  every request it has sent that replica since that report and that has not completed.
+  the scheduler weighs them), how many requests that covers and when it measured it; the router
+  scales the report down by the share of those requests it has seen complete since, and adds a
+  typical request's work for every request it has sent that replica since that report and that has
+  not completed.
 - `RoundRobinRouter`: in turn.
 - `AffinePowerOfTwoRouter`: Ray Serve's default (power of two choices on queue length) with
   session affinity.
@@ -17,8 +19,9 @@ The simulator's routers (lenserve.scheduler.cluster) are the same policies.
 from __future__ import annotations
 
 import itertools
+import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
@@ -26,6 +29,8 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, Repli
 
 DEFAULT_REQUEST_WORK = 256.0  # predicted work of one request (response tokens) before any replica has reported
 MAX_SESSIONS = 100_000
+MAX_COMPLETIONS = 10_000  # completions remembered to discount stale reports
+COMPLETIONS_KEPT_S = 60.0  # a report older than this is long stale (they come every 0.5 s)
 
 
 def request_body(pending: PendingRequest | None) -> dict:
@@ -86,18 +91,31 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         super().initialize_state(session_affinity=session_affinity)
         # requests sent and not completed: internal id -> (replica, time sent)
         self._inflight: dict[str, tuple[ReplicaID, float]] = {}
+        # recent completions: (replica, time sent, time completed), oldest first
+        self._completed: deque[tuple[ReplicaID, float, float]] = deque(maxlen=MAX_COMPLETIONS)
 
     def work_of(self, replica: RunningReplica, now: float) -> float:
+        """The replica's last report, less the share of it whose requests this router has seen
+        complete since (reports come every `request_routing_stats_period_s`, and a stale one would
+        keep steering requests away from a replica that has since drained), plus a typical
+        request's work for each request sent after the report and not completed."""
         stats = replica.routing_stats or {}
         reported = float(stats.get("work", 0.0))
         at = float(stats.get("time", 0.0))
         per_request = float(stats.get("mean_request_work") or DEFAULT_REQUEST_WORK)
-        unseen = sum(1 for rid, t in self._inflight.values() if rid == replica.replica_id and t > at)
+        rid = replica.replica_id
+        unseen = sum(1 for r, t in self._inflight.values() if r == rid and t > at)
+        reported_count = int(stats.get("unfinished") or 0)
+        if reported_count and reported:
+            done = sum(1 for r, sent, finished in self._completed if r == rid and sent <= at < finished)
+            reported *= max(reported_count - done, 0) / reported_count
         return reported + unseen * per_request
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None):
         now = time.time()
-        ranked = sorted(candidate_replicas, key=lambda r: self.work_of(r, now))
+        # ties (idle replicas, or several choices made before any of them was routed) are broken
+        # at random, so they do not all land on the first replica
+        ranked = sorted(candidate_replicas, key=lambda r: (self.work_of(r, now), random.random()))
         return self.with_affinity([[r] for r in ranked], candidate_replicas, pending_request)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
@@ -105,11 +123,17 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         self.remember_session(pending_request, replica_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._inflight.pop(internal_request_id, None)
+        sent = self._inflight.pop(internal_request_id, None)
+        if sent is not None:
+            now = time.time()
+            self._completed.append((replica_id, sent[1], now))
+            while self._completed and self._completed[0][2] < now - COMPLETIONS_KEPT_S:
+                self._completed.popleft()
 
     def on_replica_actor_died(self, replica_id: ReplicaID):
         super().on_replica_actor_died(replica_id)
         self._inflight = {k: v for k, v in self._inflight.items() if v[0] != replica_id}
+        self._completed = deque((c for c in self._completed if c[0] != replica_id), maxlen=MAX_COMPLETIONS)
 
 
 class RoundRobinRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):

@@ -47,6 +47,21 @@ def test_sends_before_a_report_are_in_it():
     assert _choose(router, [a, b])[0] == "a"
 
 
+def test_a_report_shrinks_as_its_requests_complete():
+    now = time.time()
+    a, b = _replica("a", work=1000, at=now - 1), _replica("b", work=600, at=now - 1)
+    a.routing_stats["unfinished"] = 4  # the report covers 4 requests this router sent before it
+    b.routing_stats["unfinished"] = 3  # sent by another ingress: never discounted here
+    router = _router(LeastWorkRouter)
+    for i in range(4):
+        router.on_request_routed(_request(rid=f"a{i}"), a.replica_id, None)
+        router._inflight[f"a{i}"] = (a.replica_id, now - 2)
+    assert _choose(router, [a, b])[0] == "b"
+    for i in range(3):  # 3 of a's 4 done since its report: about 250 left
+        router.on_request_completed(a.replica_id, f"a{i}")
+    assert _choose(router, [a, b])[0] == "a"
+
+
 def test_round_robin_turns():
     reps = [_replica(n) for n in "abc"]
     router = _router(RoundRobinRouter)
@@ -65,3 +80,10 @@ def test_session_affinity_sticks_to_the_first_replica():
     left = [r for r in reps if r.replica_id.unique_id != chosen]
     assert _choose(router, left, _request({"user": "alice"}))[0] in {r.replica_id.unique_id for r in left}
     assert session_key({"session_id": "s1", "user": "u"}) == "s1" and session_key({}) is None
+
+
+def test_least_work_breaks_ties_at_random():
+    router = _router(LeastWorkRouter)
+    reps = [_replica(n) for n in "abc"]
+    firsts = {_choose(router, reps)[0] for _ in range(60)}
+    assert firsts == set("abc")
