@@ -136,11 +136,18 @@ def run_simulations(args, bench: Bench) -> dict:
     req, _ = bench.at_load(sweep_trace, 1.1, capacity)
     fcfs = bench.policies(req, ("fcfs",))["fcfs"]
     variants = [{"aging_tok_per_step": a} for a in (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)]
-    variants += [{"aging_tok_per_step": 0.0, "fcfs_wait_bound": b} for b in (1.2, 1.4, 2.0)]
+    variants += [{"aging_tok_per_step": 0.0, "fcfs_wait_bound": b} for b in (1.2, 1.5, 2.0, 2.5, 3.0)]
+    # an absolute bound, as an operator would set it from a latency objective: here in multiples
+    # of the fcfs p99 E2E of this very run (so the sweep means the same on any cost model)
+    variants += [{"aging_tok_per_step": 0.0, "max_wait_s": f * fcfs["p99_e2e_s"], "max_wait_over_fcfs_p99_e2e": f}
+                 for f in (0.75, 1.0, 1.15, 1.3, 1.5)]
     for variant in variants:
+        variant = dict(variant)
+        factor = variant.pop("max_wait_over_fcfs_p99_e2e", None)
         r = bench.policies(req, ("sjf", "oracle"), **variant)
         out["aging_sweep"].append({
             "load": 1.1, "aging_tok_per_step": variant["aging_tok_per_step"], "fcfs_wait_bound": variant.get("fcfs_wait_bound"),
+            "max_wait_s": variant.get("max_wait_s"), "max_wait_over_fcfs_p99_e2e": factor,
             "sjf_over_fcfs_mean_e2e": r["sjf"]["mean_e2e_s"] / fcfs["mean_e2e_s"],
             "sjf_over_fcfs_p99_e2e": r["sjf"]["p99_e2e_s"] / fcfs["p99_e2e_s"],
             "sjf_over_oracle_mean_e2e": r["sjf"]["mean_e2e_s"] / r["oracle"]["mean_e2e_s"],
