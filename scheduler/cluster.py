@@ -33,7 +33,9 @@ from lenserve.scheduler.cost_model import CostModel
 from lenserve.scheduler.policies import predicted_work
 from lenserve.scheduler.scheduler import Scheduler
 from lenserve.scheduler.sequence import Sequence
-from lenserve.scheduler.simulator import EOS_TOKEN_ID, FILLER_TOKEN_ID, Predictions, SimRequests, SimSequence, step_work
+from lenserve.scheduler.simulator import (
+    EOS_TOKEN_ID, FILLER_TOKEN_ID, Predictions, SimRequests, SimSequence, decode_run, run_stops, step_work,
+)
 
 ROUTERS = ("least-work", "pow2", "round-robin")
 
@@ -122,18 +124,7 @@ class ReplicaSim:
             self.num_passes += 1
             horizon = sched.decode_horizon() if running else 0
             if horizon:
-                num_seqs = len(running)
-                context = 0
-                k = horizon
-                ending: list[Sequence] = []
-                for seq in running:
-                    context += seq.num_tokens
-                    left = seq.true_output_len - seq.num_tokens + seq.num_prompt_tokens
-                    if left <= k:
-                        if left < k:
-                            k = left
-                            ending = []
-                        ending.append(seq)
+                num_seqs, context, k, ending = decode_run(running, horizon)
                 end = now + cost.decode_time(num_seqs, context, k)
                 bound = min(end, t, sched.next_wakeup_time())
                 shorter = k
@@ -145,8 +136,7 @@ class ReplicaSim:
                     k = shorter
                     ending = []
                     end = now + cost.decode_time(num_seqs, context, k)
-                stops = {seq.request_id: EOS_TOKEN_ID for seq in ending
-                         if seq.true_output_len - seq.num_tokens + seq.num_prompt_tokens == k}
+                stops = run_stops(ending, k)
                 self.max_concurrent = max(self.max_concurrent, num_seqs)
                 self.busy_s += end - now
                 self.num_steps += k

@@ -341,6 +341,29 @@ def step_work(out) -> tuple[int, int, float, int, dict[str, int]]:
             sampled[seq.request_id] = EOS_TOKEN_ID if done else FILLER_TOKEN_ID
     return num_tokens, num_sampled, prefill_pairs, decode_context, sampled
 
+
+def decode_run(running, horizon: int) -> tuple[int, int, int, list]:
+    """A run of up to `horizon` decode steps of every running sequence, cut at the first step where
+    one of them reaches its true length: (sequences, context tokens, steps, those that end then)."""
+    context = 0
+    k = horizon
+    ending: list[Sequence] = []  # the sequences with the fewest tokens left
+    for seq in running:
+        context += seq.num_tokens
+        left = seq.true_output_len - seq.num_tokens + seq.num_prompt_tokens
+        if left <= k:
+            if left < k:
+                k = left
+                ending = []
+            ending.append(seq)
+    return len(running), context, k, ending
+
+
+def run_stops(ending, k: int) -> dict[str, int]:
+    """EOS for the sequences of `ending` that reach their true length after k more steps."""
+    return {seq.request_id: EOS_TOKEN_ID for seq in ending if seq.true_output_len - seq.num_tokens + seq.num_prompt_tokens == k}
+
+
 def simulate(
     requests: SimRequests,
     config: SchedulerConfig,
@@ -408,18 +431,7 @@ def simulate(
 
         horizon = sched.decode_horizon() if running and fast_forward else 0
         if horizon:
-            num_seqs = len(running)
-            context = 0
-            k = horizon
-            ending: list[Sequence] = []  # the sequences with the fewest tokens left
-            for seq in running:
-                context += seq.num_tokens
-                left = seq.true_output_len - seq.num_tokens + seq.num_prompt_tokens
-                if left <= k:
-                    if left < k:
-                        k = left
-                        ending = []
-                    ending.append(seq)
+            num_seqs, context, k, ending = decode_run(running, horizon)
             end = t + cost.decode_time(num_seqs, context, k)
             bound = min(end, sched.next_wakeup_time())
             # Arrivals during the run join the queue now; the run stops at the first one that
@@ -446,7 +458,7 @@ def simulate(
                 ending = []
                 end = t + cost.decode_time(num_seqs, context, k)
             now[0] = end
-            stops = {seq.request_id: EOS_TOKEN_ID for seq in ending if seq.true_output_len - seq.num_tokens + seq.num_prompt_tokens == k}
+            stops = run_stops(ending, k)
             max_concurrent = max(max_concurrent, num_seqs)
             busy_seq_s += num_seqs * (end - t)
             num_steps += k
