@@ -323,15 +323,16 @@ def build_ingress_app(config: ServerConfig):
                         failed = True
                     yield chunk
                 outcome = "errored" if failed else "completed"
-            except asyncio.CancelledError:
-                gen.cancel()
-                raise
             except Exception as e:  # the replica died mid-stream: say so, then end the stream
                 outcome = "errored"
                 status, message, code = _failure_of(e)
                 yield f"data: {json.dumps(error_body(status, message, code=code))}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
+                if outcome == "aborted":
+                    # the client left (the task cancelled, or the generator closed): the replica's
+                    # generation is cancelled too, which aborts the request in its engine
+                    gen.cancel()
                 outcomes.labels(route, outcome).inc()
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)

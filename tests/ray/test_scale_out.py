@@ -140,6 +140,41 @@ def test_session_affinity_keeps_a_user_on_one_replica(ray_server):
     assert len({r.headers["x-lenserve-replica"] for r in mine}) == 1
 
 
+def test_a_client_leaving_a_stream_frees_the_replica(ray_server):
+    """A streaming client that disconnects part-way: the ingress books it aborted and the replica's
+    engine stops generating for it (its running count drops back to zero, long before the 400
+    tokens it asked for could have been generated)."""
+    with httpx.Client(base_url=ray_server.url, timeout=30, headers=_headers(ray_server)) as c:
+        before = c.get("/books").json()
+
+    async def run():
+        async with _client(ray_server) as c:
+            body = {"prompt": "Tell a very long story:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                seen = 0
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        seen += 1
+                        if seen == 3:
+                            break  # leaving the block closes the connection
+
+    t0 = time.monotonic()
+    asyncio.run(run())
+    deadline = time.monotonic() + 30
+    running = None
+    while time.monotonic() < deadline:
+        running = ray_server.metric("lenserve:num_requests_running")
+        if running == 0:
+            break
+        time.sleep(0.5)
+    assert running == 0, f"still running {time.monotonic() - t0:.0f}s after the client left"
+    with httpx.Client(base_url=ray_server.url, timeout=30, headers=_headers(ray_server)) as c:
+        after = c.get("/books").json()
+    assert after["aborted"] - before["aborted"] == 1
+    assert after["accepted"] - before["accepted"] == 1
+
+
 @pytest.mark.timeout(300)
 def test_killing_a_replica_mid_run(ray_server):
     """SIGKILL one replica while both stream: its requests end with a replica_died error (no hang),
