@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 
+import httpx
 import pytest
 
 try:
@@ -41,6 +42,14 @@ class RayServer(Server):
                 continue
         return pids
 
+    def serving_replicas(self) -> set[str]:
+        """Replicas that have finished starting (each pushes its metrics once its engine is up)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return {s.labels["replica"] for f in text_string_to_metric_families(text) if f.name == "lenserve:num_requests_running"
+                for s in f.samples if s.labels.get("replica")}
+
 
 @contextlib.contextmanager
 def start_ray_server(tmp_path_factory, *args: str, replicas: int = 2):
@@ -50,7 +59,7 @@ def start_ray_server(tmp_path_factory, *args: str, replicas: int = 2):
            "--kv-cache-memory-gb", "0.1", "--max-model-len", "512", "--predictor", "none", "--api-key", API_KEY,
            "--shutdown-grace-s", "5", *args]
     with launch_server(cmd, log_path, port, server_cls=RayServer, api_key=API_KEY, timeout_s=240,
-                       ready=lambda s: len(s.replica_pids()) == replicas, env={"RAY_USAGE_STATS_ENABLED": "0"},
+                       ready=lambda s: len(s.replica_pids()) == replicas and len(s.serving_replicas()) == replicas, env={"RAY_USAGE_STATS_ENABLED": "0"},
                        new_session=True, expect_exit_code=None) as server:
         yield server
 

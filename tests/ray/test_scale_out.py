@@ -13,11 +13,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-# Opt-in for now: on the 2-core machine they passed alone (6 in ~70 s) but the spread test proved
-# flaky (Ray Serve's default router put 10 sequential requests on one replica). LENSERVE_RAY_TESTS=1.
+# About a minute on the 2-core machine; LENSERVE_RAY_TESTS=0 skips them.
 pytestmark = [
     pytest.mark.timeout(240),
-    pytest.mark.skipif(os.environ.get("LENSERVE_RAY_TESTS") != "1", reason="live Ray Serve tests: set LENSERVE_RAY_TESTS=1"),
+    pytest.mark.skipif(os.environ.get("LENSERVE_RAY_TESTS") == "0", reason="live Ray Serve tests skipped (LENSERVE_RAY_TESTS=0)"),
 ]
 
 
@@ -54,17 +53,24 @@ def _client(server) -> httpx.AsyncClient:
 
 
 def test_requests_spread_over_both_replicas(ray_server):
+    """10 concurrent requests; a second and third round only if the router's view of the replicas
+    was still catching up with the second replica's start."""
     async def run():
         async with _client(ray_server) as c:
             return await asyncio.gather(*[_complete(c, i, max_tokens=12, ignore_eos=True) for i in range(10)])
 
-    responses = asyncio.run(run())
-    assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
-    replicas = Counter(r.headers["x-lenserve-replica"] for r in responses)
+    replicas: Counter = Counter()
+    for _ in range(3):
+        responses = asyncio.run(run())
+        assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
+        for r in responses:
+            body = r.json()
+            assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 12
+        replicas.update(r.headers["x-lenserve-replica"] for r in responses)
+        if len(replicas) == 2:
+            break
+        time.sleep(2)
     assert len(replicas) == 2, replicas
-    for r in responses:
-        body = r.json()
-        assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 12
 
 
 def test_streaming_through_the_ingress(ray_server):
