@@ -167,6 +167,21 @@ def file_fault_hook(path: str):
     return hook
 
 
+def guarded_app(title: str, config: ServerConfig, lifespan=None) -> FastAPI:
+    """A FastAPI app with the guard (auth, limits, draining, access log) and the OpenAI error
+    handlers: the single server's and the Ray Serve ingress's."""
+    app = FastAPI(title=title, version=__version__, lifespan=lifespan)
+    app.state.config = config
+    app.state.draining = False
+    app.state.inflight = 0
+    app.add_middleware(GuardMiddleware, state=app.state)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, unhandled_error_handler)
+    return app
+
+
 def build_app(config: ServerConfig, engine=None) -> FastAPI:
     """`engine`: an already loaded LLMEngine to serve (tests); by default one is built in the lifespan."""
 
@@ -199,15 +214,7 @@ def build_app(config: ServerConfig, engine=None) -> FastAPI:
         finally:
             async_engine.shutdown()
 
-    app = FastAPI(title="lenserve", version=__version__, lifespan=lifespan)
-    app.state.config = config
-    app.state.draining = False
-    app.state.inflight = 0
-    app.add_middleware(GuardMiddleware, state=app.state)
-    app.add_exception_handler(APIError, api_error_handler)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_exception_handler(StarletteHTTPException, http_error_handler)
-    app.add_exception_handler(Exception, unhandled_error_handler)
+    app = guarded_app("lenserve", config, lifespan=lifespan)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):

@@ -241,34 +241,17 @@ def _dead_replica_error(exc: BaseException) -> bool:
 def build_ingress_app(config: ServerConfig):
     """The FastAPI app of the ingress: the single server's middleware, errors and routes, each
     forwarded to an engine replica through the deployment handle in `ingress_state()`."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
+    from fastapi import Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CollectorRegistry, Counter, generate_latest
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from lenserve import __version__
-    from lenserve.server.app import GuardMiddleware
-    from lenserve.server.errors import (
-        APIError,
-        api_error_handler,
-        error_body,
-        http_error_handler,
-        unhandled_error_handler,
-        validation_error_handler,
-    )
+    from lenserve.server.app import guarded_app
+    from lenserve.server.errors import APIError, error_body
     from lenserve.server.metrics import CONTENT_TYPE
     from lenserve.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
-    app = FastAPI(title="lenserve (Ray Serve ingress)", version=__version__)
-    app.state.config = config
-    app.state.draining = False
-    app.state.inflight = 0
-    app.add_middleware(GuardMiddleware, state=app.state)
-    app.add_exception_handler(APIError, api_error_handler)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_exception_handler(StarletteHTTPException, http_error_handler)
-    app.add_exception_handler(Exception, unhandled_error_handler)
+    app = guarded_app("lenserve (Ray Serve ingress)", config)
 
     registry = CollectorRegistry()
     accepted = Counter("lenserve:ingress_requests_accepted_total", "Requests forwarded to a replica", ["route"], registry=registry)
