@@ -250,14 +250,13 @@ class OpenAIServing:
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
     async def _stream_completion(self, jobs, rid, created, model, n, echo, include_usage) -> AsyncIterator[str]:
-        base = {"id": rid, "object": "text_completion", "created": created, "model": model}
-        finals: dict[int, RequestOutput] = {}
-        info = _prediction_info(jobs[0].prediction)
+        sse = _ChunkStream({"id": rid, "object": "text_completion", "created": created, "model": model},
+                           include_usage, _prediction_info(jobs[0].prediction))
         try:
             if echo:
                 for job in jobs:
                     for i in range(n):
-                        yield _sse({**base, "choices": [{"index": job.prompt_index * n + i, "text": job.stream.prompt or "", "logprobs": None, "finish_reason": None}]})
+                        yield _sse({**sse.base, "choices": [{"index": job.prompt_index * n + i, "text": job.stream.prompt or "", "logprobs": None, "finish_reason": None}]})
             async for job, out in self._pump(jobs):
                 choices = []
                 for c in out.outputs:
@@ -270,21 +269,14 @@ class OpenAIServing:
                         "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason if c.finish_reason else None,
                     })
-                if out.finished:
-                    finals[job.prompt_index] = out
+                sse.finished(job, out)
                 if choices:
-                    chunk = {**base, "choices": choices}
-                    if include_usage:
-                        chunk["usage"] = None
-                    if info is not None:
-                        chunk["lenserve"], info = info, None
-                    yield _sse(chunk)
-            if include_usage:
-                yield _sse({**base, "choices": [], "usage": self._usage(jobs, finals)})
-            yield "data: [DONE]\n\n"
+                    yield sse.chunk(choices)
+            for line in sse.end(lambda: self._usage(jobs, sse.finals)):
+                yield line
         except APIError as e:
-            yield _sse(error_body(e.status, e.message, e.param, e.code))
-            yield "data: [DONE]\n\n"
+            for line in _sse_error(e):
+                yield line
 
     # ---- /v1/chat/completions ---------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, request: Request):
@@ -331,9 +323,8 @@ class OpenAIServing:
         return result
 
     async def _stream_chat(self, jobs, rid, created, model, include_usage, logprobs) -> AsyncIterator[str]:
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-        finals: dict[int, RequestOutput] = {}
-        info = _prediction_info(jobs[0].prediction)
+        sse = _ChunkStream({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model},
+                           include_usage, _prediction_info(jobs[0].prediction))
         started: set[int] = set()
         try:
             async for job, out in self._pump(jobs):
@@ -341,12 +332,7 @@ class OpenAIServing:
                 for c in out.outputs:
                     if c.index not in started:
                         started.add(c.index)
-                        role = {**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
-                        if include_usage:
-                            role["usage"] = None
-                        if info is not None:
-                            role["lenserve"], info = info, None
-                        yield _sse(role)
+                        yield sse.chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
                     if not c.delta_text and c.finish_reason is None:
                         continue
                     choices.append({
@@ -355,21 +341,46 @@ class OpenAIServing:
                         "logprobs": {"content": self._chat_logprobs(c.delta_logprobs)} if logprobs and c.delta_logprobs else None,
                         "finish_reason": c.finish_reason,
                     })
-                if out.finished:
-                    finals[job.prompt_index] = out
+                sse.finished(job, out)
                 if choices:
-                    chunk = {**base, "choices": choices}
-                    if include_usage:
-                        chunk["usage"] = None
-                    if info is not None:
-                        chunk["lenserve"], info = info, None
-                    yield _sse(chunk)
-            if include_usage:
-                yield _sse({**base, "choices": [], "usage": self._usage(jobs, finals)})
-            yield "data: [DONE]\n\n"
+                    yield sse.chunk(choices)
+            for line in sse.end(lambda: self._usage(jobs, sse.finals)):
+                yield line
         except APIError as e:
-            yield _sse(error_body(e.status, e.message, e.param, e.code))
-            yield "data: [DONE]\n\n"
+            for line in _sse_error(e):
+                yield line
+
+class _ChunkStream:
+    """The chunks of one streamed response: each carries the response's id/object/created/model,
+    `usage: null` when the client asked for usage, and the length prediction on the first one."""
+
+    def __init__(self, base: dict, include_usage: bool, info: dict | None) -> None:
+        self.base = base
+        self.include_usage = include_usage
+        self.info = info
+        self.finals: dict[int, RequestOutput] = {}
+
+    def chunk(self, choices: list[dict]) -> str:
+        chunk = {**self.base, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        if self.info is not None:
+            chunk["lenserve"], self.info = self.info, None
+        return _sse(chunk)
+
+    def finished(self, job, out: RequestOutput) -> None:
+        if out.finished:
+            self.finals[job.prompt_index] = out
+
+    def end(self, usage) -> list[str]:
+        """The last lines: the usage chunk (`usage()` is called only when asked for), then [DONE]."""
+        lines = [_sse({**self.base, "choices": [], "usage": usage()})] if self.include_usage else []
+        return lines + ["data: [DONE]\n\n"]
+
+
+def _sse_error(e: APIError) -> list[str]:
+    """A stream that fails after its head was sent: an error event, then [DONE]."""
+    return [_sse(error_body(e.status, e.message, e.param, e.code)), "data: [DONE]\n\n"]
 
 
 def _params(req, max_tokens, logprobs) -> SamplingParams:
