@@ -7,7 +7,8 @@ in the process that holds the deployment handle, the ingress; never by the singl
   the scheduler weighs them), how many requests that covers and when it measured it; the router
   scales the report down by the share of those requests it has seen complete since, and adds a
   typical request's work for every request it has sent that replica since that report and that has
-  not completed.
+  not completed, and for every request it has chosen that replica for and not yet routed (Ray
+  Serve routes several pending requests at once; without this they would all herd onto one).
 - `RoundRobinRouter`: in turn.
 - `AffinePowerOfTwoRouter`: Ray Serve's default (power of two choices on queue length) with
   session affinity.
@@ -30,7 +31,8 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, Repli
 DEFAULT_REQUEST_WORK = 256.0  # predicted work of one request (response tokens) before any replica has reported
 MAX_SESSIONS = 100_000
 MAX_COMPLETIONS = 10_000  # completions remembered to discount stale reports
-COMPLETIONS_KEPT_S = 60.0  # a report older than this is long stale (they come every 0.5 s)
+COMPLETIONS_KEPT_S = 60.0
+PROVISIONAL_KEPT_S = 30.0  # a choice not routed by then was cancelled  # a report older than this is long stale (they come every 0.5 s)
 
 
 def request_body(pending: PendingRequest | None) -> dict:
@@ -91,6 +93,8 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         super().initialize_state(session_affinity=session_affinity)
         # requests sent and not completed: internal id -> (replica, time sent)
         self._inflight: dict[str, tuple[ReplicaID, float]] = {}
+        # chosen but not yet routed: internal id -> (replica ranked first, time chosen)
+        self._provisional: dict[str, tuple[ReplicaID, float]] = {}
         # recent completions: (replica, time sent, time completed), oldest first
         self._completed: deque[tuple[ReplicaID, float, float]] = deque(maxlen=MAX_COMPLETIONS)
 
@@ -105,6 +109,7 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         per_request = float(stats.get("mean_request_work") or DEFAULT_REQUEST_WORK)
         rid = replica.replica_id
         unseen = sum(1 for r, t in self._inflight.values() if r == rid and t > at)
+        unseen += sum(1 for r, _ in self._provisional.values() if r == rid)
         reported_count = int(stats.get("unfinished") or 0)
         if reported_count and reported:
             done = sum(1 for r, sent, finished in self._completed if r == rid and sent <= at < finished)
@@ -113,13 +118,21 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None):
         now = time.time()
-        # ties (idle replicas, or several choices made before any of them was routed) are broken
-        # at random, so they do not all land on the first replica
+        if self._provisional:  # choices whose request never got routed (cancelled meanwhile)
+            self._provisional = {k: v for k, v in self._provisional.items() if v[1] > now - PROVISIONAL_KEPT_S}
+        # ties (idle replicas) are broken at random, so they do not all land on the first replica
         ranked = sorted(candidate_replicas, key=lambda r: (self.work_of(r, now), random.random()))
-        return self.with_affinity([[r] for r in ranked], candidate_replicas, pending_request)
+        ranks = self.with_affinity([[r] for r in ranked], candidate_replicas, pending_request)
+        if ranks and pending_request is not None:
+            # Ray Serve routes several requests at once: until this one is routed, count it on the
+            # replica it will most likely get, so that concurrent choices do not all herd there
+            self._provisional[pending_request.metadata.internal_request_id] = (ranks[0][0].replica_id, now)
+        return ranks
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
-        self._inflight[pending_request.metadata.internal_request_id] = (replica_id, time.time())
+        rid = pending_request.metadata.internal_request_id
+        self._provisional.pop(rid, None)
+        self._inflight[rid] = (replica_id, time.time())
         self.remember_session(pending_request, replica_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
@@ -133,6 +146,7 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID):
         super().on_replica_actor_died(replica_id)
         self._inflight = {k: v for k, v in self._inflight.items() if v[0] != replica_id}
+        self._provisional = {k: v for k, v in self._provisional.items() if v[0] != replica_id}
         self._completed = deque((c for c in self._completed if c[0] != replica_id), maxlen=MAX_COMPLETIONS)
 
 

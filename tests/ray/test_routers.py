@@ -87,3 +87,16 @@ def test_least_work_breaks_ties_at_random():
     reps = [_replica(n) for n in "abc"]
     firsts = {_choose(router, reps)[0] for _ in range(60)}
     assert firsts == set("abc")
+
+
+def test_concurrent_choices_do_not_herd():
+    """Requests chosen for but not yet routed count on their replica: four choices made before any
+    routing alternate between two equal replicas; routing a request keeps it counted once."""
+    router = _router(LeastWorkRouter)
+    reps = [_replica("a", mean=100), _replica("b", mean=100)]
+    firsts = [_choose(router, reps, _request(rid=f"r{i}"))[0] for i in range(4)]
+    assert sorted(firsts) == ["a", "a", "b", "b"]
+    by_id = {r.replica_id.unique_id: r.replica_id for r in reps}
+    router.on_request_routed(_request(rid="r0"), by_id[firsts[0]], None)
+    assert len(router._provisional) == 3 and len(router._inflight) == 1
+    assert router.work_of(reps[0], time.time()) == router.work_of(reps[1], time.time()) == 200
