@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -202,20 +203,6 @@ def run_simulations(args, bench: Bench) -> dict:
 
 
 # ---- the real server -------------------------------------------------------------------------------------
-def _wait_healthy(url: str, timeout_s: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"server at {url} not healthy after {timeout_s:.0f}s")
-
-
 def run_server(args, log=print) -> dict:
     """Natural-mode replay against `lenserve serve` at saturation, then the simulator on the same
     arrivals, prompt and response lengths, with a cost model measured on the same engine settings."""
@@ -225,8 +212,9 @@ def run_server(args, log=print) -> dict:
     from lenserve.traces.replay import ReplayConfig, replay
     from lenserve.traces.report import read_jsonl
 
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    from lenserve.traces.compare import ServerProcess
+
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # this process's cost model measurement, and the servers it starts
     engine = dict(max_num_seqs=args.server_max_num_seqs, max_num_batched_tokens=1024)
     t0 = time.monotonic()
     cost = measure_cost_model(EngineConfig(num_threads=1, scheduler=SchedulerConfig(**engine)))
@@ -240,17 +228,13 @@ def run_server(args, log=print) -> dict:
                "--max-num-seqs", str(engine["max_num_seqs"]), "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
                "--predictor", args.server_predictor, "--max-queue", "100000"]
         log(" ".join(cmd))
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            _wait_healthy(url, 300)
-            with tempfile.TemporaryDirectory() as out_dir:
+        with tempfile.TemporaryDirectory() as out_dir:
+            with ServerProcess(cmd, Path(out_dir) / "server.log", url) as server:
+                server.wait_healthy(300)
                 config = ReplayConfig(url=url, mode="natural", time_scale=args.server_time_scale,
                                       max_tokens_cap=args.server_max_tokens, temperature=0.0, metrics_interval_s=0, show_progress=False)
                 report = replay(trace, config, out_dir)
-                records = [r for r in read_jsonl(os.path.join(out_dir, "requests.jsonl")) if r["ok"]]
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+            records = [r for r in read_jsonl(os.path.join(out_dir, "requests.jsonl")) if r["ok"]]
         sent = np.array([r["sent_s"] for r in records])
         prompt = np.array([r["prompt_tokens_server"] for r in records])
         output = np.array([max(r["output_tokens"], 1) for r in records])
