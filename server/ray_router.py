@@ -98,7 +98,7 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         # recent completions: (replica, time sent, time completed), oldest first
         self._completed: deque[tuple[ReplicaID, float, float]] = deque(maxlen=MAX_COMPLETIONS)
 
-    def work_of(self, replica: RunningReplica, now: float) -> float:
+    def work_of(self, replica: RunningReplica) -> float:
         """The replica's last report, less the share of it whose requests this router has seen
         complete since (reports come every `request_routing_stats_period_s`, and a stale one would
         keep steering requests away from a replica that has since drained), plus a typical
@@ -121,7 +121,7 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         if self._provisional:  # choices whose request never got routed (cancelled meanwhile)
             self._provisional = {k: v for k, v in self._provisional.items() if v[1] > now - PROVISIONAL_KEPT_S}
         # ties (idle replicas) are broken at random, so they do not all land on the first replica
-        ranked = sorted(candidate_replicas, key=lambda r: (self.work_of(r, now), random.random()))
+        ranked = sorted(candidate_replicas, key=lambda r: (self.work_of(r), random.random()))
         ranks = self.with_affinity([[r] for r in ranked], candidate_replicas, pending_request)
         if ranks and pending_request is not None:
             # Ray Serve routes several requests at once: until this one is routed, count it on the

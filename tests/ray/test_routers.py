@@ -99,4 +99,4 @@ def test_concurrent_choices_do_not_herd():
     by_id = {r.replica_id.unique_id: r.replica_id for r in reps}
     router.on_request_routed(_request(rid="r0"), by_id[firsts[0]], None)
     assert len(router._provisional) == 3 and len(router._inflight) == 1
-    assert router.work_of(reps[0], time.time()) == router.work_of(reps[1], time.time()) == 200
+    assert router.work_of(reps[0]) == router.work_of(reps[1]) == 200
