@@ -134,6 +134,7 @@ def build_dataset(prompts_path: str, out_path: str, cfg: BuildConfig, engine=Non
 
     prompts = select_prompts(read_prompts(prompts_path), cfg.num_prompts, cfg.seed)
     partial_path = out_path + ".partial"
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     done_rows = (list(iter_rows(out_path)) if os.path.exists(out_path) else []) + _read_partial(partial_path)
     done = {r.prompt_id for r in done_rows}
     todo = deque(p for p in prompts if p.prompt_id not in done)

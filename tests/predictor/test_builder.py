@@ -72,7 +72,7 @@ CFG = BuildConfig(samples=3, max_tokens=8, max_num_seqs=6)
 
 
 def test_builds_castillo_rows(prompts_file, tmp_path):
-    out = str(tmp_path / "smol.jsonl.gz")
+    out = str(tmp_path / "data" / "smol.jsonl.gz")  # a folder that does not exist yet
     summary = build_dataset(prompts_file, out, CFG, engine=FakeEngine(), progress=False)
     rows = read_rows(out)
     assert summary["rows"] == len(rows) == 12
