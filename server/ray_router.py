@@ -32,7 +32,7 @@ DEFAULT_REQUEST_WORK = 256.0  # predicted work of one request (response tokens) 
 MAX_SESSIONS = 100_000
 MAX_COMPLETIONS = 10_000  # completions remembered to discount stale reports
 COMPLETIONS_KEPT_S = 60.0
-PROVISIONAL_KEPT_S = 30.0  # a choice not routed by then was cancelled  # a report older than this is long stale (they come every 0.5 s)
+PROVISIONAL_KEPT_S = 30.0  # a choice not routed by then was cancelled
 
 
 def request_body(pending: PendingRequest | None) -> dict:
