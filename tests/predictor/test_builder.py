@@ -121,3 +121,33 @@ def test_bad_prompts_file(tmp_path):
     bad.write_text('{"id": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: needs a non-empty `prompt`"):
         read_prompts(str(bad))
+
+
+class BatchedFakeEngine(FakeEngine):
+    """A FakeEngine with a scheduler view: every sample of a pending prompt is a running sequence."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.most_running = 0
+        engine = self
+
+        class scheduler:
+            num_waiting = 0
+
+            @property
+            def num_running(self):
+                return sum(req[2].n for req in engine.pending)
+
+        self.scheduler = scheduler()
+
+    def step(self):
+        self.most_running = max(self.most_running, self.scheduler.num_running)
+        return super().step()
+
+
+def test_in_flight_prompts_fill_the_batch_by_sequences(prompts_file, tmp_path):
+    engine = BatchedFakeEngine()
+    build_dataset(prompts_file, str(tmp_path / "b.jsonl"), CFG, engine=engine, progress=False)
+    assert len(read_rows(str(tmp_path / "b.jsonl"))) == 12
+    # max_num_seqs 6 and 3 samples a prompt: two prompts' samples at a time, never more
+    assert engine.most_running == CFG.max_num_seqs
