@@ -158,15 +158,18 @@ def _simulate_replicas(args, trace, requests, predictions, config, cost, policie
 
 # ---- lenserve bench cost-model ---------------------------------------------------------------------------
 # (batch size, context tokens) pairs measured; each is one prefill, a prefix-cached fill to the
-# batch size, then a few decode steps. About a minute on an idle 2-core CPU.
+# batch size, then a few decode steps; the whole grid `REPEATS` times. About two minutes on an
+# idle 2-core CPU.
 DECODE_POINTS = ((1, 128), (1, 1024), (8, 512), (32, 256), (64, 128))
 PREFILL_LENGTHS = (128, 512, 1024)
-NUM_DECODE_STEPS = 3
+NUM_DECODE_STEPS = 5
+REPEATS = 3
 
 
-def measure_cost_model(engine_config, quick: bool = False):
+def measure_cost_model(engine_config, quick: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1):
     """Times real engine steps over a grid of prefill lengths, batch sizes and contexts, and fits
-    the cost model to them."""
+    the cost model to them. The sequences sample as the workload will (`temperature` 0 is greedy,
+    an argmax; random sampling costs about a millisecond a sequence per step on CPU)."""
     import os
 
     import torch
@@ -176,6 +179,7 @@ def measure_cost_model(engine_config, quick: bool = False):
     from lenserve.scheduler.cost_model import fit, step_features
 
     engine = LLMEngine(engine_config)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, ignore_eos=True)
     sched = engine.scheduler
     captured: list[dict] = []
     schedule = sched.schedule
@@ -207,22 +211,25 @@ def measure_cost_model(engine_config, quick: bool = False):
             step(record)
 
     # Warm-up: the first steps allocate and pick kernels.
-    engine.add_request(f"w{next(ids)}", prompt(64), SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.add_request(f"w{next(ids)}", prompt(64), SamplingParams(max_tokens=4, **sampling))
     drain(False)
     prefills = PREFILL_LENGTHS[:2] if quick else PREFILL_LENGTHS
     points = DECODE_POINTS[::2] if quick else DECODE_POINTS
-    for n in prefills:
-        engine.add_request(f"p{next(ids)}", prompt(n), SamplingParams(max_tokens=1, ignore_eos=True))
-        drain(True)
-    for batch, context in points:
-        shared = prompt(context)
-        params = SamplingParams(max_tokens=NUM_DECODE_STEPS + 1, ignore_eos=True)
-        engine.add_request(f"d{next(ids)}", shared, params)
-        step(True)  # the prefill; the rest of the batch then finds it in the prefix cache
-        for _ in range(batch - 1):
+    # The grid is measured `repeats` times over (not each point back to back), so that a spell of
+    # other work on the machine lands on one pass of many points, which the robust fit discounts.
+    for rep in range(1 if quick else REPEATS):
+        for n in prefills:
+            engine.add_request(f"p{next(ids)}", prompt(n), SamplingParams(max_tokens=1, **sampling))
+            drain(True)
+        for batch, context in points:
+            shared = prompt(context)
+            params = SamplingParams(max_tokens=NUM_DECODE_STEPS + 1, **sampling)
             engine.add_request(f"d{next(ids)}", shared, params)
-        drain(True)
-        logger.info("cost model: batch %d x %d tokens measured", batch, context)
+            step(True)  # the prefill; the rest of the batch then finds it in the prefix cache
+            for _ in range(batch - 1):
+                engine.add_request(f"d{next(ids)}", shared, params)
+            drain(True)
+            logger.info("cost model: batch %d x %d tokens measured (pass %d)", batch, context, rep + 1)
     bm = engine.block_manager
     cfg = engine.config.scheduler
     meta = {
@@ -233,6 +240,7 @@ def measure_cost_model(engine_config, quick: bool = False):
         "num_threads": torch.get_num_threads(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "load_average_1m": os.getloadavg()[0],  # other work on the machine inflates step times
+        "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k},
         "samples": samples,
     }
     return fit(
@@ -250,7 +258,8 @@ def cmd_cost_model(args: argparse.Namespace) -> int:
     from lenserve.cli import engine_config_from_args
 
     t0 = time.monotonic()
-    cost = measure_cost_model(engine_config_from_args(args), quick=args.quick)
+    cost = measure_cost_model(engine_config_from_args(args), quick=args.quick,
+                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     cost.meta["measure_s"] = round(time.monotonic() - t0, 1)
     cost.meta["machine"] = _machine()
     cost.save(args.out)
@@ -281,5 +290,8 @@ def register(sub) -> None:
     )
     c.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
     c.add_argument("--quick", action="store_true", help="a smaller grid (a rougher fit)")
+    c.add_argument("--temperature", type=float, default=1.0, help="sample as the workload will: 0 is greedy (an argmax, far cheaper per sequence)")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--top-k", type=int, default=-1)
     add_engine_args(c)
     c.set_defaults(func=cmd_cost_model)

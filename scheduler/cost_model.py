@@ -117,24 +117,31 @@ def step_features(seqs_and_new_tokens) -> dict:
 
 
 def fit(samples: Sequence[dict], **settings) -> CostModel:
-    """Non-negative least squares over measured steps (dicts of step_features and step_s).
+    """Non-negative least squares over measured steps (dicts of step_features and step_s), then a
+    robust refit (soft-L1 loss) so that a few steps the OS slowed down do not drag the coefficients.
     Relative error is what matters (a 50 ms decode step and a 2 s prefill both count), so each
     row is weighted by 1 / its time."""
     import numpy as np
-    from scipy.optimize import nnls
+    from scipy.optimize import least_squares, nnls
 
     keys = ("num_tokens", "num_sampled", "prefill_pairs", "decode_context")
     x = np.array([[1.0] + [float(s[k]) for k in keys] for s in samples])
     y = np.array([s["step_s"] for s in samples])
     w = 1.0 / np.maximum(y, 1e-6)
     scale = np.maximum(np.abs(x).max(axis=0), 1e-12)  # conditions the solve; undone below
-    coef, _ = nnls(x / scale * w[:, None], y * w)
+    a = x / scale * w[:, None]
+    coef, _ = nnls(a, y * w)
+    if len(samples) > x.shape[1]:
+        # residuals are relative errors: past ~5% a step counts less and less (an outlier, not the model)
+        robust = least_squares(lambda c: a @ c - y * w, np.maximum(coef, 1e-12), bounds=(0.0, np.inf), loss="soft_l1", f_scale=0.05)
+        coef = robust.x
     coef = coef / scale
     rel = np.abs(x @ coef - y) / y
     meta = dict(settings.pop("meta", {}))
     meta.update({
         "num_samples": len(samples),
         "fit_mean_abs_rel_error": float(rel.mean()),
+        "fit_median_abs_rel_error": float(np.median(rel)),
         "fit_max_abs_rel_error": float(rel.max()),
     })
     return CostModel(*map(float, coef), meta=meta, **settings)

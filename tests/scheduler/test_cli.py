@@ -29,3 +29,22 @@ def test_simulate_table_and_bucketed(capsys):
 def test_simulate_rejects_bad_predictions(capsys):
     assert main(["simulate", "--trace", "tests/data/traces/burstgpt_v1.csv", "--predictions", "psychic"]) == 2
     assert "predictions must be" in capsys.readouterr().err
+
+
+def test_bench_cost_model_measures_the_embedded_engine(tmp_path, capsys):
+    """`lenserve bench cost-model --quick` on the embedded model: a fit that predicts the steps it
+    measured, sampling as asked."""
+    from lenserve.scheduler.cost_model import CostModel
+
+    out = tmp_path / "cost.json"
+    assert main(["bench", "cost-model", "--quick", "--temperature", "0", "--num-threads", "1", "--max-num-seqs", "16",
+                 "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    cost = CostModel.load(out)
+    assert cost.step_base_s > 0 and cost.token_s > 0 and cost.max_num_seqs == 16
+    assert cost.meta["sampling"] == {"temperature": 0.0, "top_p": 1.0, "top_k": -1}
+    assert cost.meta["num_samples"] >= 10
+    # a decode step of 8 sequences takes longer than one of 1, and a 1,024-token prefill longer still
+    assert cost.step_time(8, 8, 0, 8 * 300) > cost.step_time(1, 1, 0, 300)
+    assert cost.step_time(1024, 1, 1024 * 512, 0) > cost.step_time(8, 8, 0, 8 * 300)
+    assert printed["fit_mean_abs_rel_error"] == cost.meta["fit_mean_abs_rel_error"]

@@ -163,3 +163,18 @@ def test_default_cost_model_loads(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
         CostModel.load(path)
     assert not math.isnan(cost.decode_time(4, 100, 3))
+
+
+def test_cost_model_fit_shrugs_off_outlier_steps():
+    """A few steps slowed down by something else on the machine do not move the fit."""
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(60):
+        f = {"num_tokens": int(rng.integers(1, 2048)), "num_sampled": int(rng.integers(1, 64)),
+             "prefill_pairs": float(rng.integers(0, 10**6)), "decode_context": int(rng.integers(0, 10**5))}
+        slow = 3.0 if i % 15 == 0 else 1.0  # 4 of 60 steps took 3x as long
+        samples.append({**f, "step_s": COST.step_time(**f) * slow * (1 + rng.normal(0, 0.01))})
+    fitted = fit(samples)
+    for name in ("step_base_s", "token_s", "sample_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(COST, name), rel=0.05)
+    assert fitted.meta["fit_median_abs_rel_error"] < 0.03
