@@ -209,52 +209,70 @@ def run_server(args, log=print) -> dict:
     from lenserve.config import EngineConfig
     from lenserve.scheduler.config import SchedulerConfig
     from lenserve.sim_cli import measure_cost_model
-    from lenserve.traces.replay import ReplayConfig, replay
-    from lenserve.traces.report import read_jsonl
-
-    from lenserve.traces.compare import ServerProcess
 
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # this process's cost model measurement, and the servers it starts
     engine = dict(max_num_seqs=args.server_max_num_seqs, max_num_batched_tokens=1024)
     t0 = time.monotonic()
-    cost = measure_cost_model(EngineConfig(num_threads=1, scheduler=SchedulerConfig(**engine)))
+    # The replay samples greedily: the cost model is measured sampling the same way (random sampling
+    # costs ~1.5 ms a sequence per step here, 15% of a 16-sequence decode step).
+    temperature = 0.0
+    cost = measure_cost_model(EngineConfig(num_threads=1, scheduler=SchedulerConfig(**engine)), temperature=temperature)
     log(f"server cost model measured in {time.monotonic() - t0:.0f}s (fit error {cost.meta['fit_mean_abs_rel_error']:.3f})")
     trace = load_trace(AZURE_TRACE).head(args.server_requests)
     port = 18000 + os.getpid() % 1000
     url = f"http://127.0.0.1:{port}"
-    results = {"engine": {**engine, "num_threads": 1, "device": "cpu"}, "cost_model": {k: v for k, v in cost.to_json().items() if k != "meta"}}
-    for policy in args.server_policies.split(","):
-        cmd = [sys.executable, "-m", "lenserve.cli", "serve", "--port", str(port), "--num-threads", "1", "--policy", policy,
-               "--max-num-seqs", str(engine["max_num_seqs"]), "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
-               "--predictor", args.server_predictor, "--max-queue", "100000"]
-        log(" ".join(cmd))
-        with tempfile.TemporaryDirectory() as out_dir:
-            with ServerProcess(cmd, Path(out_dir) / "server.log", url) as server:
-                server.wait_healthy(300)
-                config = ReplayConfig(url=url, mode="natural", time_scale=args.server_time_scale,
-                                      max_tokens_cap=args.server_max_tokens, temperature=0.0, metrics_interval_s=0, show_progress=False)
-                report = replay(trace, config, out_dir)
-            records = [r for r in read_jsonl(os.path.join(out_dir, "requests.jsonl")) if r["ok"]]
-        sent = np.array([r["sent_s"] for r in records])
-        prompt = np.array([r["prompt_tokens_server"] for r in records])
-        output = np.array([max(r["output_tokens"], 1) for r in records])
-        real_e2e = np.array([r["e2e_s"] for r in records])
-        real_ttft = np.array([r["ttft_s"] for r in records if r["ttft_s"] is not None])
-        req = SimRequests.from_arrays(sent, prompt, output, max_model_len=cost.max_model_len, max_tokens=args.server_max_tokens)
-        # The server had no predictor (--predictor none): neither does the simulated scheduler.
-        preds = None if args.server_predictor == "none" else make_predictions("oracle", req.output_tokens)
-        sim = simulate(req, scheduler_config_for(cost, policy=policy), cost, preds).summary()
-        results[policy] = {
-            "num_requests": len(records),
-            "real": {"mean_e2e_s": float(real_e2e.mean()), "p50_e2e_s": float(np.median(real_e2e)),
-                     "p99_e2e_s": float(np.percentile(real_e2e, 99)), "mean_ttft_s": float(real_ttft.mean()),
-                     "throughput_tok_s": float(output.sum() / (max(r["end_s"] for r in records) - sent.min()))},
-            "simulated": _slim(sim),
-            "sim_over_real_mean_e2e": sim["mean_e2e_s"] / float(real_e2e.mean()),
-            "report": {k: report.get(k) for k in ("num_requests", "num_ok", "duration_s") if k in report},
-        }
-        log(policy, json.dumps({k: results[policy][k] for k in ("num_requests", "sim_over_real_mean_e2e")}))
+    results = {"engine": {**engine, "num_threads": 1, "device": "cpu"}, "cost_model": {k: v for k, v in cost.to_json().items() if k != "meta"},
+               "cost_model_sampling": cost.meta.get("sampling"), "runs": []}
+    for time_scale in args.server_time_scales:
+        for policy in args.server_policies.split(","):
+            results["runs"].append(_server_run(args, trace, cost, engine, policy, time_scale, temperature, url, log))
     return results
+
+
+def _server_run(args, trace, cost, engine: dict, policy: str, time_scale: float, temperature: float, url: str, log) -> dict:
+    """One natural-mode replay of `trace` against a fresh server, and the simulator on the arrivals
+    and the prompt and response lengths the server saw."""
+    from lenserve.traces.compare import ServerProcess
+    from lenserve.traces.replay import ReplayConfig, replay
+    from lenserve.traces.report import read_jsonl
+
+    port = url.rsplit(":", 1)[1]
+    cmd = [sys.executable, "-m", "lenserve.cli", "serve", "--port", port, "--num-threads", "1", "--policy", policy,
+           "--max-num-seqs", str(engine["max_num_seqs"]), "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
+           "--predictor", args.server_predictor, "--max-queue", "100000"]
+    log(f"time scale {time_scale}:", " ".join(cmd))
+    with tempfile.TemporaryDirectory() as out_dir:
+        with ServerProcess(cmd, Path(out_dir) / "server.log", url) as server:
+            server.wait_healthy(300)
+            config = ReplayConfig(url=url, mode="natural", time_scale=time_scale,
+                                  max_tokens_cap=args.server_max_tokens, temperature=temperature, metrics_interval_s=0, show_progress=False)
+            report = replay(trace, config, out_dir)
+        records = [r for r in read_jsonl(os.path.join(out_dir, "requests.jsonl")) if r["ok"]]
+    sent = np.array([r["sent_s"] for r in records])
+    prompt = np.array([r["prompt_tokens_server"] for r in records])
+    output = np.array([max(r["output_tokens"], 1) for r in records])
+    real_e2e = np.array([r["e2e_s"] for r in records])
+    real_ttft = np.array([r["ttft_s"] for r in records if r["ttft_s"] is not None])
+    span = max(r["end_s"] for r in records) - sent.min()
+    req = SimRequests.from_arrays(sent, prompt, output, max_model_len=cost.max_model_len, max_tokens=args.server_max_tokens)
+    # The server had no predictor (--predictor none): neither does the simulated scheduler.
+    preds = None if args.server_predictor == "none" else make_predictions("oracle", req.output_tokens)
+    sim = simulate(req, scheduler_config_for(cost, policy=policy), cost, preds).summary()
+    run = {
+        "policy": policy,
+        "time_scale": time_scale,
+        "num_requests": len(records),
+        "real": {"mean_e2e_s": float(real_e2e.mean()), "p50_e2e_s": float(np.median(real_e2e)),
+                 "p99_e2e_s": float(np.percentile(real_e2e, 99)), "mean_ttft_s": float(real_ttft.mean()),
+                 "throughput_tok_s": float(output.sum() / span),
+                 # requests in the server on average (Little's law): at max_num_seqs it is saturated
+                 "mean_in_server": float(real_e2e.sum() / span)},
+        "simulated": _slim(sim),
+        "sim_over_real_mean_e2e": sim["mean_e2e_s"] / float(real_e2e.mean()),
+        "report": {k: report.get(k) for k in ("num_requests", "num_ok", "duration_s") if k in report},
+    }
+    log(policy, json.dumps({k: run[k] for k in ("time_scale", "num_requests", "sim_over_real_mean_e2e")}))
+    return run
 
 
 # ---- criteria, plot -----------------------------------------------------------------------------------
@@ -268,11 +286,9 @@ def criteria(result: dict) -> dict:
         "p90_reservation_ge_2x_concurrency_of_max": kv["predicted_over_max_max_concurrent"] >= 2.0,
         "p90_reservation_preemptions_le_2pct": kv["predicted"]["preemption_rate"] <= 0.02,
     }
-    server = result.get("server")
-    if server and "fcfs" in server:
-        out["simulator_within_15pct_of_server_mean_e2e"] = all(
-            abs(v["sim_over_real_mean_e2e"] - 1) <= 0.15 for k, v in server.items() if isinstance(v, dict) and "sim_over_real_mean_e2e" in v
-        )
+    runs = (result.get("server") or {}).get("runs")
+    if runs:
+        out["simulator_within_15pct_of_server_mean_e2e"] = all(abs(r["sim_over_real_mean_e2e"] - 1) <= 0.15 for r in runs)
     return out
 
 
@@ -359,7 +375,8 @@ def main(argv=None) -> int:
     p.add_argument("--server", action="store_true", help="also replay against the real server (minutes)")
     p.add_argument("--server-only", action="store_true", help="only the server part, added to the results already in --out")
     p.add_argument("--server-requests", type=int, default=120)
-    p.add_argument("--server-time-scale", type=float, default=0.1)
+    p.add_argument("--server-time-scales", type=lambda v: [float(x) for x in v.split(",")], default=[1.0, 0.2],
+                   help="replay speeds of the Azure trace's head: 1.0 saturates the 1-thread server (~15 of 16 slots busy), 0.2 keeps it at ~4")
     p.add_argument("--server-max-tokens", type=int, default=96)
     p.add_argument("--server-max-num-seqs", type=int, default=16)
     p.add_argument("--server-policies", default="fcfs")
