@@ -134,13 +134,14 @@ def test_empirical_predictions_resample_residuals_by_length(tmp_path):
         make_predictions("guess", out)
 
 
+def random_steps(rng, n: int) -> list[dict]:
+    """Step features of `n` made-up steps (no step_s yet)."""
+    return [{"num_tokens": int(rng.integers(1, 2048)), "num_sampled": int(rng.integers(1, 64)),
+             "prefill_pairs": float(rng.integers(0, 10**6)), "decode_context": int(rng.integers(0, 10**5))} for _ in range(n)]
+
+
 def test_cost_model_fit_recovers_coefficients_and_inverts():
-    rng = np.random.default_rng(0)
-    samples = []
-    for _ in range(40):
-        f = {"num_tokens": int(rng.integers(1, 2048)), "num_sampled": int(rng.integers(1, 64)),
-             "prefill_pairs": float(rng.integers(0, 10**6)), "decode_context": int(rng.integers(0, 10**5))}
-        samples.append({**f, "step_s": COST.step_time(**f)})
+    samples = [{**f, "step_s": COST.step_time(**f)} for f in random_steps(np.random.default_rng(0), 40)]
     fitted = fit(samples)
     for name in ("step_base_s", "token_s", "sample_s", "prefill_attention_s", "decode_context_s"):
         assert getattr(fitted, name) == pytest.approx(getattr(COST, name), rel=1e-4, abs=1e-12)
@@ -169,9 +170,7 @@ def test_cost_model_fit_shrugs_off_outlier_steps():
     """A few steps slowed down by something else on the machine do not move the fit."""
     rng = np.random.default_rng(1)
     samples = []
-    for i in range(60):
-        f = {"num_tokens": int(rng.integers(1, 2048)), "num_sampled": int(rng.integers(1, 64)),
-             "prefill_pairs": float(rng.integers(0, 10**6)), "decode_context": int(rng.integers(0, 10**5))}
+    for i, f in enumerate(random_steps(rng, 60)):
         slow = 3.0 if i % 15 == 0 else 1.0  # 4 of 60 steps took 3x as long
         samples.append({**f, "step_s": COST.step_time(**f) * slow * (1 + rng.normal(0, 0.01))})
     fitted = fit(samples)
