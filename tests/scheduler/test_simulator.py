@@ -167,13 +167,15 @@ def test_default_cost_model_loads(tmp_path):
 
 
 def test_cost_model_fit_shrugs_off_outlier_steps():
-    """A few steps slowed down by something else on the machine do not move the fit."""
+    """A few steps slowed down by something else on the machine do not move the fit: it predicts
+    the other steps within a fraction of a percent (plain least squares: ~2%)."""
     rng = np.random.default_rng(1)
-    samples = []
+    samples, clean = [], []
     for i, f in enumerate(random_steps(rng, 60)):
         slow = 3.0 if i % 15 == 0 else 1.0  # 4 of 60 steps took 3x as long
         samples.append({**f, "step_s": COST.step_time(**f) * slow * (1 + rng.normal(0, 0.01))})
+        clean.append(slow == 1.0)
     fitted = fit(samples)
-    for name in ("step_base_s", "token_s", "sample_s"):
-        assert getattr(fitted, name) == pytest.approx(getattr(COST, name), rel=0.05)
-    assert fitted.meta["fit_median_abs_rel_error"] < 0.03
+    errors = [abs(fitted.step_time(**f) / COST.step_time(**f) - 1)
+              for s, ok in zip(samples, clean) if ok for f in [{k: v for k, v in s.items() if k != "step_s"}]]
+    assert np.median(errors) < 0.006
