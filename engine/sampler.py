@@ -75,6 +75,7 @@ class Sampler:
         if params.top_p < 1.0:
             # keep the smallest prefix whose mass reaches top_p of the whole (the first token always stays)
             keep = (vals.cumsum(0) - vals) < params.top_p * probs.sum()
+            keep[0] = True  # also when top_p * total underflows (top_p 5e-324 makes it 0 in float32)
             vals, idx = vals[keep], idx[keep]
         return idx, vals
 

@@ -26,7 +26,8 @@ def reference_kept(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return kept
 
 
-@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 0.9, 0.0), (5, 1.0, 0.0), (7, 0.6, 0.0), (50, 0.95, 0.05), (1, 0.5, 0.0), (0, 1.0, 0.1), (200, 0.3, 0.0)])
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 0.9, 0.0), (5, 1.0, 0.0), (7, 0.6, 0.0), (50, 0.95, 0.05), (1, 0.5, 0.0), (0, 1.0, 0.1),
+                                              (200, 0.3, 0.0), (0, 5e-324, 0.0), (50, 5e-324, 0.0)])
 def test_candidates_match_a_full_sort(top_k, top_p, min_p):
     gen = torch.Generator().manual_seed(top_k * 100 + int(top_p * 10))
     for _ in range(5):
