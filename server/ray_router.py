@@ -31,7 +31,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, Repli
 DEFAULT_REQUEST_WORK = 256.0  # predicted work of one request (response tokens) before any replica has reported
 MAX_SESSIONS = 100_000
 MAX_COMPLETIONS = 10_000  # completions remembered to discount stale reports
-COMPLETIONS_KEPT_S = 60.0
+COMPLETIONS_KEPT_S = 60.0  # a report older than this is long stale (they come every 0.5 s)
 PROVISIONAL_KEPT_S = 30.0  # a choice not routed by then was cancelled
 
 
