@@ -143,17 +143,14 @@ def build_dataset(prompts_path: str, out_path: str, cfg: BuildConfig, engine=Non
     if todo and engine is None:
         engine = make_engine(cfg)
     model_name = cfg.model_name or (engine.model_name if engine is not None else done_rows[0].model)
-    # Enough requests in flight to fill max_num_seqs sequences, plus one so a batch never runs dry.
-    max_in_flight = max(1, cfg.max_num_seqs // cfg.samples) + 1
-    sched = getattr(engine, "scheduler", None)
 
     def has_room() -> bool:
         """Whether another prompt's samples fit the batch. Counted in running sequences, not in
         prompts: a prompt whose last sample straggles on would otherwise hold back a whole prompt's
         share of the batch (13 prompts with one long sample each make a batch of 13)."""
-        if sched is None:
-            return len(in_flight) < max_in_flight
+        sched = engine.scheduler
         return not in_flight or (sched.num_waiting == 0 and sched.num_running + cfg.samples <= cfg.max_num_seqs)
+
     in_flight: dict[str, tuple[Prompt, int, float]] = {}
     skipped: set[str] = set()
     num_written = num_tokens = 0

@@ -22,6 +22,19 @@ class _Output:
     error: str | None = None
 
 
+class _SchedulerView:
+    """What the builder reads of the engine's scheduler: every sample of a pending prompt runs."""
+
+    num_waiting = 0
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @property
+    def num_running(self):
+        return sum(req[2].n for req in self.engine.pending)
+
+
 class FakeEngine:
     """Answers each request after two steps; response i of a prompt has len(prompt) % 17 + i tokens."""
 
@@ -38,6 +51,8 @@ class FakeEngine:
         self.added = []
         self.finished = 0
         self.fail_after = fail_after
+        self.scheduler = _SchedulerView(self)
+        self.most_running = 0
 
     def add_request(self, request_id, prompt, params, prompt_token_ids):
         assert params.n >= 1 and params.max_tokens >= 1 and params.seed is not None
@@ -45,6 +60,7 @@ class FakeEngine:
         self.pending.append([request_id, prompt, params, 2])
 
     def step(self):
+        self.most_running = max(self.most_running, self.scheduler.num_running)
         out = []
         for req in list(self.pending):
             req[3] -= 1
@@ -123,30 +139,8 @@ def test_bad_prompts_file(tmp_path):
         read_prompts(str(bad))
 
 
-class BatchedFakeEngine(FakeEngine):
-    """A FakeEngine with a scheduler view: every sample of a pending prompt is a running sequence."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.most_running = 0
-        engine = self
-
-        class scheduler:
-            num_waiting = 0
-
-            @property
-            def num_running(self):
-                return sum(req[2].n for req in engine.pending)
-
-        self.scheduler = scheduler()
-
-    def step(self):
-        self.most_running = max(self.most_running, self.scheduler.num_running)
-        return super().step()
-
-
 def test_in_flight_prompts_fill_the_batch_by_sequences(prompts_file, tmp_path):
-    engine = BatchedFakeEngine()
+    engine = FakeEngine()
     build_dataset(prompts_file, str(tmp_path / "b.jsonl"), CFG, engine=engine, progress=False)
     assert len(read_rows(str(tmp_path / "b.jsonl"))) == 12
     # max_num_seqs 6 and 3 samples a prompt: two prompts' samples at a time, never more
