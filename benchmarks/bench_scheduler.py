@@ -220,24 +220,23 @@ def run_server(args, log=print) -> dict:
     log(f"server cost model measured in {time.monotonic() - t0:.0f}s (fit error {cost.meta['fit_mean_abs_rel_error']:.3f})")
     trace = load_trace(AZURE_TRACE).head(args.server_requests)
     port = 18000 + os.getpid() % 1000
-    url = f"http://127.0.0.1:{port}"
     results = {"engine": {**engine, "num_threads": 1, "device": "cpu"}, "cost_model": {k: v for k, v in cost.to_json().items() if k != "meta"},
                "cost_model_sampling": cost.meta.get("sampling"), "runs": []}
     for time_scale in args.server_time_scales:
         for policy in args.server_policies.split(","):
-            results["runs"].append(_server_run(args, trace, cost, engine, policy, time_scale, temperature, url, log))
+            results["runs"].append(_server_run(args, trace, cost, engine, policy, time_scale, temperature, port, log))
     return results
 
 
-def _server_run(args, trace, cost, engine: dict, policy: str, time_scale: float, temperature: float, url: str, log) -> dict:
+def _server_run(args, trace, cost, engine: dict, policy: str, time_scale: float, temperature: float, port: int, log) -> dict:
     """One natural-mode replay of `trace` against a fresh server, and the simulator on the arrivals
     and the prompt and response lengths the server saw."""
     from lenserve.traces.compare import ServerProcess
     from lenserve.traces.replay import ReplayConfig, replay
     from lenserve.traces.report import read_jsonl
 
-    port = url.rsplit(":", 1)[1]
-    cmd = [sys.executable, "-m", "lenserve.cli", "serve", "--port", port, "--num-threads", "1", "--policy", policy,
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "lenserve.cli", "serve", "--port", str(port), "--num-threads", "1", "--policy", policy,
            "--max-num-seqs", str(engine["max_num_seqs"]), "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
            "--predictor", args.server_predictor, "--max-queue", "100000"]
     log(f"time scale {time_scale}:", " ".join(cmd))
