@@ -169,7 +169,7 @@ REPEATS = 3
 def measure_cost_model(engine_config, quick: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1):
     """Times real engine steps over a grid of prefill lengths, batch sizes and contexts, and fits
     the cost model to them. The sequences sample as the workload will (`temperature` 0 is greedy,
-    an argmax; random sampling costs about a millisecond a sequence per step on CPU)."""
+    an argmax; random sampling costs about 1.5 ms a sequence per step on CPU)."""
     import os
 
     import torch
@@ -215,7 +215,7 @@ def measure_cost_model(engine_config, quick: bool = False, temperature: float = 
     drain(False)
     prefills = PREFILL_LENGTHS[:2] if quick else PREFILL_LENGTHS
     points = DECODE_POINTS[::2] if quick else DECODE_POINTS
-    # The grid is measured `repeats` times over (not each point back to back), so that a spell of
+    # The grid is measured REPEATS times over (not each point back to back), so that a spell of
     # other work on the machine lands on one pass of many points, which the robust fit discounts.
     for rep in range(1 if quick else REPEATS):
         for n in prefills:
