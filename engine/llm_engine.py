@@ -195,6 +195,31 @@ class LLMEngine:
             self._seq_to_request.pop(seq.request_id, None)
         return True
 
+    def finish_completion(self, request_id: str, index: int) -> RequestOutput | None:
+        """Ends one completion of a request now, as a caller's stop (finish reason "stop"), and frees
+        its blocks; the request's other completions go on. Returns the request's final output when
+        that was its last unfinished completion (the request is then gone), else None. Raises
+        KeyError for an unknown request or index. Call it between steps."""
+        state = self.requests[request_id]
+        if not 0 <= index < len(state.seqs):
+            raise KeyError(f"request {request_id!r} has no completion {index}")
+        seq, comp = state.seqs[index], state.outputs[index]
+        if seq.is_finished:
+            return None
+        self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        self.sampler.forget(seq.request_id)
+        comp.delta_text += state.detokenizers[index].flush()
+        comp.text = state.detokenizers[index].emitted_text
+        comp.finish_reason = seq.status.finish_reason
+        if not state.finished:
+            return None
+        result = self._emit(state)
+        for s in state.seqs:
+            self._seq_to_request.pop(s.request_id, None)
+        self._pending_finished.append(self._finished_stats(state))
+        del self.requests[request_id]
+        return result
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

@@ -11,6 +11,7 @@ included (one decode step each), as `RequestOutput.outputs[i].token_ids` holds t
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -47,6 +48,10 @@ class BuildConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 4096
     num_threads: int | None = None
+    # End a response caught in a repetition loop at once and record it at the cap (None: never).
+    stop_loops: "LoopRule | None" = None
+    loop_check_every: int = 8  # tokens between two checks of a response
+    loop_shadow_every: int = 16  # one response in this many is checked but left to run: the measure of the rule
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,67 @@ def select_prompts(prompts: list[Prompt], num_prompts: int | None, seed: int) ->
     return ordered if num_prompts is None else ordered[:num_prompts]
 
 
+@dataclass(frozen=True)
+class LoopRule:
+    """When a response counts as caught in a repetition loop: for some period p <= `max_period`,
+    its last `max(min_span, min_repeats * p)` tokens each equal the token p before in at least
+    `min_match` of the positions (so at least `min_repeats` + 1 copies of the period follow each
+    other). A tolerance below 1 lets a loop through whose period carries a counter ("15. Tip" /
+    "16. Tip") or a varying word."""
+
+    min_span: int = 96
+    max_period: int = 160
+    min_repeats: int = 3
+    min_match: float = 0.9
+
+    def period(self, token_ids) -> int | None:
+        """The shortest period the tail of `token_ids` repeats with, or None."""
+        import numpy as np
+
+        tail = np.asarray(token_ids[-(max(self.min_span, self.min_repeats * self.max_period) + self.max_period):])
+        for p in range(1, self.max_period + 1):
+            span = max(self.min_span, self.min_repeats * p)
+            if span + p > len(tail):
+                break
+            if np.count_nonzero(tail[-span:] == tail[-span - p:-p]) >= self.min_match * span:
+                return p
+        return None
+
+
 def _request_seed(seed: int, prompt_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:sample:{prompt_id}".encode()).digest()[:7], "big")
+
+
+def loops_path(out_path: str) -> str:
+    """Where a build records the responses it caught in loops: `<out stem>.loops.jsonl`."""
+    stem = out_path[:-3] if out_path.endswith(".gz") else out_path
+    return (stem[:-6] if stem.endswith(".jsonl") else stem) + ".loops.jsonl"
+
+
+def _is_shadow(prompt_id: str, index: int, every: int) -> bool:
+    return int.from_bytes(hashlib.sha256(f"shadow:{prompt_id}:{index}".encode()).digest()[:4], "big") % every == 0
+
+
+def loop_summary(path: str, prompt_ids: set[str] | None = None) -> dict:
+    """What a build's loop records say: how many responses were caught and stopped, and of the
+    caught ones left to run (the shadow sample) how many ran to the cap as the rule assumes."""
+    records: dict[tuple[str, int], dict] = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    key = (rec["prompt_id"], int(rec["index"]))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue  # a line cut off mid-write
+                if prompt_ids is None or key[0] in prompt_ids:
+                    records[key] = rec
+    shadow = [r for r in records.values() if not r["stopped"]]
+    reached = sum(r["length"] >= r["cap"] for r in shadow)
+    return {
+        "caught": len(records), "stopped": len(records) - len(shadow), "shadow": len(shadow),
+        "shadow_reached_cap": reached, "shadow_share_reached_cap": round(reached / len(shadow), 4) if shadow else None,
+    }
 
 
 def _read_partial(path: str) -> list[LengthRow]:
@@ -151,12 +215,37 @@ def build_dataset(prompts_path: str, out_path: str, cfg: BuildConfig, engine=Non
         sched = engine.scheduler
         return not in_flight or (sched.num_waiting == 0 and sched.num_running + cfg.samples <= cfg.max_num_seqs)
 
-    in_flight: dict[str, tuple[Prompt, int, float]] = {}
+    in_flight: dict[str, tuple[Prompt, int, float, int]] = {}
+    caught: dict[str, dict[int, dict]] = {}  # prompt id -> response index -> loop record
+    rule = cfg.stop_loops
+
+    def check_loops(out) -> object | None:
+        """Stops the responses of `out` that a loop caught (but not the shadow sample); returns the
+        request's final output when that ended it."""
+        final = None
+        cap = in_flight[out.request_id][3]
+        for i, o in enumerate(out.outputs):
+            n = len(o.token_ids)
+            if o.finish_reason is not None or n % cfg.loop_check_every or i in caught.get(out.request_id, {}):
+                continue
+            period = rule.period(o.token_ids)
+            if period is None:
+                continue
+            stop = not _is_shadow(out.request_id, i, cfg.loop_shadow_every)
+            caught.setdefault(out.request_id, {})[i] = {
+                "prompt_id": out.request_id, "index": i, "at": n, "period": period, "stopped": stop, "cap": cap,
+            }
+            if stop:
+                final = engine.finish_completion(out.request_id, i) or final
+        return final
+
     skipped: set[str] = set()
     num_written = num_tokens = 0
     t0 = time.monotonic()
     bar = tqdm(total=len(todo), unit="prompt", disable=not progress, dynamic_ncols=True)
-    with open(partial_path, "a", encoding="utf-8") as partial:
+    with contextlib.ExitStack() as files:
+        partial = files.enter_context(open(partial_path, "a", encoding="utf-8"))
+        loop_log = files.enter_context(open(loops_path(out_path), "a", encoding="utf-8")) if rule is not None else None
         while todo or in_flight:
             while todo and has_room():
                 prompt = todo.popleft()
@@ -172,16 +261,24 @@ def build_dataset(prompts_path: str, out_path: str, cfg: BuildConfig, engine=Non
                     max_tokens=min(cfg.max_tokens, room), seed=_request_seed(cfg.seed, prompt.prompt_id),
                 )
                 engine.add_request(prompt.prompt_id, prompt.text, params, prompt_token_ids=ids)
-                in_flight[prompt.prompt_id] = (prompt, len(ids), time.monotonic())
+                in_flight[prompt.prompt_id] = (prompt, len(ids), time.monotonic(), params.max_tokens)
             for out in engine.step():
+                if not out.finished and rule is not None:
+                    out = check_loops(out) or out
                 if not out.finished:
                     continue
-                prompt, num_prompt_tokens, started = in_flight.pop(out.request_id)
+                prompt, num_prompt_tokens, started, cap = in_flight.pop(out.request_id)
+                loops = caught.pop(out.request_id, {})
                 if out.error:
                     logger.warning("prompt %s failed (%s); it will be retried on the next run", prompt.prompt_id, out.error)
                     bar.update(1)
                     continue
-                sizes = [len(o.token_ids) for o in out.outputs]
+                sizes = [cap if loops.get(i, {}).get("stopped") else len(o.token_ids) for i, o in enumerate(out.outputs)]
+                if loops:
+                    for i, rec in sorted(loops.items()):
+                        rec["length"] = sizes[i]
+                        loop_log.write(json.dumps(rec) + "\n")
+                    loop_log.flush()
                 row = LengthRow(
                     prompt_id=prompt.prompt_id, model=model_name, prompt_text=prompt.text,
                     input_size=num_prompt_tokens, output_sizes=sizes, dataset=prompt.dataset,
@@ -191,7 +288,7 @@ def build_dataset(prompts_path: str, out_path: str, cfg: BuildConfig, engine=Non
                 partial.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
                 partial.flush()
                 num_written += 1
-                num_tokens += sum(sizes)
+                num_tokens += sum(len(o.token_ids) for o in out.outputs)
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{num_tokens / max(time.monotonic() - t0, 1e-9):.0f}")
     bar.close()
@@ -204,5 +301,8 @@ def build_dataset(prompts_path: str, out_path: str, cfg: BuildConfig, engine=Non
     splits = {}
     for r in by_id.values():
         splits[r.split] = splits.get(r.split, 0) + 1
-    return {"out": out_path, "model": model_name, "rows": len(by_id), "new_rows": num_written, "skipped": len(skipped),
-            "splits": splits, "generated_tokens": num_tokens, "seconds": round(time.monotonic() - t0, 1)}
+    summary = {"out": out_path, "model": model_name, "rows": len(by_id), "new_rows": num_written, "skipped": len(skipped),
+               "splits": splits, "generated_tokens": num_tokens, "seconds": round(time.monotonic() - t0, 1)}
+    if os.path.exists(loops_path(out_path)):
+        summary["loops"] = loop_summary(loops_path(out_path), set(by_id))
+    return summary

@@ -32,13 +32,14 @@ def _positive(kind):
 
 
 def cmd_build_dataset(args: argparse.Namespace) -> int:
-    from lenserve.predictor.builder import BuildConfig, build_dataset
+    from lenserve.predictor.builder import BuildConfig, LoopRule, build_dataset
 
     cfg = BuildConfig(
         samples=args.samples, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, num_prompts=args.num_prompts, seed=args.seed, model_name=args.model_name,
         model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.num_threads,
+        stop_loops=LoopRule() if args.stop_loops else None,
     )
     summary = build_dataset(args.prompts, args.out, cfg)
     print(json.dumps(summary))
@@ -102,6 +103,9 @@ def register(subparsers) -> None:
     b.add_argument("--max-num-seqs", type=_positive(int), default=128)
     b.add_argument("--max-num-batched-tokens", type=_positive(int), default=4096)
     b.add_argument("--num-threads", type=_positive(int), default=None)
+    b.add_argument("--stop-loops", action="store_true",
+                   help="end a response caught in a repetition loop at once and record it at --max-tokens; one in 16 "
+                        "such responses runs on to measure the rule (OUT stem + .loops.jsonl)")
     b.set_defaults(func=cmd_build_dataset)
 
     t = sub.add_parser("train", help="train the length predictor (and its prompt-length baseline)")

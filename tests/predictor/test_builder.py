@@ -5,13 +5,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lenserve.predictor.builder import BuildConfig, build_dataset, read_prompts
+from lenserve.predictor.builder import BuildConfig, LoopRule, _is_shadow, build_dataset, loop_summary, loops_path, read_prompts
 from lenserve.predictor.dataset import read_rows, split_of
 
 
 @dataclass
 class _Completion:
     token_ids: list
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -145,3 +146,101 @@ def test_in_flight_prompts_fill_the_batch_by_sequences(prompts_file, tmp_path):
     assert len(read_rows(str(tmp_path / "b.jsonl"))) == 12
     # max_num_seqs 6 and 3 samples a prompt: two prompts' samples at a time, never more
     assert engine.most_running == CFG.max_num_seqs
+
+
+# ---- responses caught in repetition loops ----------------------------------------------------------
+
+def test_loop_rule_finds_repeating_tails_only():
+    rule = LoopRule(min_span=24, max_period=20, min_repeats=3, min_match=0.9)
+    prose = list(range(100, 400))
+    assert rule.period(prose) is None
+    assert rule.period(prose[:50] + [7, 8, 9] * 12) == 3
+    assert rule.period(prose[:50] + [7] * 30) == 1
+    assert rule.period(prose[:50] + [7, 8, 9] * 7) is None  # 21 tokens: shorter than the span
+    # a period carrying a counter: "1. tip\n", "2. tip\n", ... (one token in ten differs)
+    listing = [t for i in range(12) for t in (1000 + i, 5, 6, 7, 8, 9, 10, 11, 12, 13)]
+    assert rule.period(prose[:50] + listing) == 10
+    assert LoopRule(min_span=24, max_period=20, min_repeats=3, min_match=1.0).period(prose[:50] + listing) is None
+    # a long period needs min_repeats copies of itself, however short the span
+    assert rule.period(prose[:50] + list(range(18)) * 3) is None
+    assert rule.period(prose[:50] + list(range(18)) * 4) == 18
+
+
+class LoopingEngine(FakeEngine):
+    """Streams every response a token a step: response 0 loops on [1, 2, 3] to the cap, the others
+    count up without repeating and stop after 40 tokens. Supports finish_completion."""
+
+    max_model_len = 4096
+
+    def add_request(self, request_id, prompt, params, prompt_token_ids):
+        super().add_request(request_id, prompt, params, prompt_token_ids)
+        self.pending[-1].append([_Completion([]) for _ in range(params.n)])
+
+    def step(self):
+        self.most_running = max(self.most_running, self.scheduler.num_running)
+        out = []
+        for req in list(self.pending):
+            rid, _, params, _, comps = req
+            for i, c in enumerate(comps):
+                if c.finish_reason is None:
+                    c.token_ids.append([1, 2, 3][len(c.token_ids) % 3] if i == 0 else len(c.token_ids) + 100)
+                    if len(c.token_ids) >= (params.max_tokens if i == 0 else 40):
+                        c.finish_reason = "length"
+            out.append(self._output(req))
+        return out
+
+    def _output(self, req):
+        finished = all(c.finish_reason for c in req[4])
+        if finished:
+            self.pending.remove(req)
+        return _Output(req[0], [_Completion(list(c.token_ids), c.finish_reason) for c in req[4]], finished=finished)
+
+    def finish_completion(self, request_id, index):
+        req = next(r for r in self.pending if r[0] == request_id)
+        req[4][index].finish_reason = "stop"
+        out = self._output(req)
+        return out if out.finished else None
+
+
+def test_loops_are_stopped_and_recorded_at_the_cap(prompts_file, tmp_path):
+    out = str(tmp_path / "smol.jsonl.gz")
+    rule = LoopRule(min_span=24, max_period=8, min_repeats=3, min_match=1.0)
+    cfg = BuildConfig(samples=3, max_tokens=200, max_num_seqs=6, stop_loops=rule, loop_check_every=4, loop_shadow_every=3)
+    summary = build_dataset(prompts_file, out, cfg, engine=LoopingEngine(), progress=False)
+    rows = read_rows(out)
+    assert len(rows) == 12
+    records = [json.loads(line) for line in open(loops_path(out))]
+    assert loops_path(out) == str(tmp_path / "smol.loops.jsonl")
+    # only response 0 loops; 27 tokens is the first check (every 4) past span + period
+    assert sorted(r["prompt_id"] for r in records) == sorted(r.prompt_id for r in rows)
+    for rec in records:
+        assert (rec["index"], rec["period"], rec["at"], rec["cap"]) == (0, 3, 28, 200)
+        assert rec["stopped"] == (not _is_shadow(rec["prompt_id"], 0, 3))
+        assert rec["length"] == 200  # stopped: recorded at the cap; shadow: it really ran there
+    shadow = sum(not r["stopped"] for r in records)
+    assert 0 < shadow < 12
+    for r in rows:
+        assert r.output_sizes == [200, 40, 40]
+    assert summary["loops"] == {"caught": 12, "stopped": 12 - shadow, "shadow": shadow, "shadow_reached_cap": shadow,
+                                "shadow_share_reached_cap": 1.0}
+    assert summary["generated_tokens"] == 12 * 80 + shadow * 200 + (12 - shadow) * 28
+
+
+def test_loop_summary_counts_shadow_responses_that_ended_early(tmp_path):
+    path = tmp_path / "x.loops.jsonl"
+    recs = [
+        {"prompt_id": "a", "index": 0, "at": 100, "period": 5, "stopped": False, "cap": 512, "length": 512},
+        {"prompt_id": "a", "index": 1, "at": 100, "period": 5, "stopped": False, "cap": 512, "length": 300},
+        {"prompt_id": "b", "index": 0, "at": 100, "period": 5, "stopped": True, "cap": 512, "length": 512},
+        {"prompt_id": "gone", "index": 0, "at": 100, "period": 5, "stopped": True, "cap": 512, "length": 512},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"prompt_id": "c", "ind')
+    assert loop_summary(str(path), {"a", "b"}) == {
+        "caught": 3, "stopped": 1, "shadow": 2, "shadow_reached_cap": 1, "shadow_share_reached_cap": 0.5}
+    assert loop_summary(str(tmp_path / "none.jsonl"))["caught"] == 0
+
+
+def test_no_loop_file_without_the_rule(prompts_file, tmp_path):
+    out = str(tmp_path / "plain.jsonl")
+    summary = build_dataset(prompts_file, out, CFG, engine=FakeEngine(), progress=False)
+    assert "loops" not in summary and not (tmp_path / "plain.loops.jsonl").exists()
