@@ -21,8 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,56 +32,18 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, write_result  # noqa: E402
 
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_pids(sid: int) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.getsid(int(name)) == sid:
-                    out.append(int(name))
-    return out
+from lenserve.server.process import ServerProcess, free_port  # noqa: E402
 
 
 @contextlib.contextmanager
 def server(args: list[str], log_path: str):
-    port = _free_port()
+    """A `lenserve serve` on a free port (its Ray's leftovers are swept when it stops)."""
+    port = free_port()
     cmd = [sys.executable, "-m", "lenserve.cli", "serve", "--port", str(port), "--predictor", "none", *args]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {open(log_path).read()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not come up")
-            time.sleep(1)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        deadline = time.monotonic() + 20
-        while _session_pids(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in _session_pids(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    with ServerProcess(cmd, log_path, f"http://127.0.0.1:{port}", stop_timeout_s=90,
+                       env={"RAY_USAGE_STATS_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE"}) as proc:
+        proc.wait_healthy(300)
+        yield proc.url
 
 
 async def load(url: str, num_requests: int, concurrency: int, max_tokens: int) -> dict:

@@ -231,7 +231,7 @@ def run_server(args, log=print) -> dict:
 def _server_run(args, trace, cost, engine: dict, policy: str, time_scale: float, temperature: float, port: int, log) -> dict:
     """One natural-mode replay of `trace` against a fresh server, and the simulator on the arrivals
     and the prompt and response lengths the server saw."""
-    from lenserve.traces.compare import ServerProcess
+    from lenserve.server.process import ServerProcess
     from lenserve.traces.replay import ReplayConfig, replay
     from lenserve.traces.report import read_jsonl
 

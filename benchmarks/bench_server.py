@@ -12,10 +12,8 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -24,11 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, write_result  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lenserve.server.process import ServerProcess, free_port  # noqa: E402
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -83,22 +77,12 @@ def main() -> None:
     ap.add_argument("--out", default="bench_server_cpu.json")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lenserve.cli", "serve", "--port", str(port), "--predictor", "none", "--max-num-seqs", "64"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        asyncio.run(_served(url, 1, 1, 8))  # warm-up
-        served = {c: asyncio.run(_served(url, c, 2 if c == 1 else 1, args.new_tokens)) for c in levels}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+    port = free_port()
+    cmd = [sys.executable, "-m", "lenserve.cli", "serve", "--port", str(port), "--predictor", "none", "--max-num-seqs", "64"]
+    with tempfile.TemporaryDirectory() as log_dir, ServerProcess(cmd, os.path.join(log_dir, "server.log"), f"http://127.0.0.1:{port}") as server:
+        server.wait_healthy(300)
+        asyncio.run(_served(server.url, 1, 1, 8))  # warm-up
+        served = {c: asyncio.run(_served(server.url, c, 2 if c == 1 else 1, args.new_tokens)) for c in levels}
     offline = {c: _offline(c, 2 if c == 1 else 1, args.new_tokens) for c in levels}
     rows = []
     for c in levels:

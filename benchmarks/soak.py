@@ -23,10 +23,7 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +33,8 @@ import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, machine, write_result  # noqa: E402
+
+from lenserve.server.process import ServerProcess, free_port  # noqa: E402
 
 KINDS = {  # kind: weight
     "completion": 20, "completion_stream": 22, "chat": 16, "chat_stream": 22, "disconnect": 10, "bad_request": 10,
@@ -71,12 +70,6 @@ class Window:
     samples: list[Sample] = field(default_factory=list)
     healthy: bool | None = None
     load_avg_1m: float | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -305,31 +298,24 @@ def main() -> int:
     p.add_argument("--out", default="soak_cpu.json", help="file name under benchmarks/results ('' to skip)")
     args = p.parse_args()
 
-    proc = None
-    log_fd, log_path = tempfile.mkstemp(prefix="lenserve-soak-", suffix=".log")
+    server = None
+    log_dir = tempfile.TemporaryDirectory(prefix="lenserve-soak-")
     if args.url:
         if args.pid is None:
             p.error("--url needs --pid (the server's process, for its RSS)")
         url, pid = args.url.rstrip("/"), args.pid
     else:
-        port = _free_port()
+        port = free_port()
         cmd = [sys.executable, "-m", "lenserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--request-timeout-s", str(args.request_timeout_s), *args.server_args.split()]
-        proc = subprocess.Popen(cmd, stdout=log_fd, stderr=subprocess.STDOUT, cwd=ROOT)
-        url, pid = f"http://127.0.0.1:{port}", proc.pid
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                sys.exit(f"server exited with {proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                proc.kill()
-                sys.exit("server did not come up")
-            time.sleep(0.5)
+        server = ServerProcess(cmd, os.path.join(log_dir.name, "server.log"), f"http://127.0.0.1:{port}", cwd=ROOT,
+                               stop_timeout_s=120).__enter__()
+        url, pid = server.url, server.proc.pid
+        try:
+            server.wait_healthy(300)
+        except RuntimeError as e:
+            server.stop()
+            sys.exit(str(e))
 
     try:
         result = asyncio.run(soak(url, pid, args))
@@ -350,19 +336,11 @@ def main() -> int:
             "healthy": httpx.get(url + "/health", timeout=10).status_code == 200,
         }
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                exit_code = proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                exit_code = proc.wait()
-    if proc is not None:
+        exit_code = server.stop() if server is not None else None
+    if server is not None:
         result["after"]["exit_code"] = exit_code
-        with open(log_path) as f:
-            result["after"]["server_log_tracebacks"] = f.read().count("Traceback")
-    os.close(log_fd)
-    os.remove(log_path)
+        result["after"]["server_log_tracebacks"] = server.log().count("Traceback")
+    log_dir.cleanup()
     after = result["after"]
     result["pass"] = {
         "rss_growth_le_5pct": result["rss_growth_after_warmup_pct"] is not None and result["rss_growth_after_warmup_pct"] <= 5.0,

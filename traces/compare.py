@@ -8,20 +8,16 @@ replayed against, and stopped before the next one starts, so they never share th
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import httpx
 
+from lenserve.server.process import ServerProcess, free_port
 from lenserve.traces.replay import ReplayConfig, replay
 from lenserve.traces.trace import Trace
 
@@ -61,60 +57,6 @@ def server_command(server_cmd: str, host: str, port: int, config: dict[str, str]
     for key, value in config.items():
         args += [f"--{key}", value]
     return args + shlex.split(serve_args)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A server subprocess in its own process group, stopped (SIGTERM, then SIGKILL) on exit."""
-
-    def __init__(self, argv: list[str], log_path: Path, url: str) -> None:
-        self.argv = argv
-        self.log_path = log_path
-        self.url = url
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> ServerProcess:
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode} before it was healthy: {shlex.join(self.argv)} (log: {self.log_path}){_tail(self.log_path)}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not healthy after {timeout_s:.0f} s: {shlex.join(self.argv)} (log: {self.log_path}){_tail(self.log_path)}")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
-        self._log.close()
-
-
-def _tail(path: Path, num_lines: int = 15) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()[-num_lines:]
-    except OSError:
-        return ""
-    return ("\n--- server log tail ---\n" + "\n".join(lines)) if lines else ""
 
 
 COMPARE_COLUMNS = (

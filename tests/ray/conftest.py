@@ -60,7 +60,7 @@ def start_ray_server(tmp_path_factory, *args: str, replicas: int = 2):
            "--shutdown-grace-s", "5", *args]
     with launch_server(cmd, log_path, port, server_cls=RayServer, api_key=API_KEY, timeout_s=240,
                        ready=lambda s: len(s.replica_pids()) == replicas and len(s.serving_replicas()) == replicas, env={"RAY_USAGE_STATS_ENABLED": "0"},
-                       new_session=True, expect_exit_code=None) as server:
+                       expect_exit_code=None) as server:
         yield server
 
 

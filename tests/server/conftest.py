@@ -1,19 +1,11 @@
 import contextlib
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lenserve.server.process import ServerProcess, free_port  # noqa: F401 (free_port: the tests' import)
 
 
 class Server:
@@ -46,60 +38,21 @@ class Server:
             return f.read()
 
 
-def session_pids(sid: int) -> list[int]:
-    """Processes of session `sid` (a server started with start_new_session and its children)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError, ProcessLookupError):
-                if os.getsid(int(name)) == sid:
-                    out.append(int(name))
-    return out
-
-
 @contextlib.contextmanager
 def launch_server(cmd: list[str], log_path: str, port: int, *, server_cls=None, api_key: str | None = None,
-                  ready=None, timeout_s: float = 180, env: dict | None = None, new_session: bool = False,
-                  expect_exit_code: int | None = 0):
-    """Runs `cmd` (a server on 127.0.0.1:port), yields a Server once /health answers 200 and
-    `ready(server)` holds, then SIGTERMs it (kill after 60 s). With `new_session`, whatever is left of
-    its session afterwards (Ray's processes) is killed too."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    server = (server_cls or Server)(proc, port, log_path, api_key)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-5000:]}")
-            try:
-                if httpx.get(server.url + "/health", timeout=5).status_code == 200 and (ready is None or ready(server)):
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not come up:\n{server.log()[-5000:]}")
-            time.sleep(0.5)
+                  ready=None, timeout_s: float = 180, env: dict | None = None, expect_exit_code: int | None = 0):
+    """Runs `cmd` (a server on 127.0.0.1:port) as a ServerProcess, yields a Server once /health
+    answers 200 and `ready(server)` holds, then stops it: SIGTERM, kill after 60 s, and whatever is
+    left of its session (Ray's processes) is killed. A server the test did not stop itself must exit
+    with `expect_exit_code`."""
+    with ServerProcess(cmd, log_path, f"http://127.0.0.1:{port}", env=env) as proc:
+        server = (server_cls or Server)(proc.proc, port, log_path, api_key)
+        proc.wait_healthy(timeout_s, ready=None if ready is None else lambda: ready(server))
         yield server
-    finally:
-        code = proc.poll()
-        if code is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-            if expect_exit_code is not None:
-                assert code == expect_exit_code, server.log()[-3000:]
-        if new_session:
-            deadline = time.monotonic() + 20
-            while session_pids(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            for pid in session_pids(proc.pid):  # nothing of this server may outlive the tests
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        running = proc.proc.poll() is None
+        code = proc.stop()
+        if running and expect_exit_code is not None:
+            assert code == expect_exit_code, server.log()[-3000:]
 
 
 @contextlib.contextmanager

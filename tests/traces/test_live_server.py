@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lenserve.traces import prompts
-from lenserve.traces.compare import ServerProcess, free_port
+from lenserve.server.process import ServerProcess, free_port
 from lenserve.traces.replay import ReplayConfig, replay
 from lenserve.traces.synth import LengthDist, SynthConfig, synthesize, write_burstgpt_csv
 

@@ -102,7 +102,7 @@ def test_natural_mode_uses_chat_and_lets_the_model_stop(fake_server, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_unreachable_server_is_a_clear_error(tmp_path):
-    from lenserve.traces.compare import free_port
+    from lenserve.server.process import free_port
 
     trace = Trace([TraceRequest(0.0, 5, 5)])
     with pytest.raises(Exception, match="v1/models"):
