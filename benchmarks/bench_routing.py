@@ -43,16 +43,11 @@ KEYS = ("mean_e2e_s", "p50_e2e_s", "p99_e2e_s", "mean_ttft_s", "p99_ttft_s", "me
 
 def make_residuals(path: str, num_samples: int = 20000, seed: int = 0) -> dict:
     """The default predictor's errors on the CASTILLO prompts held out of its training."""
-    import hashlib
-
     from lenserve.predictor import load_default_predictor
-    from lenserve.predictor.dataset import iter_rows
+    from lenserve.predictor.dataset import castillo_held_out, iter_rows
     from lenserve.predictor.evaluate import predict_rows
 
-    def held_out(text: str) -> bool:
-        return int(hashlib.sha256(("holdout:" + text).encode()).hexdigest()[:16], 16) / 16**16 < 0.2
-
-    rows = [r for p in CASTILLO for r in iter_rows(p) if held_out(r.prompt_text)]
+    rows = [r for p in CASTILLO for r in iter_rows(p) if castillo_held_out(r.prompt_text)]
     preds = predict_rows(load_default_predictor(), rows)
     triples = [(a, p.p50, p.p90) for r, p in zip(rows, preds) for a in r.output_sizes if a > 0]
     rng = np.random.default_rng(seed)

@@ -161,7 +161,7 @@ def loop_summary(path: str, prompt_ids: set[str] | None = None) -> dict:
     }
 
 
-def _read_partial(path: str) -> list[LengthRow]:
+def read_partial(path: str) -> list[LengthRow]:
     """Rows of an interrupted build; a last line cut off mid-write is dropped (and the file repaired)."""
     if not os.path.exists(path):
         return []
@@ -199,7 +199,7 @@ def build_dataset(prompts_path: str, out_path: str, cfg: BuildConfig, engine=Non
     prompts = select_prompts(read_prompts(prompts_path), cfg.num_prompts, cfg.seed)
     partial_path = out_path + ".partial"
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    done_rows = (list(iter_rows(out_path)) if os.path.exists(out_path) else []) + _read_partial(partial_path)
+    done_rows = (list(iter_rows(out_path)) if os.path.exists(out_path) else []) + read_partial(partial_path)
     done = {r.prompt_id for r in done_rows}
     todo = deque(p for p in prompts if p.prompt_id not in done)
     logger.info("%d prompts selected, %d already done, %d to sample", len(prompts), len(prompts) - len(todo), len(todo))
@@ -293,7 +293,7 @@ def build_dataset(prompts_path: str, out_path: str, cfg: BuildConfig, engine=Non
                 bar.set_postfix(tok_s=f"{num_tokens / max(time.monotonic() - t0, 1e-9):.0f}")
     bar.close()
 
-    rows = done_rows + _read_partial(partial_path)
+    rows = done_rows + read_partial(partial_path)
     by_id = {r.prompt_id: r for r in rows}
     if all(p.prompt_id in by_id or p.prompt_id in skipped for p in prompts):
         write_rows(out_path, sorted(by_id.values(), key=lambda r: r.prompt_id))

@@ -104,6 +104,12 @@ def split_of(prompt_id: str, fractions: tuple[float, ...] = SPLIT_FRACTIONS) -> 
     return SPLITS[-1]
 
 
+def castillo_held_out(prompt_text: str, share: float = 0.2) -> bool:
+    """Whether a CASTILLO prompt text is in the share held out of the shipped predictor's training
+    (sha256 of "holdout:" + text): by text, so a prompt is held out for every model that answered it."""
+    return int(hashlib.sha256(("holdout:" + prompt_text).encode()).hexdigest()[:16], 16) / 16**16 < share
+
+
 def _open_text(path: str, mode: str):
     if str(path).endswith(".gz"):
         return gzip.open(path, mode + "t", encoding="utf-8")

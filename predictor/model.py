@@ -40,6 +40,21 @@ class LengthPredictor(ABC):
         """The trained model to answer for: `model` when it was trained on, else the default."""
         return self.models.index(model) if model in self.models else self.models.index(self.default_model)
 
+    def resolve_model(self, *names: str | None) -> str:
+        """The trained model that a served model answers as: the first of `names` that is a trained
+        model's full name or its last path part, case aside (a checkpoint folder
+        "Llama-3.2-1B-Instruct" is "meta-llama/Llama-3.2-1B-Instruct"), else the default model."""
+        by_short = {m.rsplit("/", 1)[-1].lower(): m for m in self.models}
+        for name in names:
+            if not name:
+                continue
+            if name in self.models:
+                return name
+            short = name.rstrip("/").rsplit("/", 1)[-1].lower()
+            if short in by_short:
+                return by_short[short]
+        return self.default_model
+
     @abstractmethod
     def _predict_log_quantiles(self, prompts: list[PromptInput], model: int) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
         """(means [n], quantiles [n, num_levels] in tokens, levels) before clipping to max_tokens."""

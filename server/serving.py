@@ -60,6 +60,11 @@ class OpenAIServing:
         self.model_names = served_model_names
         self.metrics = metrics
         self.predictor = predictor
+        # the trained model whose lengths the served one is predicted by (a CASTILLO model when a
+        # user serves one of their checkpoints, else the predictor's default)
+        self.predictor_model = predictor.resolve_model(*served_model_names, engine.engine.model_name) if predictor is not None else None
+        if predictor is not None:
+            logger.info("length predictor answers as %s", self.predictor_model)
         self.request_timeout_s = request_timeout_s
         self.tokenizer = engine.tokenizer
 
@@ -93,7 +98,7 @@ class OpenAIServing:
         if self.predictor is None:
             return None
         try:
-            return self.predictor.predict([PromptInput(text=text, num_tokens=num_tokens, max_tokens=max_tokens)])[0]
+            return self.predictor.predict([PromptInput(text=text, num_tokens=num_tokens, max_tokens=max_tokens)], model=self.predictor_model)[0]
         except Exception:
             logger.exception("length prediction failed; scheduling without it")
             return None

@@ -113,3 +113,11 @@ def test_log_length_relation_is_monotone(trained):
     prompts = [PromptInput(f"Write {n} sentences about rain.", 10) for n in (1, 3, 6, 12)]
     means = [p.mean for p in predictor.predict(prompts)]
     assert stats.kendalltau(means, [1, 3, 6, 12]).statistic == pytest.approx(1.0)
+
+
+def test_served_model_resolves_to_a_trained_one(trained):
+    predictor = trained[0]
+    assert predictor.resolve_model("org/verbose-llm") == "verbose-llm"
+    assert predictor.resolve_model("/ckpts/Verbose-LLM/") == "verbose-llm"  # a checkpoint folder, case aside
+    assert predictor.resolve_model(None, "my-finetune", "verbose-llm") == "verbose-llm"  # the first that matches
+    assert predictor.resolve_model("my-finetune") == predictor.default_model == "small-llm"
