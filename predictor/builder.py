@@ -7,7 +7,9 @@ prompt is appended to `<out>.partial` at once, so an interrupted build resumes w
 sorted by prompt id and the partial file is removed.
 
 A response's length counts the tokens the engine generated for it, the end-of-sequence token
-included (one decode step each), as `RequestOutput.outputs[i].token_ids` holds them.
+included (one decode step each), as `RequestOutput.outputs[i].token_ids` holds them. With
+`stop_loops`, a response caught in a repetition loop is ended at once and counted at the cap it
+would have run to (`LoopRule`; one caught response in `loop_shadow_every` runs on as the check).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ class BuildConfig:
     max_num_batched_tokens: int = 4096
     num_threads: int | None = None
     # End a response caught in a repetition loop at once and record it at the cap (None: never).
-    stop_loops: "LoopRule | None" = None
+    stop_loops: LoopRule | None = None
     loop_check_every: int = 8  # tokens between two checks of a response
     loop_shadow_every: int = 16  # one response in this many is checked but left to run: the measure of the rule
 
