@@ -174,6 +174,7 @@ class LLMEngine:
                 priority=priority,
                 prediction=prediction,
                 params=params,
+                group_id=request_id if params.n > 1 else None,
             )
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(tok, params.stop, params.include_stop_str_in_output, params.skip_special_tokens))

@@ -257,10 +257,18 @@ class Scheduler:
         return bm.match_prefix(seq) if bm.enable_prefix_caching and not seq.block_ids else []
 
     def _admit(self, now: float, budget: int, scheduled: list) -> None:
-        """Continuous batching: picks sequences from the front of the queue, then prepacks them."""
+        """Continuous batching: picks sequences from the front of the queue, then prepacks them.
+
+        A sequence whose group (the other samples of its prompt) has a prompt still being computed
+        waits until that is done and then takes the prompt from the prefix cache: a request with
+        n = 10 computes its prompt once, not ten times. When the head itself waits so, nothing is
+        admitted this step (the sibling's prefill is running and ends within a few steps)."""
         cfg = self.config
         available = self.num_unreserved_blocks - self._watermark_blocks
         head = self.waiting.peek(now, self.work_done)
+        prefilling = self._prefilling_groups()
+        if self._waits_for_sibling(head, prefilling):
+            return
         matched = self._match(head)
         need = self._admission_blocks(head, matched)
         if need > available and (self.running or not self._fits_alone(head, matched)):
@@ -268,6 +276,7 @@ class Scheduler:
         self.waiting.remove(head)
         selected = [(head, matched)]
         available -= need
+        self._note_prefill(head, matched, prefilling)
         free_slots = cfg.max_num_seqs - len(self.running)
         head_bucket = bucket_key(head) if cfg.bucket_affinity else None
         far: list[Sequence] = []  # outside the head's bucket neighbourhood: considered last
@@ -282,25 +291,48 @@ class Scheduler:
             if head_bucket is not None and not _near(bucket_key(seq), head_bucket):
                 far.append(seq)
                 continue
-            available = self._select(seq, available, selected, skipped)
+            available = self._select(seq, available, selected, skipped, prefilling)
         for seq in far:
             if len(selected) < free_slots:
-                available = self._select(seq, available, selected, skipped)
+                available = self._select(seq, available, selected, skipped, prefilling)
             else:
                 skipped.append(seq)
         for seq in skipped:
             self.waiting.push(seq)
         self._start(now, selected, budget, scheduled, static=False)
 
-    def _select(self, seq: Sequence, available: int, selected: list, skipped: list) -> int:
-        """Selects `seq` if its blocks fit; returns the blocks still available."""
+    def _select(self, seq: Sequence, available: int, selected: list, skipped: list, prefilling: set[str]) -> int:
+        """Selects `seq` if its blocks fit and no sibling is computing its prompt; returns the
+        blocks still available."""
+        if self._waits_for_sibling(seq, prefilling):
+            skipped.append(seq)
+            return available
         matched = self._match(seq)
         need = self._admission_blocks(seq, matched)
         if need > available:
             skipped.append(seq)
             return available
         selected.append((seq, matched))
+        self._note_prefill(seq, matched, prefilling)
         return available - need
+
+    def _prefilling_groups(self) -> set[str]:
+        """Groups with a running sequence that has more than a block of its prompt still to compute
+        (less than that is the partial last block, which no sibling could take from the cache)."""
+        bs = self.block_manager.block_size
+        return {s.group_id for s in self.running if s.group_id is not None and s.num_prompt_tokens - s.num_computed_tokens > bs}
+
+    def _note_prefill(self, seq: Sequence, matched: list[int], prefilling: set[str]) -> None:
+        """Marks `seq`'s group as prefilling when, admitted now, it computes more than a block of its prompt."""
+        bs = self.block_manager.block_size
+        if seq.group_id is not None and seq.num_prompt_tokens - len(matched) * bs > bs:
+            prefilling.add(seq.group_id)
+
+    def _waits_for_sibling(self, seq: Sequence, prefilling: set[str]) -> bool:
+        """Whether `seq` should wait for a sibling's prompt to land in the prefix cache: its
+        group is computing the prompt, the cache is on, and the prompt fills at least one block."""
+        return (seq.group_id in prefilling and self.block_manager.enable_prefix_caching and not seq.block_ids
+                and seq.num_prompt_tokens > self.block_manager.block_size)
 
     def _fits_alone(self, seq: Sequence, matched: list[int]) -> bool:
         """Whether `seq`'s prompt (without its output reservation) fits the unreserved pool."""

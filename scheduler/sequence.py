@@ -51,6 +51,7 @@ class Sequence:
         prediction: LengthPrediction | None = None,
         true_output_len: int | None = None,
         params: Any = None,
+        group_id: str | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
@@ -70,6 +71,9 @@ class Sequence:
         self.prediction = prediction
         self.true_output_len = true_output_len
         self.params = params
+        # Sequences sampled from one prompt (a request with n > 1) share a group: its prompt is
+        # computed once and the others find it in the prefix cache.
+        self.group_id = group_id
 
         self.status = SequenceStatus.WAITING
         self.stop_reason: int | str | None = None

@@ -22,6 +22,7 @@ def make_seq(
     pred: LengthPrediction | None = None,
     priority: int = 0,
     prompt: list[int] | None = None,
+    group_id: str | None = None,
 ) -> Sequence:
     return Sequence(
         rid,
@@ -32,6 +33,7 @@ def make_seq(
         priority=priority,
         prediction=pred,
         true_output_len=output_len,
+        group_id=group_id,
     )
 
 

@@ -2,6 +2,7 @@
 re-estimation, and property tests over random workloads (including aborts at any point)."""
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -225,8 +226,9 @@ def _run(work, config, num_blocks, caching, aborts=()):
         while pending and pending[0][1][3] <= step:
             i, (p, o, err, _, prio) = pending.pop(0)
             prompt = [5 + (j % 3) for j in range(p)] if caching else None  # shared prefixes
+            # requests with one prompt length form a group (the samples of one prompt, n > 1)
             seq = make_seq(f"r{i}", p, o, max_tokens=40, arrival=clock.now, priority=prio,
-                           pred=prediction(max(o * err, 1.0)), prompt=prompt)
+                           pred=prediction(max(o * err, 1.0)), prompt=prompt, group_id=f"g{p}")
             sched.add(seq)
             seqs[seq.request_id] = seq
         for rid, at in list(abort_at.items()):
@@ -277,3 +279,46 @@ def test_all_policies_and_modes_drain_a_larger_workload():
                 assert len(finished) == 60
                 assert sched.block_manager.num_free_blocks == 80
                 assert math.isclose(sum(s.num_output_tokens for s in finished), sum(1 + (i * 37) % 50 for i in range(60)))
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_samples_of_one_prompt_compute_it_once(caching):
+    sched = make_scheduler(num_blocks=64, block_size=4, caching=caching, max_num_batched_tokens=256, max_num_seqs=8)
+    prompt = [5 + j % 7 for j in range(41)]
+    group = [make_seq(f"q#{i}", 41, 5, prompt=prompt, group_id="q") for i in range(4)]
+    other = make_seq("other", 41, 5, prompt=[9] * 41)
+    for seq in group + [other]:
+        sched.add(seq)
+    first = sched.schedule()
+    if not caching:  # nothing to share: every sample computes the prompt at once
+        assert sorted(first.num_new_tokens) == [41] * 5
+        return
+    # one sample computes the prompt; its siblings wait a step, the unrelated prompt does not
+    assert sorted((s.request_id, n) for s, n in zip(first.seqs, first.num_new_tokens)) == [("other", 41), ("q#0", 41)]
+    sched.update(first, sample_tokens(first))
+    second = sched.schedule()
+    new = {s.request_id: n for s, n in zip(second.seqs, second.num_new_tokens)}
+    # the siblings take the prompt's 10 full blocks from the cache and compute only the last token
+    assert {rid: n for rid, n in new.items() if rid.startswith("q#") and rid != "q#0"} == {"q#1": 1, "q#2": 1, "q#3": 1}
+    assert all(s.num_cached_tokens == 40 for s in group[1:])
+    while sched.has_unfinished():
+        out = sched.schedule()
+        sched.update(out, sample_tokens(out))
+    assert all(s.num_output_tokens == 5 for s in group) and sched.block_manager.num_free_blocks == 64
+
+
+def test_a_head_waiting_for_its_sibling_holds_admission_a_step():
+    # a long prompt chunked over steps: the sibling at the head waits while it is computed
+    sched = make_scheduler(num_blocks=64, block_size=4, caching=True, max_num_batched_tokens=16, max_num_seqs=8)
+    prompt = [5 + j % 7 for j in range(40)]
+    a, b = make_seq("p#0", 40, 3, prompt=prompt, group_id="p"), make_seq("p#1", 40, 3, prompt=prompt, group_id="p")
+    sched.add(a)
+    sched.add(b)
+    steps = []
+    while a.num_computed_tokens < 40:
+        out = sched.schedule()
+        steps.append({s.request_id: n for s, n in zip(out.seqs, out.num_new_tokens)})
+        sched.update(out, sample_tokens(out))
+    assert steps == [{"p#0": 16}, {"p#0": 16}, {"p#0": 8}]
+    out = sched.schedule()
+    assert {s.request_id: n for s, n in zip(out.seqs, out.num_new_tokens)} == {"p#0": 1, "p#1": 4}
