@@ -104,11 +104,29 @@ class LLMEngine:
         self.last_stats = IterationStats()
         self._pending_finished: list[FinishedRequestStats] = []
         self.num_steps = 0
+        # Reads the residual stream at the end of each prompt's prefill (predictor/probe.py): a
+        # HiddenStateProbe refines the sequence's length prediction; None reads nothing.
+        self.length_probe = None
         logger.info(
             "loaded %s (%d layers, %.0f MB %s) on %s in %.1fs; KV cache %d blocks x %d tokens (%.2f GiB %s)",
             self.model_name, arch.num_layers, self.model.num_bytes() / 1e6, self.dtype, self.device,
             time.monotonic() - t0, num_blocks, config.block_size, self.kv_cache.num_bytes / 2**30, kv_dtype,
         )
+
+    def set_length_probe(self, probe) -> None:
+        """Refine each sequence's length prediction from the served model's own state when its
+        prompt's prefill completes (a HiddenStateProbe fitted on this model; None: stop)."""
+        if probe is not None:
+            probe.check_model(self.model_name, self.arch.num_layers, self.arch.hidden_size)
+        self.length_probe = probe
+
+    def _read_prompt_states(self, sampling_seqs: list[Sequence], states: torch.Tensor) -> None:
+        first = [j for j, s in enumerate(sampling_seqs) if s.num_output_tokens == 0]
+        seqs = [sampling_seqs[j] for j in first]
+        request_ids = [self._seq_to_request[s.request_id][0] for s in seqs]
+        preds = self.length_probe.read(request_ids, states[first].cpu().numpy(), [s.max_tokens for s in seqs])
+        for seq, pred in zip(seqs, preds or ()):
+            self.scheduler.refine(seq, pred)
 
     # ---- requests ---------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
@@ -238,8 +256,11 @@ class LLMEngine:
             stats.scheduler = self.scheduler.stats()
             self.last_stats = stats
             return []
-        logits, sampling = self.runner.execute(out)
+        probe = self.length_probe
+        logits, sampling = self.runner.execute(out, probe.layer if probe is not None else None)
         sampling_seqs = [out.seqs[i] for i in sampling]
+        if self.runner.last_states is not None:
+            self._read_prompt_states(sampling_seqs, self.runner.last_states)
         offsets = [self._seq_to_request[s.request_id][1] for s in sampling_seqs]
         sampled = self.sampler(logits, sampling_seqs, offsets)
         by_seq = {s.request_id: (tok, lp) for s, tok, lp in zip(sampling_seqs, sampled.token_ids, sampled.logprobs)}

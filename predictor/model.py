@@ -64,22 +64,8 @@ class LengthPredictor(ABC):
         if not prompts:
             return []
         means, quantiles, levels = self._predict_log_quantiles(list(prompts), self.model_index(model))
-        out = []
-        for prompt, mean, qs in zip(prompts, means, quantiles):
-            qs = np.maximum.accumulate(np.maximum(qs, 1.0))
-            mean = max(float(mean), 1.0)
-            if prompt.max_tokens is not None:
-                qs = np.minimum(qs, prompt.max_tokens)
-                mean = min(mean, float(prompt.max_tokens))
-            by_level = {lv: float(q) for lv, q in zip(levels, qs)}
-            out.append(LengthPrediction(
-                mean=mean,
-                p50=_at_level(by_level, 0.5),
-                p90=_at_level(by_level, 0.9),
-                bucket=bucket_of(mean, self.edges),
-                quantiles=by_level,
-            ))
-        return out
+        return [make_prediction(mean, qs, levels, prompt.max_tokens, self.edges)
+                for prompt, mean, qs in zip(prompts, means, quantiles)]
 
     @abstractmethod
     def save(self, path: str) -> None: ...
@@ -91,6 +77,20 @@ class LengthPredictor(ABC):
     def _manifest(self, **extra) -> dict:
         return {"kind": self.kind, "format_version": FORMAT_VERSION, "models": self.models,
                 "default_model": self.default_model, "edges": list(self.edges), **extra}
+
+
+def make_prediction(mean: float, quantiles: np.ndarray, levels: tuple[float, ...], max_tokens: int | None,
+                    edges: tuple[int, ...] = DEFAULT_BUCKET_EDGES) -> LengthPrediction:
+    """A prediction from a mean and quantiles in tokens: at least 1, quantiles non-decreasing, both
+    capped at `max_tokens`."""
+    qs = np.maximum.accumulate(np.maximum(quantiles, 1.0))
+    mean = max(float(mean), 1.0)
+    if max_tokens is not None:
+        qs = np.minimum(qs, max_tokens)
+        mean = min(mean, float(max_tokens))
+    by_level = {lv: float(q) for lv, q in zip(levels, qs)}
+    return LengthPrediction(mean=mean, p50=_at_level(by_level, 0.5), p90=_at_level(by_level, 0.9),
+                            bucket=bucket_of(mean, edges), quantiles=by_level)
 
 
 def _at_level(by_level: dict[float, float], level: float) -> float:

@@ -142,7 +142,7 @@ def _sample_rows(sizes: list[list[int]], max_rows: int, seed: int) -> tuple[np.n
     return np.array(index), np.array(target)
 
 
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     order = np.argsort(values)
     cum = np.cumsum(weights[order])
     return float(values[order][np.searchsorted(cum, cum[-1] / 2)])
@@ -201,7 +201,7 @@ def fit_learned(rows: list[LengthRow], cfg: TrainConfig | None = None, default_m
         resid = np.concatenate([all_sizes[i][:, None] - oof_q[i][None, :] for i in idx])  # [samples, levels]
         offsets[m] = [np.quantile(resid[:, j], lv) for j, lv in enumerate(levels)]
         pred = np.exp(oof_loc[idx])
-        mean_scale[m] = _weighted_median(np.exp(y[idx]) / pred, pred)
+        mean_scale[m] = weighted_median(np.exp(y[idx]) / pred, pred)
 
     # 3. Final boosters on all rows.
     location, quantiles = _train_boosters(features, y, features[sample_row], sample_y, categorical, cfg)

@@ -48,3 +48,4 @@ class SchedulerStats:
     prefix_cache_hit_rate: float = 0.0
     num_reserved_blocks: int = 0  # free blocks promised to running sequences (KV admission)
     num_reestimations_total: int = 0  # running sequences that outlived their predicted p90
+    num_refinements_total: int = 0  # predictions replaced at the end of the prefill (length probe)

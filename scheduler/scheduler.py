@@ -25,6 +25,7 @@ import math
 import time
 from typing import Callable, Mapping
 
+from lenserve.predictor.types import LengthPrediction
 from lenserve.scheduler.block_manager import BlockManager
 from lenserve.scheduler.config import SchedulerConfig
 from lenserve.scheduler.estimates import reestimate
@@ -61,6 +62,7 @@ class Scheduler:
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions_total = 0
         self.num_reestimations_total = 0
+        self.num_refinements_total = 0  # predictions replaced by the served model's own (refine)
         self.num_reserved_blocks = 0  # sum of the running sequences' num_reserved_blocks
         self.num_steps = 0  # schedule() calls (and fast-forwarded steps): the aging clock
         # Work done (the fcfs_wait_bound clock), kept as integer counts so it is exact.
@@ -446,6 +448,27 @@ class Scheduler:
                 seq.num_reserved_blocks += grant
                 self.num_reserved_blocks += grant
 
+    def refine(self, seq: Sequence, prediction: LengthPrediction) -> None:
+        """A better prediction for a running sequence (the served model's own, read when its prompt's
+        prefill completed): it becomes the sequence's prediction and estimate (re-estimated at once
+        if the sequence already outlived its p90), and with predicted reservations the reservation
+        is resized to it: surplus blocks go back to the pool, a shortfall is granted as far as
+        unreserved blocks allow."""
+        seq.prediction = prediction
+        seq.estimate = prediction
+        self.num_refinements_total += 1
+        if seq.num_output_tokens > prediction.p90:
+            self._reestimate(seq)
+            return
+        if self.config.kv_reserve != "predicted" or seq.status != SequenceStatus.RUNNING:
+            return
+        wanted = max(self.block_manager.num_blocks_for(self.target_tokens(seq)) - len(seq.block_ids), 0)
+        change = wanted - seq.num_reserved_blocks
+        if change > 0:
+            change = max(min(change, self.num_unreserved_blocks - self._watermark_blocks), 0)
+        seq.num_reserved_blocks += change
+        self.num_reserved_blocks += change
+
     # ---- bulk decode (the simulator) -------------------------------------------------------------------
     def can_admit(self) -> bool:
         """Whether the next schedule() would admit a waiting sequence (running ones decoding)."""
@@ -586,6 +609,7 @@ class Scheduler:
             prefix_cache_hit_rate=hit,
             num_reserved_blocks=self.num_reserved_blocks,
             num_reestimations_total=self.num_reestimations_total,
+            num_refinements_total=self.num_refinements_total,
         )
 
 

@@ -21,8 +21,10 @@ def ours():
 
 
 def test_logits_match_transformers_gguf_loading(ours, test_prompts):
-    """Same GEMM as transformers (torch's): every logit within 1e-4. The oneDNN-prepacked weights
-    the engine uses on CPU accumulate in another order: within 5e-4 on the same prompts."""
+    """Same GEMM as transformers (torch's): every logit within 2e-4 (logits reach ~16; the largest
+    gap was 1.0e-4 with transformers 5.24, whose own fp32 order of operations moves it between
+    releases). The oneDNN-prepacked weights the engine uses on CPU accumulate in another order:
+    within 5e-4 on the same prompts."""
     model, tok = ours
     path = find_embedded_gguf()
     ref = transformers.AutoModelForCausalLM.from_pretrained(
@@ -37,7 +39,7 @@ def test_logits_match_transformers_gguf_loading(ours, test_prompts):
     for p, g, gp in zip(prompts, got, got_packed):
         with torch.no_grad():
             want = ref(torch.tensor([p])).logits[0]
-        assert (g - want).abs().max().item() < 1e-4
+        assert (g - want).abs().max().item() < 2e-4
         assert (gp - want).abs().max().item() < 5e-4
 
 
@@ -89,7 +91,7 @@ def test_hf_checkpoint_matches_transformers(tmp_path, ours, arch, extra):
     for p, g in zip(prompts, got):
         with torch.no_grad():
             want = ref(torch.tensor([p])).logits[0]
-        assert (g - want).abs().max().item() < 1e-4
+        assert (g - want).abs().max().item() < 2e-4
     assert hf_tok.eos_token_id == 2 and hf_tok.chat_template
 
 

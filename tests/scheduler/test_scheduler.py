@@ -97,6 +97,43 @@ def test_reestimation_extends_a_sequence_that_outlives_its_p90():
         assert later.p90 > earlier.p90 and later.mean > earlier.p90
 
 
+def test_refine_resizes_the_reservation_to_the_new_prediction():
+    sched = make_scheduler(num_blocks=40, block_size=4, kv_reserve="predicted", watermark=0.0)
+    seq = make_seq("a", 8, 30, max_tokens=200, pred=prediction(30, p90=40))
+    other = make_seq("b", 8, 30, max_tokens=200, pred=prediction(30, p90=40))
+    sched.add(seq)
+    out = sched.schedule()  # the prefill: 2 blocks held, 8 + 40 tokens = 12 blocks wanted
+    assert len(seq.block_ids) == 2 and seq.num_reserved_blocks == 10
+    sched.refine(seq, prediction(10, p90=12))  # 8 + 12 tokens = 5 blocks: 7 go back
+    assert seq.num_reserved_blocks == 3 and sched.num_reserved_blocks == 3
+    assert seq.estimate.p90 == 12 and seq.prediction.p90 == 12 and sched.num_refinements_total == 1
+    check_invariants(sched)
+    sched.update(out, sample_tokens(out))
+    sched.add(other)
+    sched.schedule()  # b's prefill (2 blocks held, 10 reserved); a decodes into its reservation
+    before, unreserved = seq.num_reserved_blocks, sched.num_unreserved_blocks
+    assert unreserved == 40 - 5 - 12
+    sched.refine(seq, prediction(150, p90=190))  # wants 50 blocks: granted what is unreserved
+    assert seq.num_reserved_blocks == before + unreserved and sched.num_unreserved_blocks == 0
+    check_invariants(sched)
+    drain(sched)
+    assert sched.block_manager.num_free_blocks == 40 and sched.num_reserved_blocks == 0
+
+
+def test_refine_after_the_p90_reestimates_at_once():
+    sched = make_scheduler(num_blocks=100, block_size=4, kv_reserve="predicted", watermark=0.0)
+    seq = make_seq("a", 4, 40, max_tokens=200, pred=prediction(30, p90=40))
+    sched.add(seq)
+    for _ in range(6):
+        out = sched.schedule()
+        sched.update(out, sample_tokens(out))
+    sched.refine(seq, prediction(3, p90=4))  # 6 tokens out already: past this p90
+    assert sched.num_reestimations_total == 1 and seq.estimate.mean > 6
+    check_invariants(sched)
+    drain(sched)
+    assert seq.num_output_tokens == 40
+
+
 def test_sjf_admits_the_shortest_predicted_first():
     sched = make_scheduler(num_blocks=100, policy="sjf", max_num_seqs=1)
     for i, p in enumerate([50, 5, 20]):
