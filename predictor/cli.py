@@ -1,4 +1,4 @@
-"""`lenserve predictor {build-dataset, train, eval}`."""
+"""`lenserve predictor {build-dataset, train, eval, probe}`."""
 from __future__ import annotations
 
 import argparse
@@ -82,6 +82,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from lenserve.predictor.probe import fit_and_evaluate_probe
+
+    result = fit_and_evaluate_probe(args.data, args.out, layer=args.layer, model=args.model, predictor=args.predictor,
+                                    states_cache=args.states_cache, num_threads=args.num_threads, edges=args.edges)
+    if args.results:
+        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+        with open(args.results, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    print(json.dumps(result))
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("predictor", help="response-length predictor: build a dataset, train, evaluate")
     sub = p.add_subparsers(dest="predictor_command", required=True)
@@ -128,6 +142,19 @@ def register(subparsers) -> None:
     e.add_argument("--edges", type=_edges, default=DEFAULT_BUCKET_EDGES, help="bucket edges, e.g. 64,128,256,512,1024")
     e.add_argument("--per-model", action="store_true", help="add a per_model breakdown")
     e.set_defaults(func=cmd_eval)
+
+    q = sub.add_parser("probe", help="fit the served model's length probe (its own hidden state after the prefill) "
+                                     "on its dataset's train split; evaluate on validate and test beside the text predictor")
+    q.add_argument("--data", required=True, help="the served model's dataset (build-dataset's output; its .partial while it is built)")
+    q.add_argument("--out", required=True, help="directory to write the probe to (the shipped one: predictor/models/default/probe)")
+    q.add_argument("--model", default=None, help="a .gguf file or HF directory (default: embedded SmolLM2)")
+    q.add_argument("--layer", type=int, default=None, help="0-based layer whose output is read (default: 4/5 of the way up)")
+    q.add_argument("--predictor", default=None, help="text predictor to compare with (default: the shipped one)")
+    q.add_argument("--states-cache", default=None, help="npz file keeping the collected states, reused by later runs")
+    q.add_argument("--results", default=None, help="JSON file for the evaluation")
+    q.add_argument("--num-threads", type=_positive(int), default=None)
+    q.add_argument("--edges", type=_edges, default=DEFAULT_BUCKET_EDGES, help="bucket edges, e.g. 64,128,256,512,1024")
+    q.set_defaults(func=cmd_probe)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,10 @@ class ServerConfig:
     max_request_body_bytes: int = 4 * 2**20
     shutdown_grace_s: float = 30.0
     predictor: str | None = "default"  # "default", a directory, or None/"none"
+    # the served model's own length reading at the end of each prefill (predictor/probe.py):
+    # "default" (the shipped probe, when it was fitted on the served model and a predictor is on),
+    # a directory, or None/"none"
+    length_probe: str | None = "default"
     log_requests: bool = False
 
 
@@ -149,6 +153,34 @@ def _load_predictor(spec: str | None):
     return predictor
 
 
+def _attach_probe(spec: str | None, engine, with_predictor: bool) -> None:
+    """Gives the engine its length probe. The shipped one only reads the model it was fitted on:
+    another served model runs without it (a named directory that does not fit is an error)."""
+    if spec in (None, "none") or (spec == "default" and not with_predictor):
+        return
+    from lenserve.predictor.model import DEFAULT_DIR
+    from lenserve.predictor.probe import HiddenStateProbe
+
+    path = os.path.join(DEFAULT_DIR, "probe") if spec == "default" else spec
+    try:
+        probe = HiddenStateProbe.load(path)
+        engine.set_length_probe(probe)
+    except (OSError, ValueError) as e:
+        if spec != "default":
+            raise
+        logger.info("no length probe for %s (%s)", engine.model_name, e)
+        return
+    logger.info("length probe: layer %d of %s refines predictions at the end of each prefill", probe.layer, probe.model)
+
+
+def load_length_models(config: ServerConfig, engine):
+    """The length predictor the server asks at arrival (None: off), after giving the engine its
+    length probe; before the engine loop starts."""
+    predictor = _load_predictor(config.predictor)
+    _attach_probe(config.length_probe, engine, predictor is not None)
+    return predictor
+
+
 def file_fault_hook(path: str):
     """Fault injection for resilience tests (LENSERVE_FAULT_FILE=path): while the file holds a
     positive integer N, the next engine step raises and N is decremented."""
@@ -201,8 +233,8 @@ def build_app(config: ServerConfig, engine=None) -> FastAPI:
         if os.environ.get("LENSERVE_FAULT_FILE"):
             logger.warning("fault injection enabled through LENSERVE_FAULT_FILE")
             async_engine.fault_hook = file_fault_hook(os.environ["LENSERVE_FAULT_FILE"])
+        predictor = load_length_models(config, eng)
         async_engine.start(asyncio.get_running_loop())
-        predictor = _load_predictor(config.predictor)
         app.state.engine = async_engine
         app.state.metrics = metrics
         app.state.model_names = names

@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--max-request-body-bytes", type=int, default=4 * 2**20)
     p.add_argument("--shutdown-grace-s", type=float, default=30.0)
     p.add_argument("--predictor", default="default", help="'default', a predictor directory, or 'none'")
+    p.add_argument("--length-probe", default="default",
+                   help="refine predictions from the served model's own state after each prefill: 'default' (the "
+                        "shipped probe, when it fits the served model and a predictor is on), a probe directory, or 'none'")
     # also accepted after the subcommand; SUPPRESS keeps `lenserve --log-level X serve` working
     p.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING, ... (as `lenserve --log-level`)")
     r = p.add_argument_group("scale-out (Ray Serve; needs `pip install lenserve[ray]`)")
@@ -52,6 +55,7 @@ def server_config_from_args(args: argparse.Namespace):
         max_request_body_bytes=args.max_request_body_bytes,
         shutdown_grace_s=args.shutdown_grace_s,
         predictor=args.predictor,
+        length_probe=args.length_probe,
     )
 
 

@@ -119,7 +119,7 @@ class EngineReplica:
     async def __init__(self, config: ServerConfig) -> None:
         from lenserve.engine.async_engine import AsyncEngine
         from lenserve.engine.llm_engine import LLMEngine
-        from lenserve.server.app import _load_predictor, file_fault_hook
+        from lenserve.server.app import file_fault_hook, load_length_models
         from lenserve.server.metrics import Metrics
         from lenserve.server.serving import OpenAIServing
 
@@ -137,8 +137,8 @@ class EngineReplica:
             self.engine.fault_hook = file_fault_hook(os.environ["LENSERVE_FAULT_FILE"])
         self._work = (0.0, time.time(), 0)  # (predicted outstanding work, when, unfinished requests)
         self._mean_request_work: float | None = None
+        predictor = load_length_models(config, eng)
         self.engine.start(asyncio.get_running_loop())
-        predictor = _load_predictor(config.predictor)
         self.serving = OpenAIServing(self.engine, names, self.metrics, predictor, config.request_timeout_s)
         self.started = time.time()
         self._hub = get_hub()

@@ -30,3 +30,43 @@ def test_the_embedded_model_is_the_default(predictor):
     serving = _serving(predictor, ["SmolLM2-135M-Instruct"], "SmolLM2-135M-Instruct")
     assert serving.predictor_model == predictor.default_model
     assert _serving(None, ["x"], "x").predictor_model is None
+
+
+class _Engine:
+    """What the server's probe loading sees of an engine: its model and set_length_probe."""
+
+    def __init__(self, name="SmolLM2-135M-Instruct", num_layers=30, hidden_size=576):
+        self.model_name = name
+        self.arch = SimpleNamespace(num_layers=num_layers, hidden_size=hidden_size)
+        self.length_probe = None
+
+    def set_length_probe(self, probe):
+        if probe is not None:
+            probe.check_model(self.model_name, self.arch.num_layers, self.arch.hidden_size)
+        self.length_probe = probe
+
+
+def test_the_shipped_probe_reads_the_embedded_model_only():
+    from lenserve.server.app import ServerConfig, load_length_models
+
+    eng = _Engine()
+    assert load_length_models(ServerConfig(), eng) is not None
+    assert eng.length_probe is not None and eng.length_probe.model == "SmolLM2-135M-Instruct"
+    other = _Engine("Llama-3.2-1B-Instruct", 16, 2048)  # a user's checkpoint: served without it
+    load_length_models(ServerConfig(), other)
+    assert other.length_probe is None
+    off = _Engine()
+    assert load_length_models(ServerConfig(predictor="none"), off) is None
+    assert off.length_probe is None  # the default probe follows the predictor
+    load_length_models(ServerConfig(predictor="none", length_probe="none"), off)
+    assert off.length_probe is None
+
+
+def test_a_named_probe_that_does_not_fit_is_an_error(tmp_path):
+    from lenserve.predictor.model import DEFAULT_DIR
+    from lenserve.server.app import ServerConfig, load_length_models
+
+    with pytest.raises(FileNotFoundError, match="no length probe"):
+        load_length_models(ServerConfig(length_probe=str(tmp_path)), _Engine())
+    with pytest.raises(ValueError, match="cannot read"):
+        load_length_models(ServerConfig(length_probe=f"{DEFAULT_DIR}/probe"), _Engine("Qwen2-0.5B", 24, 896))
