@@ -48,6 +48,7 @@ class _RequestState:
     arrival_time: float
     prediction: LengthPrediction | None
     error: str | None = None
+    refined: LengthPrediction | None = None  # the length probe's, at the end of the prefill
     cancelled: set[int] = field(default_factory=set)
 
     @property
@@ -125,8 +126,9 @@ class LLMEngine:
         seqs = [sampling_seqs[j] for j in first]
         request_ids = [self._seq_to_request[s.request_id][0] for s in seqs]
         preds = self.length_probe.read(request_ids, states[first].cpu().numpy(), [s.max_tokens for s in seqs])
-        for seq, pred in zip(seqs, preds or ()):
+        for seq, rid, pred in zip(seqs, request_ids, preds or ()):
             self.scheduler.refine(seq, pred)
+            self.requests[rid].refined = pred
 
     # ---- requests ---------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
@@ -377,6 +379,7 @@ class LLMEngine:
             num_generation_tokens=sum(s.num_output_tokens for s in state.seqs),
             predicted_tokens=state.prediction.mean if state.prediction else None,
             bucket=state.prediction.bucket if state.prediction else None,
+            refined_tokens=state.refined.mean if state.refined else None,
         )
 
     def fail_requests(self, request_ids: list[str], message: str) -> list[RequestOutput]:

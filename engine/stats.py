@@ -18,6 +18,7 @@ class FinishedRequestStats:
     num_generation_tokens: int
     predicted_tokens: float | None = None
     bucket: int | None = None
+    refined_tokens: float | None = None  # the length probe's mean, read at the end of the prefill
 
 
 @dataclass

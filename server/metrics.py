@@ -59,7 +59,14 @@ class Metrics:
         self.prediction_error_ratio = hist(
             "request_predicted_length_error_ratio", "Predicted / actual response length per finished request", _RATIO_BUCKETS
         )
+        self.refined_error_ratio = hist(
+            "request_refined_length_error_ratio",
+            "Length probe's predicted / actual response length per finished request (read at the end of the prefill)",
+            _RATIO_BUCKETS,
+        )
+        self.num_refinements = counter("length_refinements_total", "Predictions refined by the length probe after a prefill")
         self._last_preemptions_total = 0
+        self._last_refinements_total = 0
 
     def _l(self, metric, **extra):
         return metric.labels(**self.labels, **extra)
@@ -75,6 +82,9 @@ class Metrics:
         if s.num_preemptions_total > self._last_preemptions_total:
             self._l(self.num_preemptions).inc(s.num_preemptions_total - self._last_preemptions_total)
             self._last_preemptions_total = s.num_preemptions_total
+        if s.num_refinements_total > self._last_refinements_total:
+            self._l(self.num_refinements).inc(s.num_refinements_total - self._last_refinements_total)
+            self._last_refinements_total = s.num_refinements_total
         if stats.num_prompt_tokens:
             self._l(self.prompt_tokens).inc(stats.num_prompt_tokens)
         if stats.num_generation_tokens:
@@ -98,6 +108,8 @@ class Metrics:
         self._l(self.request_generation_tokens).observe(f.num_generation_tokens)
         if f.predicted_tokens is not None and f.num_generation_tokens > 0:
             self._l(self.prediction_error_ratio).observe(f.predicted_tokens / f.num_generation_tokens)
+        if f.refined_tokens is not None and f.num_generation_tokens > 0:
+            self._l(self.refined_error_ratio).observe(f.refined_tokens / f.num_generation_tokens)
 
     def record_admitted(self, bucket: int | None) -> None:
         self._l(self.request_admitted).inc()

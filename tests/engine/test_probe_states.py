@@ -57,7 +57,10 @@ def test_a_probe_refines_the_estimate_and_changes_no_token(llm):
         expected = probe.predict_states(collect_states(eng, [PROMPTS[3]], layer=10, show_progress=False), [12])[0]
         assert seq.estimate is not None and seq.estimate.mean == pytest.approx(expected.mean, rel=1e-3)
         eng.abort_request("probed")
+        eng.take_pending_finished()
         assert _greedy(eng, "with-probe") == without
+        [record] = eng.last_stats.finished
+        assert record.refined_tokens == pytest.approx(min(expected.mean, 12), rel=1e-3)  # for the metrics
     finally:
         eng.set_length_probe(None)
 

@@ -70,3 +70,19 @@ def test_a_named_probe_that_does_not_fit_is_an_error(tmp_path):
         load_length_models(ServerConfig(length_probe=str(tmp_path)), _Engine())
     with pytest.raises(ValueError, match="cannot read"):
         load_length_models(ServerConfig(length_probe=f"{DEFAULT_DIR}/probe"), _Engine("Qwen2-0.5B", 24, 896))
+
+
+def test_the_served_model_refines_its_predictions_over_http(tmp_path_factory):
+    """The default server: the text predictor at arrival, the shipped probe after each prefill,
+    both visible in /metrics."""
+    from .conftest import start_server
+
+    with start_server(tmp_path_factory, "--max-num-seqs", "4") as s:
+        with s.client() as c:
+            for prompt in ("Name a colour.", "Write a short poem about rain."):
+                r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 8})
+                assert r.status_code == 200, r.text
+        assert s.metric("lenserve:length_refinements_total") == 2
+        assert s.metric("lenserve:request_refined_length_error_ratio_count") == 2
+        assert s.metric("lenserve:request_predicted_length_error_ratio_count") == 2
+        assert "length probe: layer 24 of SmolLM2-135M-Instruct" in s.log()
