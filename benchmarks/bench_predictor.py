@@ -1,4 +1,5 @@
-"""Length-predictor latency on CPU: load time, and predict time per prompt at batch 1 and batch 64.
+"""Length-predictor latency on CPU: load time, and predict time per prompt at batch 1 and batch 64
+(and the same for the length probe that refines it after the prefill).
 
 Prompts are lenserve's shipped prompt set (traces/data/prompts.jsonl.gz), so their length mix is
 that of real instructions (median ~190 characters, some pasted code or documents of several KB).
@@ -45,6 +46,30 @@ def per_prompt_ms(predictor, prompts: list[PromptInput], batch: int, num_batches
             "mean": round(float(np.mean(times)), 4)}
 
 
+def probe_latency(path: str) -> dict:
+    """The length probe's cost once the engine has the state (it comes with the prefill): load, and
+    predict_states per prompt at batch 1 and 64 (the cost does not depend on the values)."""
+    from lenserve.predictor.probe import HiddenStateProbe
+
+    t0 = time.perf_counter()
+    probe = HiddenStateProbe.load(path)
+    load_s = time.perf_counter() - t0
+    states = np.random.default_rng(0).standard_normal((1024, probe.hidden_size)).astype(np.float32)
+    probe.predict_states(states[:64])
+
+    def per_state_ms(batch: int, num_batches: int) -> dict:
+        times = []
+        for i in range(num_batches):
+            chunk = states[(i * batch) % len(states):][:batch]
+            t = time.perf_counter()
+            probe.predict_states(chunk, [None] * len(chunk))
+            times.append((time.perf_counter() - t) / len(chunk) * 1e3)
+        return {"p50": round(float(np.median(times)), 4), "p90": round(float(np.percentile(times, 90)), 4)}
+
+    return {"path": os.path.relpath(path), "layer": probe.layer, "load_s": round(load_s, 4),
+            "batch_1_ms_per_prompt": per_state_ms(1, 1000), "batch_64_ms_per_prompt": per_state_ms(64, 32)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--predictor", default=DEFAULT_DIR)
@@ -72,6 +97,9 @@ def main() -> None:
         "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    probe_dir = os.path.join(args.predictor, "probe")
+    if os.path.isdir(probe_dir):
+        result["probe"] = probe_latency(probe_dir)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
