@@ -66,7 +66,7 @@ def probe_latency(path: str) -> dict:
             times.append((time.perf_counter() - t) / len(chunk) * 1e3)
         return {"p50": round(float(np.median(times)), 4), "p90": round(float(np.percentile(times, 90)), 4)}
 
-    return {"path": os.path.relpath(path), "layer": probe.layer, "load_s": round(load_s, 4),
+    return {"path": os.path.relpath(path), "layers": list(probe.layers), "load_s": round(load_s, 4),
             "batch_1_ms_per_prompt": per_state_ms(1, 1000), "batch_64_ms_per_prompt": per_state_ms(64, 32)}
 
 

@@ -259,7 +259,7 @@ class LLMEngine:
             self.last_stats = stats
             return []
         probe = self.length_probe
-        logits, sampling = self.runner.execute(out, probe.layer if probe is not None else None)
+        logits, sampling = self.runner.execute(out, probe.layers if probe is not None else None)
         sampling_seqs = [out.seqs[i] for i in sampling]
         if self.runner.last_states is not None:
             self._read_prompt_states(sampling_seqs, self.runner.last_states)

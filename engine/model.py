@@ -199,21 +199,24 @@ class LlamaModel:
         meta: AttentionMetadata,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         logits_indices: torch.Tensor | None,  # int64 [num_sampling_rows]; None: every row
-        capture_layer: int | None = None,
+        capture_layers: tuple[int, ...] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits of the sampling rows; with `capture_layer`, also the residual stream after that
-        layer at the same rows (float32 [num_sampling_rows, hidden_size]), as `(logits, states)`."""
+        """Logits of the sampling rows; with `capture_layers`, also the residual stream after each of
+        those layers at the same rows, side by side in that order (float32 [num_sampling_rows,
+        len(capture_layers) * hidden_size]), as `(logits, states)`."""
         hidden = F.embedding(input_ids, self.embed_tokens)
         residual = None
-        states = None
+        captured: dict[int, torch.Tensor] = {}
+        rows = slice(None) if logits_indices is None else logits_indices
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             hidden, residual = layer.forward(positions, hidden, residual, k_cache, v_cache, meta, self.cos_sin_cache)
-            if i == capture_layer:
-                rows = slice(None) if logits_indices is None else logits_indices
-                states = (hidden[rows] + residual[rows]).float()
+            if capture_layers is not None and i in capture_layers:
+                captured[i] = (hidden[rows] + residual[rows]).float()
         if logits_indices is not None:
             hidden, residual = hidden[logits_indices], residual[logits_indices]
         hidden = hidden.contiguous()
         ops.fused_add_rms_norm(hidden, residual.contiguous(), self.norm, self.cfg.rms_norm_eps)
         logits = self.lm_head(hidden).float()
-        return logits if capture_layer is None else (logits, states)
+        if capture_layers is None:
+            return logits
+        return logits, torch.cat([captured[i] for i in capture_layers], dim=-1)

@@ -96,15 +96,15 @@ class ModelRunner:
             sampling,
         )
 
-    def execute(self, out: SchedulerOutput, capture_layer: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, out: SchedulerOutput, capture_layers: tuple[int, ...] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Runs one step; returns logits [num_sampling, vocab] (float32) and the indices of the sampling
-        sequences. With `capture_layer`, when some sequence samples its first token this step,
-        `last_states` holds the residual stream after that layer at every sampling row (else None)."""
+        sequences. With `capture_layers`, when some sequence samples its first token this step,
+        `last_states` holds the residual stream after those layers at every sampling row (else None)."""
         input_ids, positions, meta, logits_rows, sampling = self.prepare(out)
         self.last_states = None
-        if capture_layer is not None and any(out.seqs[i].num_output_tokens == 0 for i in sampling):
+        if capture_layers is not None and any(out.seqs[i].num_output_tokens == 0 for i in sampling):
             logits, self.last_states = self.model.forward(input_ids, positions, meta, self.kv_cache.layers, logits_rows,
-                                                          capture_layer)
+                                                          capture_layers)
             return logits, sampling
         logits = self.model.forward(input_ids, positions, meta, self.kv_cache.layers, logits_rows)
         return logits, sampling

@@ -83,9 +83,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from lenserve.predictor.probe import fit_and_evaluate_probe
+    from lenserve.predictor.probe import fit_and_evaluate_probe, parse_layers
 
-    result = fit_and_evaluate_probe(args.data, args.out, layer=args.layer, model=args.model, predictor=args.predictor,
+    layers = parse_layers(args.layers) if args.layers else None
+    result = fit_and_evaluate_probe(args.data, args.out, layers=layers, model=args.model, predictor=args.predictor,
                                     states_cache=args.states_cache, num_threads=args.num_threads, edges=args.edges)
     if args.results:
         os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
@@ -148,7 +149,7 @@ def register(subparsers) -> None:
     q.add_argument("--data", required=True, help="the served model's dataset (build-dataset's output; its .partial while it is built)")
     q.add_argument("--out", required=True, help="directory to write the probe to (the shipped one: predictor/models/default/probe)")
     q.add_argument("--model", default=None, help="a .gguf file or HF directory (default: embedded SmolLM2)")
-    q.add_argument("--layer", type=int, default=None, help="0-based layer whose output is read (default: 4/5 of the way up)")
+    q.add_argument("--layers", default=None, help="0-based layers whose outputs are read, e.g. 16,24 (default: 0.53 and 0.8 of the way up)")
     q.add_argument("--predictor", default=None, help="text predictor to compare with (default: the shipped one)")
     q.add_argument("--states-cache", default=None, help="npz file keeping the collected states, reused by later runs")
     q.add_argument("--results", default=None, help="JSON file for the evaluation")

@@ -170,7 +170,8 @@ def _attach_probe(spec: str | None, engine, with_predictor: bool) -> None:
             raise
         logger.info("no length probe for %s (%s)", engine.model_name, e)
         return
-    logger.info("length probe: layer %d of %s refines predictions at the end of each prefill", probe.layer, probe.model)
+    logger.info("length probe: layers %s of %s refine predictions at the end of each prefill",
+                ",".join(map(str, probe.layers)), probe.model)
 
 
 def load_length_models(config: ServerConfig, engine):

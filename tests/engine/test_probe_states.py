@@ -14,9 +14,11 @@ PROMPTS = ["Name a fruit.", "Write a long story about a dragon who learns to sin
 
 def test_packed_states_match_one_prompt_at_a_time(llm):
     eng = llm.engine
-    alone = np.stack([collect_states(eng, [p], layer=10, show_progress=False)[0] for p in PROMPTS])
-    packed = collect_states(eng, PROMPTS, layer=10, show_progress=False, max_in_flight=len(PROMPTS))
-    assert packed.shape == (len(PROMPTS), eng.arch.hidden_size)
+    alone = np.stack([collect_states(eng, [p], (10, 20), show_progress=False)[0] for p in PROMPTS])
+    packed = collect_states(eng, PROMPTS, (10, 20), show_progress=False, max_in_flight=len(PROMPTS))
+    assert packed.shape == (len(PROMPTS), 2 * eng.arch.hidden_size)
+    one = collect_states(eng, PROMPTS[:1], (20,), show_progress=False)[0]  # layers side by side, in order
+    np.testing.assert_allclose(one, alone[0, eng.arch.hidden_size:], rtol=1e-5, atol=1e-4)
     norm = np.linalg.norm(alone, axis=1)
     assert (np.linalg.norm(packed - alone, axis=1) / norm).max() < 1e-3
     # each prompt its own state (all end on the same chat header, so they are alike)
@@ -35,11 +37,11 @@ def _greedy(eng, rid):
     return final.outputs[0].token_ids
 
 
-def _probe_for(eng, layer=10):
-    states = collect_states(eng, PROMPTS, layer=layer, show_progress=False)
+def _probe_for(eng, layers=(10, 20)):
+    states = collect_states(eng, PROMPTS, layers, show_progress=False)
     rows = [LengthRow(prompt_id=f"p{i}", model=eng.model_name, prompt_text=p, input_size=5,
                       output_sizes=[5 + 40 * i + j for j in range(10)]) for i, p in enumerate(PROMPTS * 3)]
-    return fit_probe(np.concatenate([states] * 3), rows, eng.model_name, eng.arch.num_layers, layer, num_folds=3)
+    return fit_probe(np.concatenate([states] * 3), rows, eng.model_name, eng.arch.num_layers, layers, num_folds=3)
 
 
 def test_a_probe_refines_the_estimate_and_changes_no_token(llm):
@@ -54,7 +56,7 @@ def test_a_probe_refines_the_estimate_and_changes_no_token(llm):
         assert seq.estimate is None
         eng.step()  # the prefill, and the first token
         assert eng.scheduler.num_refinements_total == before + 1
-        expected = probe.predict_states(collect_states(eng, [PROMPTS[3]], layer=10, show_progress=False), [12])[0]
+        expected = probe.predict_states(collect_states(eng, [PROMPTS[3]], (10, 20), show_progress=False), [12])[0]
         assert seq.estimate is not None and seq.estimate.mean == pytest.approx(expected.mean, rel=1e-3)
         eng.abort_request("probed")
         eng.take_pending_finished()

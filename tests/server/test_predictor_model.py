@@ -85,4 +85,4 @@ def test_the_served_model_refines_its_predictions_over_http(tmp_path_factory):
         assert s.metric("lenserve:length_refinements_total") == 2
         assert s.metric("lenserve:request_refined_length_error_ratio_count") == 2
         assert s.metric("lenserve:request_predicted_length_error_ratio_count") == 2
-        assert "length probe: layer 24 of SmolLM2-135M-Instruct" in s.log()
+        assert "length probe: layers 16,24 of SmolLM2-135M-Instruct" in s.log()
