@@ -54,7 +54,7 @@ def probe_latency(path: str) -> dict:
     t0 = time.perf_counter()
     probe = HiddenStateProbe.load(path)
     load_s = time.perf_counter() - t0
-    states = np.random.default_rng(0).standard_normal((1024, probe.hidden_size)).astype(np.float32)
+    states = np.random.default_rng(0).standard_normal((1024, probe.state_size)).astype(np.float32)
     probe.predict_states(states[:64])
 
     def per_state_ms(batch: int, num_batches: int) -> dict:
