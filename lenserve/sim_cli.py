@@ -160,8 +160,19 @@ def _simulate_replicas(args, trace, requests, predictions, config, cost, policie
 # (batch size, context tokens) pairs measured; each is one prefill, a prefix-cached fill to the
 # batch size, then a few decode steps; the whole grid `REPEATS` times. About two minutes on an
 # idle 2-core CPU.
-DECODE_POINTS = ((1, 128), (1, 1024), (8, 512), (32, 256), (64, 128))
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+DECODE_CONTEXTS = (128, 768)
 PREFILL_LENGTHS = (128, 512, 1024)
+
+
+def decode_points(max_num_seqs: int, quick: bool = False) -> list[tuple[int, int]]:
+    """(batch size, context tokens) pairs to time decode steps at: the powers of two up to the
+    engine's max_num_seqs and that limit itself, each at a short and a long context, so that the
+    fit sees the batch sizes the engine will run (a 16-sequence server runs 1..16, not 32 or 64)."""
+    batches = sorted({b for b in DECODE_BATCHES if b <= max_num_seqs} | {max(max_num_seqs, 1)})
+    if quick:
+        batches = batches[::2] + ([batches[-1]] if len(batches) % 2 == 0 else [])
+    return [(b, c) for b in batches for c in DECODE_CONTEXTS]
 NUM_DECODE_STEPS = 5
 REPEATS = 3
 
@@ -214,7 +225,7 @@ def measure_cost_model(engine_config, quick: bool = False, temperature: float = 
     engine.add_request(f"w{next(ids)}", prompt(64), SamplingParams(max_tokens=4, **sampling))
     drain(False)
     prefills = PREFILL_LENGTHS[:2] if quick else PREFILL_LENGTHS
-    points = DECODE_POINTS[::2] if quick else DECODE_POINTS
+    points = decode_points(engine_config.scheduler.max_num_seqs, quick)
     # The grid is measured REPEATS times over (not each point back to back), so that a spell of
     # other work on the machine lands on one pass of many points, which the robust fit discounts.
     for rep in range(1 if quick else REPEATS):

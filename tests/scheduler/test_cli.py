@@ -48,3 +48,14 @@ def test_bench_cost_model_measures_the_embedded_engine(tmp_path, capsys):
     assert cost.step_time(8, 8, 0, 8 * 300) > cost.step_time(1, 1, 0, 300)
     assert cost.step_time(1024, 1, 1024 * 512, 0) > cost.step_time(8, 8, 0, 8 * 300)
     assert printed["fit_mean_abs_rel_error"] == cost.meta["fit_mean_abs_rel_error"]
+
+
+def test_cost_model_grid_covers_the_batch_sizes_the_engine_runs():
+    from lenserve.sim_cli import decode_points
+
+    batches = sorted({b for b, _ in decode_points(16)})
+    assert batches == [1, 2, 4, 8, 16]  # never 32 or 64 for a 16-sequence engine
+    assert sorted({b for b, _ in decode_points(12)}) == [1, 2, 4, 8, 12]
+    assert sorted({b for b, _ in decode_points(16, quick=True)}) == [1, 4, 16]
+    assert max(b for b, _ in decode_points(64, quick=True)) == 64
+    assert len({c for _, c in decode_points(64)}) == 2  # a short and a long context at each size
