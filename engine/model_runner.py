@@ -101,10 +101,8 @@ class ModelRunner:
         sequences. With `capture_layers`, when some sequence samples its first token this step,
         `last_states` holds the residual stream after those layers at every sampling row (else None)."""
         input_ids, positions, meta, logits_rows, sampling = self.prepare(out)
-        self.last_states = None
-        if capture_layers is not None and any(out.seqs[i].num_output_tokens == 0 for i in sampling):
-            logits, self.last_states = self.model.forward(input_ids, positions, meta, self.kv_cache.layers, logits_rows,
-                                                          capture_layers)
-            return logits, sampling
-        logits = self.model.forward(input_ids, positions, meta, self.kv_cache.layers, logits_rows)
+        if capture_layers is not None and not any(out.seqs[i].num_output_tokens == 0 for i in sampling):
+            capture_layers = None  # no prompt completes this step: nothing to read
+        result = self.model.forward(input_ids, positions, meta, self.kv_cache.layers, logits_rows, capture_layers)
+        logits, self.last_states = result if capture_layers is not None else (result, None)
         return logits, sampling

@@ -163,6 +163,8 @@ def _simulate_replicas(args, trace, requests, predictions, config, cost, policie
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 DECODE_CONTEXTS = (128, 768)
 PREFILL_LENGTHS = (128, 512, 1024)
+NUM_DECODE_STEPS = 5
+REPEATS = 3
 
 
 def decode_points(max_num_seqs: int, quick: bool = False) -> list[tuple[int, int]]:
@@ -173,8 +175,6 @@ def decode_points(max_num_seqs: int, quick: bool = False) -> list[tuple[int, int
     if quick:
         batches = batches[::2] + ([batches[-1]] if len(batches) % 2 == 0 else [])
     return [(b, c) for b in batches for c in DECODE_CONTEXTS]
-NUM_DECODE_STEPS = 5
-REPEATS = 3
 
 
 def measure_cost_model(engine_config, quick: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1):

@@ -83,16 +83,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from lenserve.predictor.make_default import write_results
     from lenserve.predictor.probe import fit_and_evaluate_probe, parse_layers
 
     layers = parse_layers(args.layers) if args.layers else None
     result = fit_and_evaluate_probe(args.data, args.out, layers=layers, model=args.model, predictor=args.predictor,
                                     states_cache=args.states_cache, num_threads=args.num_threads, edges=args.edges)
     if args.results:
-        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-        with open(args.results, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        write_results(args.results, result)
     print(json.dumps(result))
     return 0
 

@@ -35,15 +35,29 @@ SUMMARY_KEYS = ("mae", "kendall_tau", "bucket_accuracy", "p90_coverage")
 
 
 def read_served_set(path: str) -> tuple[list[LengthRow], bool]:
-    """The served model's rows, and whether they come from a build still in progress (`.partial`)."""
+    """The served model's rows (one model's, else ValueError), and whether they come from a build
+    still in progress (`.partial`)."""
     from lenserve.predictor.builder import read_partial
 
     if os.path.exists(path):
-        return list(iter_rows(path)), False
-    if os.path.exists(path + ".partial"):
-        rows = {r.prompt_id: r for r in read_partial(path + ".partial")}  # a prompt sampled twice: the last
-        return list(rows.values()), True
-    raise FileNotFoundError(f"no dataset at {path} (nor a build in progress at {path}.partial)")
+        rows, in_progress = list(iter_rows(path)), False
+    elif os.path.exists(path + ".partial"):
+        by_id = {r.prompt_id: r for r in read_partial(path + ".partial")}  # a prompt sampled twice: the last
+        rows, in_progress = list(by_id.values()), True
+    else:
+        raise FileNotFoundError(f"no dataset at {path} (nor a build in progress at {path}.partial)")
+    names = sorted({r.model for r in rows})
+    if len(names) != 1:
+        raise ValueError(f"{path}: expected one model's rows, found {names}")
+    return rows, in_progress
+
+
+def write_results(path: str, result: dict) -> None:
+    """An evaluation's JSON, indented, its folder made if missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
 
 
 def partition(castillo: list[LengthRow], served: list[LengthRow]) -> dict[str, list[LengthRow]]:
@@ -69,19 +83,17 @@ def _summary(result: dict) -> dict:
 def make_default(castillo_paths: list[str], served_path: str, out_dir: str, cfg: TrainConfig | None = None) -> dict:
     castillo = [r for p in castillo_paths for r in iter_rows(p)]
     served, in_progress = read_served_set(served_path)
-    names = sorted({r.model for r in served})
-    if len(names) != 1:
-        raise ValueError(f"{served_path}: expected one model's rows, found {names}")
+    served_model = served[0].model
     parts = partition(castillo, served)
     logger.info("training on %d rows (%d held out of CASTILLO, %d SmolLM2 validate, %d test)", len(parts["train"]),
                 len(parts["castillo_holdout"]), len(parts["served_validate"]), len(parts["served_test"]))
     t0 = time.monotonic()
-    predictor = fit_learned(parts["train"], cfg, default_model=names[0])
+    predictor = fit_learned(parts["train"], cfg, default_model=served_model)
     predictor.save(out_dir)
-    fit_baseline(parts["train"], default_model=names[0]).save(os.path.join(out_dir, "baseline"))
+    fit_baseline(parts["train"], default_model=served_model).save(os.path.join(out_dir, "baseline"))
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "served_model": names[0],
+        "served_model": served_model,
         "served_set": {"path": served_path, "prompts": len(served), "complete": not in_progress},
         "train_rows": len(parts["train"]),
         "train_s": round(time.monotonic() - t0, 1),
@@ -136,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = [os.path.join(args.castillo, f"castillo_{s}.jsonl.gz") for s in ("train", "validate")]
     result = make_default(paths, args.smollm2, args.out, TrainConfig(num_threads=args.threads))
     if args.results:
-        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-        with open(args.results, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        write_results(args.results, result)
     print(markdown(result))
     print(json.dumps({k: result[k] for k in result if k != "castillo_holdout"}))
     return 0

@@ -253,9 +253,6 @@ def fit_and_evaluate_probe(data: str, out: str, layers: tuple[int, ...] | None =
     from lenserve.predictor.model import DEFAULT_DIR
 
     rows, in_progress = read_served_set(data)
-    names = sorted({r.model for r in rows})
-    if len(names) != 1:
-        raise ValueError(f"{data}: expected one model's rows, found {names}")
     engine = LLMEngine(EngineConfig(model=model, num_threads=num_threads))
     arch = engine.arch
     layers = default_layers(arch.num_layers) if layers is None else tuple(layers)

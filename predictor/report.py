@@ -9,7 +9,6 @@ Joint: one predictor over all models' training rows (the model is a feature). Pe
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ import numpy as np
 
 from lenserve.predictor.dataset import read_rows
 from lenserve.predictor.evaluate import predict_rows
+from lenserve.predictor.make_default import write_results
 from lenserve.predictor.metrics import evaluate
 from lenserve.predictor.train import TrainConfig, fit_baseline, fit_learned
 
@@ -84,9 +84,7 @@ def main() -> None:
             result[f"{v}_mean"] = _mean(result[v])
     print(markdown(result))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        write_results(args.out, result)
 
 
 if __name__ == "__main__":

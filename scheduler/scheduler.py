@@ -441,12 +441,22 @@ class Scheduler:
         seq.estimate = reestimate(seq.prediction or seq.estimate, seq.num_output_tokens, seq.max_tokens)
         self.num_reestimations_total += 1
         if self.config.kv_reserve == "predicted":
-            bm = self.block_manager
-            wanted = bm.num_blocks_for(self.target_tokens(seq)) - len(seq.block_ids) - seq.num_reserved_blocks
-            grant = min(wanted, self.num_unreserved_blocks - self._watermark_blocks)
-            if grant > 0:
-                seq.num_reserved_blocks += grant
-                self.num_reserved_blocks += grant
+            self._resize_reservation(seq, release_surplus=False)
+
+    def _resize_reservation(self, seq: Sequence, release_surplus: bool) -> None:
+        """Moves `seq`'s reservation toward what its estimate wants (`target_tokens`): a shortfall
+        is granted as far as unreserved blocks allow; with `release_surplus`, blocks beyond it go
+        back to the pool."""
+        wanted = max(self.block_manager.num_blocks_for(self.target_tokens(seq)) - len(seq.block_ids), 0)
+        change = wanted - seq.num_reserved_blocks
+        if change > 0:
+            change = min(change, self.num_unreserved_blocks - self._watermark_blocks)
+            if change <= 0:
+                return
+        elif not release_surplus:
+            return
+        seq.num_reserved_blocks += change
+        self.num_reserved_blocks += change
 
     def refine(self, seq: Sequence, prediction: LengthPrediction) -> None:
         """A better prediction for a running sequence (the served model's own, read when its prompt's
@@ -460,14 +470,8 @@ class Scheduler:
         if seq.num_output_tokens > prediction.p90:
             self._reestimate(seq)
             return
-        if self.config.kv_reserve != "predicted" or seq.status != SequenceStatus.RUNNING:
-            return
-        wanted = max(self.block_manager.num_blocks_for(self.target_tokens(seq)) - len(seq.block_ids), 0)
-        change = wanted - seq.num_reserved_blocks
-        if change > 0:
-            change = max(min(change, self.num_unreserved_blocks - self._watermark_blocks), 0)
-        seq.num_reserved_blocks += change
-        self.num_reserved_blocks += change
+        if self.config.kv_reserve == "predicted" and seq.status == SequenceStatus.RUNNING:
+            self._resize_reservation(seq, release_surplus=True)
 
     # ---- bulk decode (the simulator) -------------------------------------------------------------------
     def can_admit(self) -> bool:
