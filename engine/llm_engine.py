@@ -26,7 +26,6 @@ from lenserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOut
 from lenserve.engine.sampler import Sampler
 from lenserve.engine.sampling_params import SamplingParams
 from lenserve.engine.stats import FinishedRequestStats, IterationStats
-from lenserve.engine.tokenizer import Tokenizer
 from lenserve.predictor.types import LengthPrediction
 from lenserve.scheduler import BlockManager, Scheduler, Sequence, SequenceStatus
 
@@ -272,6 +271,7 @@ class LLMEngine:
         )
         self.scheduler.update(out, {k: v[0] for k, v in by_seq.items()})
         now = time.monotonic()
+        self.scheduler.record_step_time(now - t0)
 
         changed: dict[str, _RequestState] = {}
         for seq in sampling_seqs:

@@ -25,6 +25,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-reserve", default="none", choices=["none", "predicted", "max"], help="KV blocks reserved at admission beyond the prompt: none, predicted p90, or max_tokens")
     g.add_argument("--max-wait-s", type=float, default=None, help="requests waiting longer go first, whatever the policy")
     g.add_argument("--fcfs-wait-bound", type=float, default=None, help="requests that have waited this multiple of their fcfs wait go first")
+    g.add_argument("--max-latency-s", type=float, default=None,
+                   help="end-to-end latency objective: a request goes first once a later start would leave too little time for its predicted p90 response")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "kernels", "torch", "flash-attn"])
     g.add_argument("--attention", default="packed", choices=["packed", "padded"], help="padded: the baseline only")
     g.add_argument("--no-prefix-caching", action="store_true")
@@ -55,6 +57,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             kv_reserve=args.kv_reserve,
             max_wait_s=args.max_wait_s,
             fcfs_wait_bound=args.fcfs_wait_bound,
+            max_latency_s=args.max_latency_s,
         ),
     )
 

@@ -34,6 +34,8 @@ def add_simulation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-wait-s", type=float, default=None, help="requests waiting longer go first")
     g.add_argument("--fcfs-wait-bound", type=float, default=None, metavar="X",
                    help="requests that have waited X times their fcfs wait (work queued ahead at arrival) go first")
+    g.add_argument("--max-latency-s", type=float, default=None,
+                   help="end-to-end latency objective: a request goes first once a later start would leave too little time for its predicted p90 response")
     g.add_argument("--seed", type=int, default=0, help="prediction noise")
     g.add_argument("--json", action="store_true", help="print one JSON object keyed by policy")
     c = p.add_argument_group("replicas (a router in front of N engines)")
@@ -68,6 +70,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         max_model_len=max_model_len,
         max_wait_s=args.max_wait_s,
         fcfs_wait_bound=args.fcfs_wait_bound,
+        max_latency_s=args.max_latency_s,
     )
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) is not None:

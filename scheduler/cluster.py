@@ -141,6 +141,7 @@ class ReplicaSim:
                 self.busy_s += end - now
                 self.num_steps += k
                 self.now = end
+                sched.record_step_time(end - now, k)
                 self._record(sched.fast_forward(k, stops, FILLER_TOKEN_ID))
                 continue
 
@@ -154,6 +155,7 @@ class ReplicaSim:
             self.busy_s += dt
             self.num_steps += 1
             self.now = now + dt
+            sched.record_step_time(dt)
             self._record(sched.update(out, sampled))
 
     def drain(self) -> None:

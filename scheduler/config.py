@@ -25,6 +25,13 @@ class SchedulerConfig:
     prompt_weight: float = 0.3
     # Requests that have waited longer than this go first, whatever the policy (None: no bound).
     max_wait_s: float | None = None
+    # An end-to-end latency objective, in seconds from arrival: a waiting request goes first,
+    # whatever the policy, once starting it any later would make it finish after the objective
+    # by its expected decode time (predicted remaining tokens at the engine's measured time per
+    # step; without a prediction, max_tokens). Unlike max_wait_s it starts a request predicted
+    # long early enough to finish in time, so it bounds the tail that sjf trades for its mean
+    # where that tail is made: the long responses (None: no objective).
+    max_latency_s: float | None = None
     # A request goes first, whatever the policy, once the engine has done this many times the
     # predicted work that was queued ahead of it when it arrived, i.e. once it has waited that
     # multiple of what fcfs would have made it wait. Bounds the tail that sjf trades for its mean,
@@ -68,5 +75,7 @@ class SchedulerConfig:
             raise ValueError(f"fcfs_wait_bound must be >= 1 (or None for no bound), got {self.fcfs_wait_bound}")
         if self.max_wait_s is not None and not self.max_wait_s > 0:
             raise ValueError(f"max_wait_s must be > 0 (or None for no bound), got {self.max_wait_s}")
+        if self.max_latency_s is not None and not self.max_latency_s > 0:
+            raise ValueError(f"max_latency_s must be > 0 (or None for no objective), got {self.max_latency_s}")
         if self.admission_window < 1:
             raise ValueError(f"admission_window must be at least 1, got {self.admission_window}")

@@ -36,6 +36,8 @@ from lenserve.scheduler.sequence import Sequence, SequenceStatus
 from lenserve.scheduler.waiting_queue import WaitingQueue, bucket_key
 
 RUNNING = SequenceStatus.RUNNING
+STEP_TIME_EWMA = 0.05  # weight of the newest busy step in step_time_s
+REKEY_DRIFT = 0.2  # max_latency_s: latest starts are recomputed when step_time_s moves this much
 
 
 class Scheduler:
@@ -57,7 +59,13 @@ class Scheduler:
             config.max_wait_s,
             by_bucket=config.batching == "bucketed" or config.bucket_affinity,
             work_fn=(lambda seq: predicted_work(seq, self._prompt_weight)) if self._wait_bound else None,
+            max_latency_s=config.max_latency_s,
+            service_s=self.predicted_service_s,
         )
+        # Seconds per engine step (an exponential average over the steps the driver reports with
+        # record_step_time; None until one is).
+        self.step_time_s: float | None = None
+        self._keyed_step_time_s: float | None = None  # the step_time_s the latest starts were computed with
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions_total = 0
@@ -204,6 +212,27 @@ class Scheduler:
         self.waiting.push(seq)
 
     # ---- scheduling ----------------------------------------------------------------------------------
+    def predicted_service_s(self, seq: Sequence) -> float:
+        """Seconds `seq` is expected to take from its start: its predicted remaining tokens, one a
+        step, at step_time_s (0 without a measured step)."""
+        if self.step_time_s is None:
+            return 0.0
+        return seq.predicted_remaining * self.step_time_s
+
+    def record_step_time(self, seconds: float, num_steps: int = 1) -> None:
+        """The driver reports that `num_steps` steps took `seconds` (the engine after each step,
+        the simulator after each step or run of steps): step_time_s follows them."""
+        if num_steps <= 0 or not seconds > 0:
+            return
+        sample = seconds / num_steps
+        # as `num_steps` updates with the mean step would (the simulator takes runs of steps at once)
+        weight = 1.0 - (1.0 - STEP_TIME_EWMA) ** num_steps
+        self.step_time_s = sample if self.step_time_s is None else self.step_time_s + weight * (sample - self.step_time_s)
+        keyed = self._keyed_step_time_s
+        if self.config.max_latency_s is not None and (keyed is None or abs(self.step_time_s - keyed) > REKEY_DRIFT * keyed):
+            self._keyed_step_time_s = self.step_time_s
+            self.waiting.rekey_starts()
+
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
         self.num_steps += 1
@@ -489,7 +518,7 @@ class Scheduler:
         return not self.running and self._fits_alone(head, matched)
 
     def next_wakeup_time(self) -> float:
-        """When a waiting sequence becomes overdue (max_wait_s), changing the head of the queue."""
+        """When a waiting sequence becomes overdue (max_wait_s, max_latency_s), changing the head of the queue."""
         return self.waiting.next_overdue_time(self.clock())
 
     def decode_horizon(self) -> int:

@@ -462,6 +462,7 @@ def simulate(
             max_concurrent = max(max_concurrent, num_seqs)
             busy_seq_s += num_seqs * (end - t)
             num_steps += k
+            sched.record_step_time(end - t, k)
             record(sched.fast_forward(k, stops, FILLER_TOKEN_ID))
             continue
 
@@ -479,6 +480,7 @@ def simulate(
         busy_seq_s += num_running * dt
         num_steps += 1
         now[0] = t + dt
+        sched.record_step_time(dt)
         record(sched.update(out, sampled))
 
     makespan = (now[0] - first_arrival) if n else 0.0

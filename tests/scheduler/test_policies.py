@@ -125,3 +125,73 @@ def test_fcfs_wait_bound_lets_a_request_go_once_it_has_waited_its_fcfs_wait(boun
     order = [s.request_id for s in first + drain(sched)]
     # fcfs would start "long" right after "first": with the bound it goes as soon as work is done.
     assert order[1] == ("long" if bound else "short0")
+
+
+def test_max_latency_starts_a_request_predicted_long_early_enough_to_finish():
+    """Latest start = arrival + max_latency_s - expected decode time: of two requests that arrived
+    together, the one predicted longer becomes overdue first."""
+    step_s = {"value": 0.5}
+    queue = WaitingQueue(make_policy("sjf"), max_latency_s=100.0,
+                         service_s=lambda seq: seq.predicted_remaining * step_s["value"])
+    long = make_seq("long", 4, 1, arrival=0.0, pred=prediction(120), max_tokens=1000)  # 60 s of decode
+    short = make_seq("short", 4, 1, arrival=0.0, pred=prediction(10), max_tokens=1000)  # 5 s
+    queue.push(long)
+    queue.push(short)
+    assert queue.latest_start(long) == 40.0 and queue.latest_start(short) == 95.0
+    assert queue.peek(now=39.0) is short  # sjf order while nothing is overdue
+    assert queue.next_overdue_time(now=39.0) == 40.0
+    assert queue.peek(now=41.0) is long
+    queue.remove(long)
+    assert queue.peek(now=41.0) is short and queue.next_overdue_time(now=41.0) == 95.0
+    # with max_wait_s too, the earlier of the two bounds counts
+    both = WaitingQueue(make_policy("sjf"), max_wait_s=20.0, max_latency_s=100.0, service_s=lambda seq: 0.0)
+    assert both.latest_start(short) == 20.0
+
+
+def test_step_time_follows_the_reported_steps_and_rekeys_the_queue():
+    sched = make_scheduler(num_blocks=256, policy="sjf", max_latency_s=1000.0)
+    assert sched.step_time_s is None
+    waiting = make_seq("w", 4, 1, arrival=0.0, pred=prediction(100), max_tokens=1000)
+    sched.add(waiting)
+    assert sched.waiting.latest_start(waiting) == 1000.0  # no step measured yet
+    sched.record_step_time(0.25)
+    assert sched.step_time_s == 0.25 and sched.waiting.next_overdue_time(0.0) == pytest.approx(1000.0 - 100 * 0.25)
+    sched.record_step_time(10 * 0.5, num_steps=10)  # a run of 10 steps = 10 updates with its mean step
+    expected = 0.25
+    for _ in range(10):
+        expected += 0.05 * (0.5 - expected)
+    assert sched.step_time_s == pytest.approx(expected)
+    assert sched.waiting.next_overdue_time(0.0) == pytest.approx(1000.0 - 100 * expected)  # moved > 20%: rekeyed
+    sched.record_step_time(0.0)  # nothing measured
+    assert sched.step_time_s == pytest.approx(expected)
+    seq = make_seq("c", 4, 1, pred=prediction(10, p90=20), max_tokens=100)
+    assert sched.predicted_service_s(seq) == pytest.approx(10 * expected)  # the expected (mean) length
+    assert sched.predicted_service_s(make_seq("d", 4, 1, max_tokens=40)) == pytest.approx(40 * expected)  # no prediction: max_tokens
+
+
+def test_max_latency_bounds_the_end_to_end_time_of_a_long_request():
+    """One slot, a long request among a stream of short ones: pure sjf holds it back to the end;
+    with the objective it starts by arrival + max_latency_s - its expected decode time, and ends
+    at the objective."""
+    def run(max_latency_s):
+        clock = Clock()
+        sched = make_scheduler(num_blocks=512, clock=clock, max_num_seqs=1, policy="sjf",
+                               aging_tok_per_step=0.0, max_latency_s=max_latency_s)
+        sched.record_step_time(1.0)  # the step time drain's clock advances by
+        sched.add(make_seq("first", 4, 3, arrival=0.0, pred=prediction(3), max_tokens=10))  # takes the slot
+        long_seq = make_seq("long", 4, 50, arrival=0.0, pred=prediction(50), max_tokens=1000)
+        sched.add(long_seq)
+        arrivals = iter(range(10_000))
+
+        def on_step(step, out):
+            if step < 600 and step % 3 == 0:  # a 3-token request every 3 s keeps the slot busy
+                i = next(arrivals)
+                sched.add(make_seq(f"s{i}", 4, 3, arrival=clock.now, pred=prediction(3), max_tokens=1000))
+
+        finished = drain(sched, on_step=on_step)
+        return long_seq.finished_time - long_seq.arrival_time, finished[-1].request_id
+
+    e2e, last = run(None)
+    assert last == "long" and e2e > 500
+    e2e, last = run(200.0)
+    assert last != "long" and 200.0 - 5 <= e2e <= 200.0 + 5
