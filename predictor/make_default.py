@@ -80,37 +80,56 @@ def _summary(result: dict) -> dict:
     return out
 
 
-def make_default(castillo_paths: list[str], served_path: str, out_dir: str, cfg: TrainConfig | None = None) -> dict:
+def _castillo_summary(rows: list[LengthRow], out_dir: str) -> dict:
+    full = evaluate_file(rows, out_dir, per_model=True)
+    per_model = {name: _summary(r) for name, r in full["per_model"].items()}
+    return {
+        "all_rows": _summary(full),
+        "mean_over_models": {k: round(float(np.mean([r[k] for r in per_model.values()])), 4) for k in SUMMARY_KEYS},
+        "baseline_mean_over_models": {
+            k: round(float(np.mean([r["baseline"][k] for r in per_model.values()])), 4) for k in SUMMARY_KEYS},
+        "per_model": per_model,
+    }
+
+
+def evaluate_default(parts: dict[str, list[LengthRow]], out_dir: str) -> dict:
+    """The held-out evaluation of the predictor in `out_dir`: SmolLM2's test and validate splits,
+    CASTILLO's held-out partition per model, and that partition's rows from the validate file alone
+    (prompts of CASTILLO's validate split that the predictor never saw)."""
+    result = {}
+    for split in ("served_test", "served_validate"):
+        if parts[split]:
+            result[split] = _summary(evaluate_file(parts[split], out_dir))
+    if parts["castillo_holdout"]:
+        result["castillo_holdout"] = _castillo_summary(parts["castillo_holdout"], out_dir)
+        validate_rows = [r for r in parts["castillo_holdout"] if r.split == "validate"]
+        if validate_rows:
+            result["castillo_holdout_validate_file"] = _castillo_summary(validate_rows, out_dir)
+    return result
+
+
+def make_default(castillo_paths: list[str], served_path: str, out_dir: str, cfg: TrainConfig | None = None,
+                 fit: bool = True) -> dict:
+    """Fits the default into `out_dir` (unless not `fit`: the one there is evaluated) and evaluates it."""
     castillo = [r for p in castillo_paths for r in iter_rows(p)]
     served, in_progress = read_served_set(served_path)
     served_model = served[0].model
     parts = partition(castillo, served)
-    logger.info("training on %d rows (%d held out of CASTILLO, %d SmolLM2 validate, %d test)", len(parts["train"]),
-                len(parts["castillo_holdout"]), len(parts["served_validate"]), len(parts["served_test"]))
-    t0 = time.monotonic()
-    predictor = fit_learned(parts["train"], cfg, default_model=served_model)
-    predictor.save(out_dir)
-    fit_baseline(parts["train"], default_model=served_model).save(os.path.join(out_dir, "baseline"))
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "served_model": served_model,
         "served_set": {"path": served_path, "prompts": len(served), "complete": not in_progress},
         "train_rows": len(parts["train"]),
-        "train_s": round(time.monotonic() - t0, 1),
     }
-    for split in ("served_test", "served_validate"):
-        if parts[split]:
-            result[split] = _summary(evaluate_file(parts[split], out_dir))
-    if parts["castillo_holdout"]:
-        full = evaluate_file(parts["castillo_holdout"], out_dir, per_model=True)
-        per_model = {name: _summary(r) for name, r in full["per_model"].items()}
-        result["castillo_holdout"] = {
-            "all_rows": _summary(full),
-            "mean_over_models": {k: round(float(np.mean([r[k] for r in per_model.values()])), 4) for k in SUMMARY_KEYS},
-            "baseline_mean_over_models": {
-                k: round(float(np.mean([r["baseline"][k] for r in per_model.values()])), 4) for k in SUMMARY_KEYS},
-            "per_model": per_model,
-        }
+    if fit:
+        logger.info("training on %d rows (%d held out of CASTILLO, %d SmolLM2 validate, %d test)", len(parts["train"]),
+                    len(parts["castillo_holdout"]), len(parts["served_validate"]), len(parts["served_test"]))
+        t0 = time.monotonic()
+        predictor = fit_learned(parts["train"], cfg, default_model=served_model)
+        predictor.save(out_dir)
+        fit_baseline(parts["train"], default_model=served_model).save(os.path.join(out_dir, "baseline"))
+        result["train_s"] = round(time.monotonic() - t0, 1)
+    result.update(evaluate_default(parts, out_dir))
     return result
 
 
@@ -133,6 +152,9 @@ def markdown(result: dict) -> str:
         for name, r in c["per_model"].items():
             row(f"CASTILLO {name.split('/')[-1]}", r, r["baseline"], r["n"])
         row("**CASTILLO mean over models**", c["mean_over_models"], c["baseline_mean_over_models"], c["all_rows"]["n"])
+    if "castillo_holdout_validate_file" in result:
+        c = result["castillo_holdout_validate_file"]
+        row("CASTILLO validate-file prompts, mean over models", c["mean_over_models"], c["baseline_mean_over_models"], c["all_rows"]["n"])
     return "\n".join(lines)
 
 
@@ -143,14 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="predictor directory to write")
     ap.add_argument("--results", default=None, help="JSON file for the evaluation")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the predictor already in --out instead of fitting one"
+                    " (what --results held about its fitting is kept)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     paths = [os.path.join(args.castillo, f"castillo_{s}.jsonl.gz") for s in ("train", "validate")]
-    result = make_default(paths, args.smollm2, args.out, TrainConfig(num_threads=args.threads))
+    result = make_default(paths, args.smollm2, args.out, TrainConfig(num_threads=args.threads), fit=not args.eval_only)
+    if args.eval_only and args.results and os.path.exists(args.results):
+        with open(args.results) as f:
+            fitted = json.load(f)
+        result = {**fitted, **result, "date": fitted.get("date"), "evaluated": result["date"]}
     if args.results:
         write_results(args.results, result)
     print(markdown(result))
-    print(json.dumps({k: result[k] for k in result if k != "castillo_holdout"}))
+    print(json.dumps({k: result[k] for k in result if not k.startswith("castillo_holdout")}))
     return 0
 
 

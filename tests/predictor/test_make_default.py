@@ -51,3 +51,24 @@ def test_make_default_from_a_build_in_progress(tmp_path):
     assert set(c["per_model"]) == {"small-llm", "verbose-llm"} and c["mean_over_models"]["kendall_tau"] > 0.6
     table = markdown(result)
     assert "served-llm test" in table and "CASTILLO mean over models" in table
+
+
+def test_validate_file_rows_are_reported_apart_and_eval_only_keeps_the_fitted_model(tmp_path):
+    castillo_rows = make_rows(400, seed=0)
+    for i, r in enumerate(castillo_rows):
+        r.split = "validate" if i % 2 else "train"
+    castillo = tmp_path / "castillo.jsonl.gz"
+    write_rows(str(castillo), castillo_rows)
+    served = tmp_path / "served.jsonl.gz"
+    write_rows(str(served), _served_rows(300, seed=2))
+    out = tmp_path / "pred"
+    fitted = make_default([str(castillo)], str(served), str(out), FAST)
+    v = fitted["castillo_holdout_validate_file"]
+    held_validate = [r for r in castillo_rows if r.split == "validate" and castillo_held_out(r.prompt_text)]
+    assert v["all_rows"]["n"] == len(held_validate) < fitted["castillo_holdout"]["all_rows"]["n"]
+    assert "validate-file prompts" in markdown(fitted)
+    model_file = out / "location.txt.gz"
+    before = model_file.read_bytes()
+    again = make_default([str(castillo)], str(served), str(out), FAST, fit=False)
+    assert model_file.read_bytes() == before and "train_s" not in again
+    assert again["castillo_holdout_validate_file"] == v and again["served_test"] == fitted["served_test"]
