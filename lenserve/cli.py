@@ -26,7 +26,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-wait-s", type=float, default=None, help="requests waiting longer go first, whatever the policy")
     g.add_argument("--fcfs-wait-bound", type=float, default=None, help="requests that have waited this multiple of their fcfs wait go first")
     g.add_argument("--max-latency-s", type=float, default=None,
-                   help="end-to-end latency objective: a request goes first once a later start would leave too little time for its predicted p90 response")
+                   help="end-to-end latency objective (s): a request goes first once a later start would leave too little time for its expected response (predicted mean tokens x measured step time)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "kernels", "torch", "flash-attn"])
     g.add_argument("--attention", default="packed", choices=["packed", "padded"], help="padded: the baseline only")
     g.add_argument("--no-prefix-caching", action="store_true")

@@ -35,7 +35,7 @@ def add_simulation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fcfs-wait-bound", type=float, default=None, metavar="X",
                    help="requests that have waited X times their fcfs wait (work queued ahead at arrival) go first")
     g.add_argument("--max-latency-s", type=float, default=None,
-                   help="end-to-end latency objective: a request goes first once a later start would leave too little time for its predicted p90 response")
+                   help="end-to-end latency objective (s): a request goes first once a later start would leave too little time for its expected response (predicted mean tokens x measured step time)")
     g.add_argument("--seed", type=int, default=0, help="prediction noise")
     g.add_argument("--json", action="store_true", help="print one JSON object keyed by policy")
     c = p.add_argument_group("replicas (a router in front of N engines)")

@@ -93,9 +93,15 @@ def summarize(output_sizes: list[int]) -> tuple[float, float, dict[str, float]]:
     return round(mean, 2), round(std, 2), {f"p{q}": round(percentile(q), 2) for q in PERCENTILES}
 
 
+def stable_hash64(key: str) -> int:
+    """The first 8 bytes of sha256(key) as an unsigned integer: the same on every machine and run,
+    unlike hash(); the splits and held-out partitions are drawn from it."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+
+
 def split_of(prompt_id: str, fractions: tuple[float, ...] = SPLIT_FRACTIONS) -> str:
     """train / validate / test from a hash of the prompt id: deterministic, and one prompt one split."""
-    u = int.from_bytes(hashlib.sha256(f"lenserve-split:{prompt_id}".encode()).digest()[:8], "big") / 2**64
+    u = stable_hash64(f"lenserve-split:{prompt_id}") / 2**64
     edge = 0.0
     for name, frac in zip(SPLITS, fractions):
         edge += frac
@@ -107,7 +113,7 @@ def split_of(prompt_id: str, fractions: tuple[float, ...] = SPLIT_FRACTIONS) -> 
 def castillo_held_out(prompt_text: str, share: float = 0.2) -> bool:
     """Whether a CASTILLO prompt text is in the share held out of the shipped predictor's training
     (sha256 of "holdout:" + text): by text, so a prompt is held out for every model that answered it."""
-    return int(hashlib.sha256(("holdout:" + prompt_text).encode()).hexdigest()[:16], 16) / 16**16 < share
+    return stable_hash64("holdout:" + prompt_text) / 2**64 < share
 
 
 def _open_text(path: str, mode: str):

@@ -14,14 +14,13 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import time
 from datetime import datetime, timezone
 
 import numpy as np
 
-from lenserve.predictor.dataset import read_rows
+from lenserve.predictor.dataset import read_rows, stable_hash64
 from lenserve.predictor.evaluate import predict_rows
 from lenserve.predictor.make_default import write_results
 from lenserve.predictor.metrics import evaluate
@@ -44,7 +43,7 @@ def _mean(results: dict) -> dict:
 
 def crossfit_fold(prompt_text: str, k: int) -> int:
     """The fold (0..k-1) of a prompt text: by text, so a prompt is in one fold for every LLM."""
-    return int(hashlib.sha256(("crossfit:" + prompt_text.strip()).encode()).hexdigest()[:16], 16) % k
+    return stable_hash64("crossfit:" + prompt_text.strip()) % k
 
 
 def crossfit(train: list, test: list, k: int, fit) -> list:

@@ -25,9 +25,9 @@ class WaitingQueue:
     """`max_wait_s`: a sequence waiting longer goes first. `max_latency_s` with `service_s`: a
     sequence goes first once starting it later would leave it less than `service_s(seq)` seconds
     before `arrival + max_latency_s` (its latest start is computed when it is pushed and again at
-    `rekey_starts`). `work_fn`:
-    keeps `total_work`, the predicted work queued; sequences with a `wait_deadline` (in work done)
-    go first once the work done passes it. Among overdue sequences, the longest overdue goes first."""
+    `rekey_starts`). `work_fn`: keeps `total_work`, the predicted work queued; sequences with a
+    `wait_deadline` (in work done) go first once the work done passes it. Among overdue sequences,
+    the longest overdue goes first."""
 
     def __init__(
         self,
@@ -102,8 +102,8 @@ class WaitingQueue:
         return entry[2] if entry is not None else None
 
     def peek(self, now: float, work_done: float = 0.0) -> Sequence | None:
-        """The next sequence to admit: an overdue one (by max_wait_s, then by wait_deadline) if
-        any, else the policy's first."""
+        """The next sequence to admit: an overdue one (by max_wait_s and max_latency_s, then by
+        wait_deadline) if any, else the policy's first."""
         if self._by_start is not None:
             first = self._top_entry(self._by_start)
             if first is not None and now > first[0]:
