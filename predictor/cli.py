@@ -66,6 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if default is not None and default not in models:
         raise ValueError(f"--default-llm {default!r} is not in {args.data} (models: {', '.join(models)})")
     cfg = TrainConfig(num_threads=args.threads, num_rounds=args.rounds, seed=args.seed)
+    if args.char_vocabulary is not None:
+        cfg.max_char_vocabulary = max(args.char_vocabulary, 0)
     predictor = fit_learned(rows, cfg, default_model=default, edges=args.edges)
     predictor.save(args.out)
     fit_baseline(rows, default_model=default, edges=args.edges).save(os.path.join(args.out, "baseline"))
@@ -130,6 +132,9 @@ def register(subparsers) -> None:
     t.add_argument("--edges", type=_edges, default=DEFAULT_BUCKET_EDGES, help="bucket edges, e.g. 64,128,256,512,1024")
     t.add_argument("--threads", type=_positive(int), default=2)
     t.add_argument("--rounds", type=_positive(int), default=400)
+    t.add_argument("--char-vocabulary", type=int, default=None, metavar="N",
+                   help="character 2-5-gram terms kept for the second TF-IDF ridge (default 100000; 0: word n-grams "
+                        "only, a smaller and faster predictor)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 

@@ -22,6 +22,7 @@ from lenserve.predictor.types import DEFAULT_BUCKET_EDGES, LengthPrediction, Pro
 
 FORMAT_VERSION = 1
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "default")
+CHAR_PREFIX = "char_"  # file prefix of the character n-gram scorer in a saved predictor
 
 
 class LengthPredictor(ABC):
@@ -167,9 +168,10 @@ class LearnedLengthPredictor(LengthPredictor):
     kind = "learned"
 
     def __init__(self, models, default_model, scorer, location, quantile_boosters, levels, quantile_offsets,
-                 mean_scale, edges=DEFAULT_BUCKET_EDGES, info: dict | None = None) -> None:
+                 mean_scale, edges=DEFAULT_BUCKET_EDGES, info: dict | None = None, char_scorer=None) -> None:
         super().__init__(models, default_model, edges)
         self.scorer = scorer  # TextScorer: column 0 pooled over models, then one column per model
+        self.char_scorer = char_scorer  # the same over character n-grams, or None (predictors saved before it)
         self.location = location  # lightgbm.Booster
         self.quantile_boosters = list(quantile_boosters)
         self.levels = tuple(levels)
@@ -178,11 +180,13 @@ class LearnedLengthPredictor(LengthPredictor):
         self.info = info or {}
 
     def features(self, texts: list[str], model: int | np.ndarray) -> np.ndarray:
-        """GBM input [n, num_features]: dense features | pooled score | own-model score | all models' scores | model."""
+        """GBM input [n, num_features]: dense features | pooled score | own-model score | all models' scores |
+        character n-gram pooled and own-model scores | model."""
         bodies = [prompt_body(t) for t in texts]
         dense = feature_matrix(bodies)
         scores = self.scorer.scores(bodies)
-        return stack_features(dense, scores, np.broadcast_to(np.asarray(model), (len(texts),)))
+        char_scores = self.char_scorer.scores(bodies) if self.char_scorer is not None else None
+        return stack_features(dense, scores, np.broadcast_to(np.asarray(model), (len(texts),)), char_scores)
 
     def _predict_log_quantiles(self, prompts, model):
         x = self.features([p.text for p in prompts], model)
@@ -194,13 +198,16 @@ class LearnedLengthPredictor(LengthPredictor):
     def save(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
         self.scorer.save(path)
+        if self.char_scorer is not None:
+            self.char_scorer.save(path, prefix=CHAR_PREFIX)
         _save_booster(self.location, os.path.join(path, "location.txt.gz"))
         names = [f"quantile_{int(round(lv * 100)):02d}.txt.gz" for lv in self.levels]
         for booster, name in zip(self.quantile_boosters, names):
             _save_booster(booster, os.path.join(path, name))
         _write_manifest(path, self._manifest(levels=list(self.levels), quantile_files=names,
                                              quantile_offsets=self.quantile_offsets.tolist(),
-                                             mean_scale=self.mean_scale.tolist(), info=self.info))
+                                             mean_scale=self.mean_scale.tolist(), info=self.info,
+                                             char_scores=self.char_scorer is not None))
 
     @classmethod
     def load(cls, path: str) -> "LearnedLengthPredictor":
@@ -211,12 +218,14 @@ class LearnedLengthPredictor(LengthPredictor):
         m = read_manifest(path)
         try:
             scorer = TextScorer.load(path)
+            char_scorer = TextScorer.load(path, CHAR_PREFIX) if m.get("char_scores") else None
             location = _load_booster(os.path.join(path, "location.txt.gz"))
             quantiles = [_load_booster(os.path.join(path, name)) for name in m["quantile_files"]]
         except (OSError, EOFError, KeyError, ValueError, lgb.basic.LightGBMError) as e:
             raise ValueError(f"predictor in {path} is incomplete or corrupt: {e}") from None
         return cls(m["models"], m["default_model"], scorer, location, quantiles, tuple(m["levels"]),
-                   np.array(m["quantile_offsets"]), np.array(m["mean_scale"]), tuple(m["edges"]), m.get("info"))
+                   np.array(m["quantile_offsets"]), np.array(m["mean_scale"]), tuple(m["edges"]), m.get("info"),
+                   char_scorer)
 
 
 def _save_booster(booster, file: str) -> None:
@@ -247,12 +256,19 @@ def _load_booster(file: str):
         return lgb.Booster(model_str=f.read())
 
 
-def stack_features(dense: np.ndarray, scores: np.ndarray, model: np.ndarray) -> np.ndarray:
-    """dense [n, d], scores [n, 1 + num_models] (pooled, then per model), model [n] -> [n, d + 3 + num_models]."""
+def stack_features(dense: np.ndarray, scores: np.ndarray, model: np.ndarray, char_scores: np.ndarray | None = None) -> np.ndarray:
+    """dense [n, d], scores [n, 1 + num_models] (pooled, then per model), model [n], optional
+    char_scores shaped like scores -> [n, d + 3 + num_models (+ 2)]; the model index is last."""
     n = dense.shape[0]
     model = np.asarray(model, dtype=np.int64)
-    own = scores[np.arange(n), 1 + model] if scores.shape[1] > 1 else scores[:, 0]
-    return np.hstack([dense, scores[:, :1], own[:, None], scores[:, 1:], model[:, None].astype(np.float32)]).astype(np.float32)
+
+    def pooled_and_own(s: np.ndarray) -> list[np.ndarray]:
+        return [s[:, :1], (s[np.arange(n), 1 + model] if s.shape[1] > 1 else s[:, 0])[:, None]]
+
+    parts = [dense, *pooled_and_own(scores), scores[:, 1:]]
+    if char_scores is not None:
+        parts += pooled_and_own(char_scores)
+    return np.hstack(parts + [model[:, None].astype(np.float32)]).astype(np.float32)
 
 
 _KINDS: dict[str, type[LengthPredictor]] = {

@@ -1,9 +1,10 @@
 """Fitting the predictors on CASTILLO-schema rows.
 
 The learned model is stacked, and everything it is judged on comes from held-out folds:
-1. TF-IDF ridge scores on log(output_mean): one pooled over all models (each model's verbosity
-   removed as an additive offset), one per model. The boosters see the scores of folds that did
-   not train the ridge (grouped by prompt, so no prompt text is in both).
+1. TF-IDF ridge scores on log(output_mean), over word 1–2-grams and over character 2–5-grams:
+   one pooled over all models (each model's verbosity removed as an additive offset), one per
+   model. The boosters see the scores of folds that did not train the ridge (grouped by prompt,
+   so no prompt text is in both).
 2. A location booster on log(output_mean) ranks prompts; quantile boosters on the log length of
    single sampled responses give the distribution.
 3. A second round of folds calibrates: per model, an offset per quantile level so each level
@@ -21,7 +22,7 @@ import numpy as np
 from lenserve.predictor.dataset import LengthRow
 from lenserve.predictor.features import feature_matrix, prompt_body
 from lenserve.predictor.model import LearnedLengthPredictor, PromptLengthBaseline, stack_features
-from lenserve.predictor.text import NGRAM_RANGE, TOKEN_PATTERN, TextScorer
+from lenserve.predictor.text import TextScorer, vectorizer_options
 from lenserve.predictor.types import DEFAULT_BUCKET_EDGES
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class TrainConfig:
     ridge_alpha_pooled: float = 3.0
     ridge_alpha_model: float = 1.0
     max_vocabulary: int = 30000
+    max_char_vocabulary: int = 100_000  # 0: no character n-gram scores
     num_rounds: int = 400  # location booster
     learning_rate: float = 0.05
     num_quantile_rounds: int = 250
@@ -48,12 +50,12 @@ class TrainConfig:
     levels: tuple[float, ...] = QUANTILE_LEVELS
 
 
-def fit_vectorizer(texts: list[str], min_df: int = 2, max_features: int = 30000):
+def fit_vectorizer(texts: list[str], min_df: int = 2, max_features: int = 30000, analyzer: str = "word"):
     """Vocabulary, idf and the TF-IDF matrix [num_texts, vocab] of the training texts."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    vec = TfidfVectorizer(ngram_range=NGRAM_RANGE, token_pattern=TOKEN_PATTERN, min_df=min_df,
-                          max_features=max_features, sublinear_tf=True, dtype=np.float32)
+    vec = TfidfVectorizer(**vectorizer_options(analyzer), min_df=min_df, max_features=max_features,
+                          sublinear_tf=True, dtype=np.float32)
     x = vec.fit_transform(texts).tocsr()
     vocab = [""] * len(vec.vocabulary_)
     for term, i in vec.vocabulary_.items():
@@ -102,6 +104,21 @@ def _ridge_weights(x, y, prompt, model, num_models, cfg: TrainConfig) -> tuple[n
     if num_models == 1:  # the pooled ridge is the model's own
         weights, intercepts = weights[:1], intercepts[:1]
     return np.stack(weights, axis=1), np.array(intercepts, dtype=np.float32)
+
+
+def _text_scores(bodies, analyzer, max_features, prompt, model, y, folds, num_models, cfg, t0):
+    """(out-of-fold ridge scores [rows, num_scores], the scorer fitted on all rows) for one analyzer."""
+    vocab, idf, x_text = fit_vectorizer(bodies, max_features=max_features, analyzer=analyzer)
+    x = x_text[prompt]
+    oof = np.zeros((len(y), 1 + num_models if num_models > 1 else 1), dtype=np.float32)
+    for k, test in enumerate(folds):
+        train = np.setdiff1d(np.arange(len(y)), test)
+        w, b = _ridge_weights(x[train], y[train], prompt[train], model[train], num_models, cfg)
+        oof[test] = np.asarray(x[test] @ w) + b
+        logger.info("%s ridge fold %d/%d done (%.0fs)", analyzer, k + 1, len(folds), time.monotonic() - t0)
+    w, b = _ridge_weights(x, y, prompt, model, num_models, cfg)
+    logger.info("%s vocabulary %d", analyzer, len(vocab))
+    return oof, TextScorer(vocab, idf, w, b, analyzer)
 
 
 def _lgb_params(cfg: TrainConfig, objective: str, alpha: float | None = None) -> dict:
@@ -160,23 +177,17 @@ def fit_learned(rows: list[LengthRow], cfg: TrainConfig | None = None, default_m
     y = np.log(np.maximum([r.output_mean for r in rows], 1.0))
     bodies = [prompt_body(t) for t in texts]
     dense = feature_matrix(bodies)
-    vocab, idf, x_text = fit_vectorizer(bodies, max_features=cfg.max_vocabulary)
-    x = x_text[prompt]
-    logger.info("%d rows, %d prompts, %d models, vocabulary %d", len(rows), len(texts), len(models), len(vocab))
+    logger.info("%d rows, %d prompts, %d models", len(rows), len(texts), len(models))
 
-    # 1. Ridge scores: out-of-fold for the boosters, all rows for the saved scorer.
-    num_scores = 1 + len(models) if len(models) > 1 else 1
-    oof = np.zeros((len(rows), num_scores), dtype=np.float32)
+    # 1. Ridge scores: out-of-fold for the boosters, all rows for the saved scorers.
     folds = group_folds(prompt, cfg.num_folds, cfg.seed)
-    for k, test in enumerate(folds):
-        train = np.setdiff1d(np.arange(len(rows)), test)
-        w, b = _ridge_weights(x[train], y[train], prompt[train], model[train], len(models), cfg)
-        oof[test] = np.asarray(x[test] @ w) + b
-        logger.info("ridge fold %d/%d done (%.0fs)", k + 1, len(folds), time.monotonic() - t0)
-    w, b = _ridge_weights(x, y, prompt, model, len(models), cfg)
-    scorer = TextScorer(vocab, idf, w, b)
+    oof, scorer = _text_scores(bodies, "word", cfg.max_vocabulary, prompt, model, y, folds, len(models), cfg, t0)
+    char_oof, char_scorer = None, None
+    if cfg.max_char_vocabulary > 0:
+        char_oof, char_scorer = _text_scores(bodies, "char_wb", cfg.max_char_vocabulary, prompt, model, y, folds,
+                                             len(models), cfg, t0)
 
-    features = stack_features(dense[prompt], oof, model)
+    features = stack_features(dense[prompt], oof, model, char_oof)
     categorical = features.shape[1] - 1 if len(models) > 1 else -1
     sample_row, sample_y = _sample_rows([r.output_sizes for r in rows], cfg.max_quantile_rows, cfg.seed)
 
@@ -206,10 +217,11 @@ def fit_learned(rows: list[LengthRow], cfg: TrainConfig | None = None, default_m
     # 3. Final boosters on all rows.
     location, quantiles = _train_boosters(features, y, features[sample_row], sample_y, categorical, cfg)
     logger.info("trained in %.0fs", time.monotonic() - t0)
-    info = {"num_rows": len(rows), "num_prompts": len(texts), "vocabulary": len(vocab),
+    info = {"num_rows": len(rows), "num_prompts": len(texts), "vocabulary": len(scorer.vocabulary),
+            "char_vocabulary": len(char_scorer.vocabulary) if char_scorer else 0,
             "rows_per_model": {name: int((model == i).sum()) for i, name in enumerate(models)}}
     return LearnedLengthPredictor(models, default_model or models[0], scorer, location, quantiles, levels,
-                                  offsets, mean_scale, edges, info)
+                                  offsets, mean_scale, edges, info, char_scorer)
 
 
 def fit_baseline(rows: list[LengthRow], default_model: str | None = None, levels: tuple[float, ...] = QUANTILE_LEVELS,

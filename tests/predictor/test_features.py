@@ -59,7 +59,11 @@ def test_default_predictor_loads_fast_and_predicts():
     assert 1 <= short.mean < long.mean and short.p50 <= short.p90
 
 
-def test_text_scorer_matches_scikit_learn():
+@pytest.mark.parametrize("analyzer, reference", [
+    ("word", {"ngram_range": (1, 2)}),
+    ("char_wb", {"analyzer": "char_wb", "ngram_range": (2, 5)}),
+])
+def test_text_scorer_matches_scikit_learn(analyzer, reference, tmp_path):
     import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -67,11 +71,20 @@ def test_text_scorer_matches_scikit_learn():
     from lenserve.predictor.train import fit_vectorizer
 
     texts = ["Write a poem about the sea.", "Explain the sea's tides, briefly!", "List five seas. List them all.",
-             "Ünïcode wörds and the sea", "x"]
-    vocab, idf, x = fit_vectorizer(texts, min_df=1)
+             "Ünïcode wörds and the  sea\n\tdef f(x):\n    return x**2", "x", "a b"]
+    vocab, idf, x = fit_vectorizer(texts, min_df=1, analyzer=analyzer)
     weights = np.random.default_rng(0).standard_normal((len(vocab), 3)).astype(np.float32)
-    scorer = TextScorer(vocab, idf, weights, np.array([1.0, 2.0, 3.0], dtype=np.float32))
+    scorer = TextScorer(vocab, idf, weights, np.array([1.0, 2.0, 3.0], dtype=np.float32), analyzer)
     expected = x.toarray() @ weights + np.array([1.0, 2.0, 3.0])
     np.testing.assert_allclose(scorer.scores(texts), expected, rtol=1e-5, atol=1e-5)
-    ref = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(texts)
+    ref = TfidfVectorizer(sublinear_tf=True, **reference).fit(texts)
     assert sorted(ref.vocabulary_) == sorted(vocab)
+    # unseen text: the same terms scikit-learn forms, through a saved and reloaded scorer
+    scorer.save(str(tmp_path), prefix="p_")
+    loaded = TextScorer.load(str(tmp_path), prefix="p_")
+    assert loaded.analyzer == analyzer
+    new = ["The sea, the SEA! x**2 and   wörds", ""]
+    ref_x = TfidfVectorizer(sublinear_tf=True, vocabulary=dict(zip(vocab, range(len(vocab)))), **reference).fit(texts)
+    ref_x.idf_ = idf
+    np.testing.assert_allclose(loaded.scores(new), ref_x.transform(new).toarray() @ weights + np.array([1.0, 2.0, 3.0]),
+                               rtol=1e-5, atol=1e-5)

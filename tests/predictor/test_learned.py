@@ -60,7 +60,9 @@ def test_quantiles_ordered_and_capped(trained):
 def test_save_load_round_trip(trained):
     predictor, path, _, test = trained
     loaded = load_predictor(path)
+    assert loaded.char_scorer is not None and loaded.char_scorer.analyzer == "char_wb"
     prompts = [PromptInput(r.prompt_text, r.input_size) for r in test[:40]]
+    np.testing.assert_array_equal(predictor.features([p.text for p in prompts], 1), loaded.features([p.text for p in prompts], 1))
     a, b = predictor.predict(prompts, "verbose-llm"), loaded.predict(prompts, "verbose-llm")
     np.testing.assert_allclose([p.mean for p in a], [p.mean for p in b], rtol=1e-3)
     np.testing.assert_allclose([p.p90 for p in a], [p.p90 for p in b], rtol=1e-3)
@@ -87,6 +89,19 @@ def test_eval_cli_prints_the_metrics(trained, tmp_path, capsys):
     assert result["n"] == 150 and result["kendall_tau"] > result["baseline"]["kendall_tau"]
 
 
+def test_train_cli_writes_a_predictor_eval_reads(tmp_path, capsys):
+    data, out = str(tmp_path / "rows.jsonl.gz"), str(tmp_path / "pred")
+    rows = make_rows(300, seed=4)
+    write_rows(data, rows)
+    assert cli.main(["predictor", "train", "--data", data, "--out", out, "--rounds", "60", "--threads", "1",
+                     "--char-vocabulary", "0", "--default-llm", "small-llm"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == len(rows) and summary["default_model"] == "small-llm"
+    assert os.path.exists(os.path.join(out, "text_weights.npz")) and not os.path.exists(os.path.join(out, "char_text_weights.npz"))
+    assert cli.main(["predictor", "eval", "--data", data, "--predictor", out]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == len(rows)
+
+
 def test_eval_cli_errors(tmp_path, capsys):
     assert cli.main(["predictor", "eval", "--data", str(tmp_path / "none.jsonl"), "--predictor", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
@@ -106,6 +121,32 @@ def test_corrupt_predictor_is_reported(trained, tmp_path):
         f.write(b"garbage")
     with pytest.raises(ValueError, match="incomplete or corrupt"):
         load_predictor(bad)
+
+
+def test_missing_character_scorer_is_reported(trained, tmp_path):
+    import shutil
+
+    _, path, _, _ = trained
+    bad = str(tmp_path / "bad")
+    shutil.copytree(path, bad)
+    os.remove(os.path.join(bad, "char_text_weights.npz"))
+    with pytest.raises(ValueError, match="incomplete or corrupt"):
+        load_predictor(bad)
+
+
+def test_word_scores_only_predictor_saves_and_loads(tmp_path):
+    """A predictor without character n-gram scores (as saved before they existed) loads and predicts alike."""
+    from dataclasses import replace
+
+    train, test = make_rows(300, seed=2), make_rows(30, seed=3)
+    predictor = fit_learned(train, replace(FAST, max_char_vocabulary=0), default_model="small-llm")
+    assert predictor.char_scorer is None
+    predictor.save(str(tmp_path))
+    assert not os.path.exists(tmp_path / "char_text_weights.npz")
+    loaded = load_predictor(str(tmp_path))
+    assert loaded.char_scorer is None
+    prompts = [PromptInput(r.prompt_text, r.input_size) for r in test]
+    np.testing.assert_allclose([p.mean for p in loaded.predict(prompts)], [p.mean for p in predictor.predict(prompts)], rtol=1e-3)
 
 
 def test_log_length_relation_is_monotone(trained):
