@@ -71,7 +71,7 @@ def test_text_scorer_matches_scikit_learn(analyzer, reference, tmp_path):
     from lenserve.predictor.train import fit_vectorizer
 
     texts = ["Write a poem about the sea.", "Explain the sea's tides, briefly!", "List five seas. List them all.",
-             "Ünïcode wörds and the  sea\n\tdef f(x):\n    return x**2", "x", "a b"]
+             "Ünïcode wörds and the  sea\n\tdef f(x):\n    return x**2", "x", "a b", "emoji 🙂🙂 sea 日本語の海"]
     vocab, idf, x = fit_vectorizer(texts, min_df=1, analyzer=analyzer)
     weights = np.random.default_rng(0).standard_normal((len(vocab), 3)).astype(np.float32)
     scorer = TextScorer(vocab, idf, weights, np.array([1.0, 2.0, 3.0], dtype=np.float32), analyzer)
@@ -83,7 +83,7 @@ def test_text_scorer_matches_scikit_learn(analyzer, reference, tmp_path):
     scorer.save(str(tmp_path), prefix="p_")
     loaded = TextScorer.load(str(tmp_path), prefix="p_")
     assert loaded.analyzer == analyzer
-    new = ["The sea, the SEA! x**2 and   wörds", ""]
+    new = ["The sea, the SEA! x**2 and   wörds 🙂", "", "   ", "日本語"]
     ref_x = TfidfVectorizer(sublinear_tf=True, vocabulary=dict(zip(vocab, range(len(vocab)))), **reference).fit(texts)
     ref_x.idf_ = idf
     np.testing.assert_allclose(loaded.scores(new), ref_x.transform(new).toarray() @ weights + np.array([1.0, 2.0, 3.0]),
