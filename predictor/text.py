@@ -39,8 +39,13 @@ def _code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
 
 
+def _extend(h: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """One Horner step of the polynomial hash: the hashes of strings `h` followed by characters `c`."""
+    return h * _HASH_BASE + c
+
+
 def _length_key(h: np.ndarray, n: int) -> np.ndarray:
-    return h * _HASH_BASE + np.uint64(n)
+    return _extend(h, np.uint64(n))
 
 
 def char_ngram_hashes(text: str) -> np.ndarray:
@@ -55,7 +60,7 @@ def char_ngram_hashes(text: str) -> np.ndarray:
     h, keys = c, []
     lo, hi = CHAR_NGRAM_RANGE
     for n in range(2, hi + 1):
-        h = h[:-1] * _HASH_BASE + c[n - 1:]  # window [i, i + n)
+        h = _extend(h[:-1], c[n - 1:])  # window [i, i + n)
         if n >= lo:
             keys.append(_length_key(h[word[:len(h)] == word[n - 1:]], n))
     return np.concatenate(keys)
@@ -70,7 +75,7 @@ def _term_hashes(vocabulary: list[str]) -> np.ndarray:
         c = _code_points("".join(vocabulary[i] for i in rows)).reshape(len(rows), n)
         h = c[:, 0]
         for j in range(1, n):
-            h = h * _HASH_BASE + c[:, j]
+            h = _extend(h, c[:, j])
         out[rows] = _length_key(h, int(n))
     return out
 
