@@ -111,25 +111,18 @@ def test_eval_cli_errors(tmp_path, capsys):
     assert "missing manifest.json" in capsys.readouterr().err
 
 
-def test_corrupt_predictor_is_reported(trained, tmp_path):
+@pytest.mark.parametrize("damage", ["garbage location booster", "no character scorer weights"])
+def test_corrupt_predictor_is_reported(trained, tmp_path, damage):
     import shutil
 
     _, path, _, _ = trained
     bad = str(tmp_path / "bad")
     shutil.copytree(path, bad)
-    with open(os.path.join(bad, "location.txt.gz"), "wb") as f:
-        f.write(b"garbage")
-    with pytest.raises(ValueError, match="incomplete or corrupt"):
-        load_predictor(bad)
-
-
-def test_missing_character_scorer_is_reported(trained, tmp_path):
-    import shutil
-
-    _, path, _, _ = trained
-    bad = str(tmp_path / "bad")
-    shutil.copytree(path, bad)
-    os.remove(os.path.join(bad, "char_text_weights.npz"))
+    if damage == "garbage location booster":
+        with open(os.path.join(bad, "location.txt.gz"), "wb") as f:
+            f.write(b"garbage")
+    else:
+        os.remove(os.path.join(bad, "char_text_weights.npz"))
     with pytest.raises(ValueError, match="incomplete or corrupt"):
         load_predictor(bad)
 
