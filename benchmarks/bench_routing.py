@@ -15,10 +15,19 @@ Sections: `scale` (every router on the >= 1M-request BurstGPT-style trace), `swe
 several loads, 50k requests, with real-error and oracle predictions), `capacity` (the fewest
 replicas meeting TTFT/TPOT objectives for a 50k-request trace at a fixed rate; table and plot).
 Writes benchmarks/results/routing_sim.json, capacity_plan.json and capacity_plan.png.
+
+`references` (routing_references.json and .png, their own files): pow2 and least-work beside the
+simulation-only reference routers, which know what no real router can: `jsq` (every replica's
+live count) and `min-delay` (clairvoyant: true lengths, live state, least processor-sharing delay
+added). They show how much mean E2E routing could win with better information, on three kinds of
+replica: the measured CPU cost model; the same with KV for ~40 average
+requests and vLLM-style on-demand KV (preemptions); and a GPU roofline (step time nearly flat in
+the batch), at several loads.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,8 +41,8 @@ from bench_scheduler import Bench, burstgpt_like  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
 
 from lenserve.scheduler.cluster import ROUTERS, SLO, plan_capacity, plot_capacity, simulate_cluster  # noqa: E402
-from lenserve.scheduler.cost_model import load_default  # noqa: E402
-from lenserve.scheduler.simulator import make_predictions, scheduler_config_for  # noqa: E402
+from lenserve.scheduler.cost_model import CostModel, load_default  # noqa: E402
+from lenserve.scheduler.simulator import make_predictions  # noqa: E402
 
 CASTILLO = ("../shared/data/castillo/castillo_train.jsonl.gz", "../shared/data/castillo/castillo_validate.jsonl.gz")
 RESIDUALS = os.path.join(RESULTS, "predictor_residuals_holdout.json")
@@ -81,11 +90,90 @@ def run_routers(bench: Bench, trace, num_replicas: int, load: float, capacity: f
         out[router] = {k: s[k] for k in KEYS}
         log(f"{len(req)} requests x{num_replicas} load {load} {preds.source} {router}: "
             + json.dumps({k: round(v, 2) for k, v in out[router].items()}))
+    if "pow2" in out:
+        out["mean_e2e_over_pow2"] = {r: out[r]["mean_e2e_s"] / out["pow2"]["mean_e2e_s"] for r in routers}
     if "least-work" in out and "pow2" in out:
         out["least_work_over_pow2_mean_e2e"] = out["least-work"]["mean_e2e_s"] / out["pow2"]["mean_e2e_s"]
         out["least_work_over_pow2_mean_ttft"] = out["least-work"]["mean_ttft_s"] / out["pow2"]["mean_ttft_s"]
         out["least_work_over_pow2_p99_ttft"] = out["least-work"]["p99_ttft_s"] / out["pow2"]["p99_ttft_s"]
     return out
+
+
+def gpu_roofline() -> CostModel:
+    """A cost model for Llama-3.1-8B in bf16 on one H200, from the hardware's published peaks and
+    the model's shape (a roofline, not a measurement): every step reads the weights once (16.06 GB
+    at 80% of 4.8 TB/s) plus 1 ms of framework time; each token costs its 2 x 7.5 GFLOPs of matmuls,
+    each sampled one the LM head's 1.05 GFLOPs (at 60% of 989 TFLOP/s dense bf16); prefill attention
+    4 x 128 x 32 heads x 32 layers FLOPs a query-key pair (at 50%); a decode reads 128 KiB of KV
+    (32 layers x 8 KV heads x 128 x K,V x 2 bytes) a context token (at 80% of HBM bandwidth). KV:
+    90% of 141 GB less the weights and 4 GB of activations; vLLM-like batch limits."""
+    bandwidth, flops = 0.8 * 4.8e12, 989e12
+    head_flops = 2 * 4096 * 128256
+    kv_bytes = 32 * 8 * 128 * 2 * 2
+    return CostModel(
+        step_base_s=16.06e9 / bandwidth + 1e-3,
+        token_s=(2 * 8.03e9 - head_flops) / (0.6 * flops),
+        sample_s=head_flops / (0.6 * flops),
+        prefill_attention_s=4 * 128 * 32 * 32 / (0.5 * flops),
+        decode_context_s=kv_bytes / bandwidth,
+        num_kv_blocks=int((0.9 * 141e9 - 16.06e9 - 4e9) / kv_bytes / 16), block_size=16,
+        max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=8192,
+        meta={"source": "roofline: Llama-3.1-8B bf16 on H200 (see benchmarks/bench_routing.py gpu_roofline)"},
+    )
+
+
+REFERENCE_RUN_ROUTERS = ("pow2", "least-work", "jsq", "min-delay")
+
+
+def reference_scenarios(cpu: CostModel) -> list[tuple[str, CostModel, dict, str]]:
+    """(name, cost model, SchedulerConfig defaults, description) of the replicas the references run on."""
+    return [
+        ("cpu", cpu, {}, "measured CPU cost model (SmolLM2-135M, 2 cores), p90 KV reservation"),
+        ("cpu-kv-bound", dataclasses.replace(cpu, num_kv_blocks=2500), {"kv_reserve": "none"},
+         "the same with KV for ~40 average requests (2,500 blocks of 16) and vLLM-style on-demand KV (preempts)"),
+        ("gpu-roofline", gpu_roofline(), {}, "roofline of Llama-3.1-8B bf16 on an H200: step time nearly flat in the batch"),
+    ]
+
+
+def run_references(trace, num_replicas: int, loads: list[float], predictions: str, log) -> dict:
+    out = {"num_requests": len(trace), "num_replicas": num_replicas, "routers": list(REFERENCE_RUN_ROUTERS), "scenarios": []}
+    for name, cost, defaults, description in reference_scenarios(load_default()):
+        bench = Bench(cost, predictions, 2048, log, config_defaults=defaults)
+        capacity = bench.capacity_tok_s(burstgpt_like(20000))
+        runs = [run_routers(bench, trace, num_replicas, load, capacity, predictions, REFERENCE_RUN_ROUTERS, log) for load in loads]
+        out["scenarios"].append({"name": name, "description": description, "replica_capacity_tok_s": capacity,
+                                 "cost_model": {k: v for k, v in cost.to_json().items() if k != "meta"},
+                                 "config": defaults, "runs": runs})
+    ratios = [r["mean_e2e_over_pow2"] for sc in out["scenarios"] for r in sc["runs"]]
+    out["best_mean_e2e_over_pow2"] = {router: min(x[router] for x in ratios) for router in REFERENCE_RUN_ROUTERS}
+    return out
+
+
+def plot_references(refs: dict, path: str) -> None:
+    """Mean E2E over pow2's, per router, for every scenario and load; the issue's 0.8 dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(f"{sc['name']}\nload {run['load']:g}", run["mean_e2e_over_pow2"]) for sc in refs["scenarios"] for run in sc["runs"]]
+    routers = [r for r in refs["routers"] if r != "pow2"]
+    width = 0.8 / len(routers)
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(groups)), 4.5))
+    for j, router in enumerate(routers):
+        xs = [g + (j - (len(routers) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [ratios[router] for _, ratios in groups], width, label=router)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(0.8, color="gray", ls="--", label="0.8 (20% below pow2)")
+    ax.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=8)
+    ax.set_ylim(0.6, max(1.15, max(max(r.values()) for _, r in groups) + 0.05))
+    ax.set_ylabel("mean E2E / pow2's")
+    ax.set_title(f"Mean E2E by router, over pow2's: {refs['num_requests']:,} BurstGPT-style requests, {refs['num_replicas']} replicas "
+                 "(jsq, min-delay: simulation-only references)", fontsize=9)
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -104,6 +192,10 @@ def main(argv=None) -> int:
     p.add_argument("--slo-ttft-s", type=float, default=30.0)
     p.add_argument("--slo-tpot-s", type=float, default=1.5)
     p.add_argument("--slo-quantile", type=float, default=0.9)
+    p.add_argument("--references-requests", type=int, default=50_000, help="0: skip the reference routers' run")
+    p.add_argument("--references-loads", default="0.7,0.9,1.0")
+    p.add_argument("--references-out", default=os.path.join(RESULTS, "routing_references.json"))
+    p.add_argument("--references-plot", default=os.path.join(RESULTS, "routing_references.png"))
     p.add_argument("--out", default=os.path.join(RESULTS, "routing_sim.json"))
     p.add_argument("--capacity-out", default=os.path.join(RESULTS, "capacity_plan.json"))
     p.add_argument("--capacity-plot", default=os.path.join(RESULTS, "capacity_plan.png"))
@@ -163,9 +255,22 @@ def main(argv=None) -> int:
     result["meta"]["wall_s"] = round(time.monotonic() - t0, 1)
     if "scale" in result and "least_work_over_pow2_mean_e2e" in result["scale"]:
         result["criteria"] = {"least_work_mean_e2e_le_0.8x_pow2": result["scale"]["least_work_over_pow2_mean_e2e"] <= 0.8}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    if args.requests or args.sweep_requests or args.capacity_requests:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    if args.references_requests:
+        t1 = time.monotonic()
+        trace = burstgpt_like(args.references_requests, seed=3)
+        refs = run_references(trace, args.replicas, [float(x) for x in args.references_loads.split(",")], predictions, log)
+        meta = {k: result["meta"][k] for k in ("date", "machine", "commit", "replica_policy", "report_interval_s", "trace")}
+        refs = {"meta": {**meta, "trace_source": trace.source, "predictions": predictions,
+                         "wall_s": round(time.monotonic() - t1, 1)}, **refs}
+        with open(args.references_out, "w") as f:
+            json.dump(refs, f, indent=1)
+            f.write("\n")
+        plot_references(refs, args.references_plot)
+        result["references"] = {"best_mean_e2e_over_pow2": refs["best_mean_e2e_over_pow2"], "file": os.path.relpath(args.references_out)}
     json.dump(result, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0

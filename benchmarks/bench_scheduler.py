@@ -66,14 +66,18 @@ def _slim(summary: dict) -> dict:
 
 
 class Bench:
-    def __init__(self, cost: CostModel, predictions: str, max_tokens: int, log=print) -> None:
+    """`config_defaults`: SchedulerConfig fields every simulation here starts from (after p90 KV
+    reservation, kv_reserve="predicted", and the cost model's engine limits)."""
+
+    def __init__(self, cost: CostModel, predictions: str, max_tokens: int, log=print, config_defaults: dict | None = None) -> None:
         self.cost = cost
         self.predictions = predictions
         self.max_tokens = max_tokens
         self.log = log
+        self.config_defaults = dict(config_defaults or {})
 
     def config(self, **overrides):
-        base = dict(kv_reserve="predicted")
+        base = {"kv_reserve": "predicted", **self.config_defaults}
         base.update(overrides)
         return scheduler_config_for(self.cost, **base)
 

@@ -13,6 +13,11 @@ Routers (the same names as the server's `--router`):
   ongoing requests.
 - `round-robin`: in turn.
 
+Two more, `jsq` and `min-delay`, exist only here, as references: they read what no real router can
+(every replica's live state at each arrival; `min-delay` also every request's true length), so they
+bound what routing alone could gain. `jsq` is the fewest ongoing requests over all replicas (pow2
+with perfect, free information); `min-delay` is clairvoyant, see `MinDelayRouter`.
+
 Each replica is a `ReplicaSim`: the scheduler simulation of `lenserve.scheduler.simulator.simulate`
 (the real Scheduler, the cost model, fast-forwarded decode runs), advanced to an arrival's time
 only when the router needs to look at it or sends it the request, so round-robin and pow2 cost
@@ -38,6 +43,7 @@ from lenserve.scheduler.simulator import (
 )
 
 ROUTERS = ("least-work", "pow2", "round-robin")
+REFERENCE_ROUTERS = ("jsq", "min-delay")  # simulation only: they see what a real router cannot
 
 
 class ReplicaSim:
@@ -70,6 +76,7 @@ class ReplicaSim:
         self.busy_s = 0.0  # time with at least one request running
         self.num_assigned = 0
         self.num_unfinished = 0
+        self.unfinished: dict[int, SimSequence] = {}  # by request index
         self.unfinished_hint = 0.0
         self.stalled = False  # waiting requests that nothing can schedule (a fault, reported at the end)
 
@@ -87,6 +94,14 @@ class ReplicaSim:
         return (self.unfinished_hint - sum(seq.work_hint for seq in running)
                 + sum(predicted_work(seq, weight) for seq in running))
 
+    def true_remaining_work(self) -> list[float]:
+        """Every unfinished request's true work left, in response tokens (what `outstanding_work`
+        predicts, known exactly): for the clairvoyant reference router only."""
+        weight = self.config.prompt_weight
+        return [seq.true_output_len - seq.num_output_tokens
+                + weight * max(seq.num_prompt_tokens - seq.num_computed_tokens, 0)
+                for seq in self.unfinished.values()]
+
     # ---- requests -------------------------------------------------------------------------------------
     def add(self, i: int, work_hint: float = 0.0) -> None:
         """`work_hint`: the request's predicted work when it arrives (see `outstanding_work`)."""
@@ -103,12 +118,14 @@ class ReplicaSim:
         seq.work_hint = work_hint
         self.unfinished_hint += work_hint
         self.sched.add(seq)
+        self.unfinished[i] = seq
         self.num_assigned += 1
         self.num_unfinished += 1
         self.stalled = False
 
     def _record(self, finished: Iterable[Sequence]) -> None:
         for seq in finished:
+            del self.unfinished[seq.index]
             self.num_unfinished -= 1
             self.unfinished_hint -= seq.work_hint
             self.on_finish(seq)
@@ -249,6 +266,46 @@ class LeastWorkRouter(Router):
         return best
 
 
+class JSQRouter(Router):
+    """Reference: join the shortest queue with perfect, free information. Every replica's ongoing
+    requests at the instant of arrival, the fewest wins (ties: the lowest index); pow2 compares two."""
+
+    name = "jsq"
+
+    def choose(self, i: int, t: float) -> int:
+        best, fewest = 0, math.inf
+        for k, rep in enumerate(self.replicas):
+            rep.advance_to(t)
+            if rep.num_ongoing < fewest:
+                best, fewest = k, rep.num_ongoing
+        return best
+
+
+class MinDelayRouter(Router):
+    """Reference, clairvoyant: the replica where the request adds the least delay, knowing every
+    length exactly. A continuously batched replica shares its steps among its sequences like a
+    processor-sharing server: a new request with x tokens of work and an unfinished one with r left
+    slow each other down for min(x, r) steps. The delay added is then about x + 2 * sum(min(x, r_i))
+    step-shares over the replica's unfinished requests, and the router takes the least
+    sum(min(x, r_i)), with x the request's true work and r_i the others' true work left, read live."""
+
+    name = "min-delay"
+
+    def __init__(self, replicas, seed: int = 0, true_work: list[float] | None = None) -> None:
+        super().__init__(replicas, seed)
+        self.true_work = true_work or []
+
+    def choose(self, i: int, t: float) -> int:
+        x = self.true_work[i]
+        best, least = 0, math.inf
+        for k, rep in enumerate(self.replicas):
+            rep.advance_to(t)
+            delay = sum(r if r < x else x for r in rep.true_remaining_work())
+            if delay < least:
+                best, least = k, delay
+        return best
+
+
 def work_hints(requests: SimRequests, predictions: Predictions | None, prompt_weight: float) -> list[float]:
     """What a router knows of each request before sending it: its prompt and predicted length,
     as predicted work in response tokens."""
@@ -260,14 +317,18 @@ def work_hints(requests: SimRequests, predictions: Predictions | None, prompt_we
 
 
 def make_router(name: str, replicas: list[ReplicaSim], *, seed: int = 0, hints: list[float] | None = None,
-                report_interval_s: float = 1.0) -> Router:
+                report_interval_s: float = 1.0, true_work: list[float] | None = None) -> Router:
     if name == "least-work":
         return LeastWorkRouter(replicas, seed, report_interval_s, hints)
     if name == "pow2":
         return PowerOfTwoRouter(replicas, seed)
     if name == "round-robin":
         return RoundRobinRouter(replicas, seed)
-    raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {name!r}")
+    if name == "jsq":
+        return JSQRouter(replicas, seed)
+    if name == "min-delay":
+        return MinDelayRouter(replicas, seed, true_work)
+    raise ValueError(f"router must be one of {', '.join(ROUTERS + REFERENCE_ROUTERS)}, got {name!r}")
 
 
 # ---- the cluster simulation ---------------------------------------------------------------------------
@@ -355,7 +416,10 @@ def simulate_cluster(
     replicas = [ReplicaSim(requests, config, cost, predictions, on_finish, num_kv_blocks=num_kv_blocks, block_size=block_size)
                 for _ in range(num_replicas)]
     hints = work_hints(requests, predictions, config.prompt_weight) if n else []
-    chooser = make_router(router, replicas, seed=seed, hints=hints, report_interval_s=report_interval_s)
+    true_work = None
+    if router == "min-delay" and n:
+        true_work = (requests.output_tokens + config.prompt_weight * requests.prompt_tokens).astype(np.float64).tolist()
+    chooser = make_router(router, replicas, seed=seed, hints=hints, report_interval_s=report_interval_s, true_work=true_work)
     arrival = requests.arrival_s.tolist()
     for i in range(n):
         t = arrival[i]

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from lenserve.cli import main
-from lenserve.scheduler.cluster import SLO, plan_capacity, simulate_cluster, simulate_routers
+from lenserve.scheduler.cluster import (
+    SLO, JSQRouter, LeastWorkRouter, MinDelayRouter, ReplicaSim, plan_capacity, simulate_cluster, simulate_routers,
+)
 from lenserve.scheduler.simulator import SimRequests, make_predictions, scheduler_config_for, simulate
 from tests.scheduler.test_simulator import COST, _trace
 
@@ -16,7 +18,7 @@ def test_one_replica_is_the_plain_simulation():
     preds = make_predictions("noisy-tau:0.5", req.output_tokens)
     config = scheduler_config_for(COST, policy="sjf", kv_reserve="predicted")
     single = simulate(req, config, COST, preds)
-    for router in ("least-work", "pow2", "round-robin"):
+    for router in ("least-work", "pow2", "round-robin", "jsq", "min-delay"):
         res = simulate_cluster(req, 1, router, config, COST, preds)
         np.testing.assert_allclose(res.e2e_s, single.e2e_s, rtol=1e-9)
         np.testing.assert_allclose(res.ttft_s, single.ttft_s, rtol=1e-9)
@@ -25,7 +27,7 @@ def test_one_replica_is_the_plain_simulation():
 def test_every_request_finishes_once_on_some_replica():
     req = _trace(500, rate=12.0)
     config = scheduler_config_for(COST)
-    for router in ("least-work", "pow2", "round-robin"):
+    for router in ("least-work", "pow2", "round-robin", "jsq", "min-delay"):
         res = simulate_cluster(req, 3, router, config, COST, make_predictions("oracle", req.output_tokens))
         assert not np.isnan(res.e2e_s).any() and (res.e2e_s >= res.ttft_s).all()
         assert (res.output_tokens == req.output_tokens).all()
@@ -53,6 +55,47 @@ def test_least_work_avoids_the_replica_holding_a_long_request():
     rr = simulate_cluster(req, 2, "round-robin", config, COST, preds)
     assert set(lw.replica[1:].tolist()) == {1 - lw.replica[0]}
     assert lw.e2e_s[1:].mean() < rr.e2e_s[1:].mean() / 3
+
+
+def _two_replicas_holding(outputs_a: list[int], outputs_b: list[int], new_output: int):
+    """Two replicas at time 0: A holds requests with `outputs_a` tokens to come, B `outputs_b`;
+    the last request (`new_output` tokens) is the one to route. Prompts are 1 token (prompt_weight
+    makes them count for nearly nothing)."""
+    outputs = outputs_a + outputs_b + [new_output]
+    n = len(outputs)
+    req = SimRequests.from_arrays(np.zeros(n), np.ones(n, np.int64), np.array(outputs), max_model_len=4096, max_tokens=2048)
+    preds = make_predictions("oracle", req.output_tokens)
+    config = scheduler_config_for(COST, max_num_seqs=64)
+    replicas = [ReplicaSim(req, config, COST, preds, lambda seq: None) for _ in range(2)]
+    hints = [float(o) + config.prompt_weight for o in outputs]
+    for i in range(n - 1):
+        replicas[0 if i < len(outputs_a) else 1].add(i, hints[i])
+    true_work = [float(o) + config.prompt_weight for o in outputs]
+    return replicas, hints, true_work, n - 1
+
+
+def test_reference_routers_choose_by_their_rules():
+    # A: one request with 1000 tokens to come; B: four with 50 each. A 10-token request slows A's
+    # one request for 10 steps, B's four for 10 steps each: min-delay and jsq pick A, least-work
+    # (1000 > 200 tokens queued) picks B.
+    replicas, hints, true_work, i = _two_replicas_holding([1000], [50] * 4, 10)
+    assert MinDelayRouter(replicas, true_work=true_work).choose(i, 0.0) == 0
+    assert JSQRouter(replicas).choose(i, 0.0) == 0
+    assert LeastWorkRouter(replicas, hints=hints).choose(i, 0.0) == 1
+    # A: two long requests; B: three nearly done. min-delay sees 2 x 10 on A against 3 x 3 on B.
+    replicas, hints, true_work, i = _two_replicas_holding([1000, 1000], [3] * 3, 10)
+    assert MinDelayRouter(replicas, true_work=true_work).choose(i, 0.0) == 1
+    assert JSQRouter(replicas).choose(i, 0.0) == 0
+
+
+def test_min_delay_reads_true_work_left_as_replicas_run():
+    replicas, _, _, _ = _two_replicas_holding([40, 7], [], 1)
+    a = replicas[0]
+    before = sorted(a.true_remaining_work())
+    assert before == pytest.approx([7 + a.config.prompt_weight, 40 + a.config.prompt_weight])
+    a.advance_to(COST.step_base_s * 20)  # some decode steps: the 7-token request is done, the other is shorter
+    after = a.true_remaining_work()
+    assert len(after) == 1 and 0 < after[0] < 40
 
 
 def test_more_replicas_lower_latency():
@@ -89,7 +132,7 @@ def test_simulate_routers_keys():
 
 def test_bad_router_and_replica_count():
     req = _trace(10)
-    with pytest.raises(ValueError, match="router must be one of"):
+    with pytest.raises(ValueError, match="router must be one of .*min-delay"):
         simulate_cluster(req, 2, "random", scheduler_config_for(COST), COST)
     with pytest.raises(ValueError, match="num_replicas"):
         simulate_cluster(req, 0, "pow2", scheduler_config_for(COST), COST)
@@ -97,10 +140,10 @@ def test_bad_router_and_replica_count():
 
 def test_cli_replicas_and_capacity_plan(tmp_path, capsys):
     trace = "tests/data/traces/burstgpt_v1.csv"
-    assert main(["simulate", "--trace", trace, "--replicas", "2", "--router", "least-work,pow2", "--policies", "fcfs",
+    assert main(["simulate", "--trace", trace, "--replicas", "2", "--router", "least-work,pow2,min-delay", "--policies", "fcfs",
                  "--time-scale", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"least-work", "pow2"}
+    assert set(out) == {"least-work", "pow2", "min-delay"}
     png, table = tmp_path / "cap.png", tmp_path / "cap.json"
     assert main(["simulate", "--trace", trace, "--policies", "fcfs", "--plan-capacity", "--router", "round-robin",
                  "--slo-ttft-s", "1000", "--slo-tpot-s", "100", "--max-replicas", "4", "--plot", str(png), "--out", str(table)]) == 0
