@@ -14,8 +14,8 @@ Routers (the same names as the server's `--router`):
 - `round-robin`: in turn.
 
 Two more, `jsq` and `min-delay`, exist only here, as references: they read what no real router can
-(every replica's live state at each arrival; `min-delay` also every request's true length), so they
-bound what routing alone could gain. `jsq` is the fewest ongoing requests over all replicas (pow2
+(every replica's live state at each arrival; `min-delay` also every request's true length), to show
+what routing could gain with better information. `jsq` is the fewest ongoing requests over all replicas (pow2
 with perfect, free information); `min-delay` is clairvoyant, see `MinDelayRouter`.
 
 Each replica is a `ReplicaSim`: the scheduler simulation of `lenserve.scheduler.simulator.simulate`
