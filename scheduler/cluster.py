@@ -39,7 +39,8 @@ from lenserve.scheduler.policies import predicted_work
 from lenserve.scheduler.scheduler import Scheduler
 from lenserve.scheduler.sequence import Sequence
 from lenserve.scheduler.simulator import (
-    EOS_TOKEN_ID, FILLER_TOKEN_ID, Predictions, SimRequests, SimSequence, decode_run, run_stops, step_work,
+    EOS_TOKEN_ID, FILLER_TOKEN_ID, Predictions, SimRequests, SimSequence, decode_run, oracle_predictions, run_stops,
+    step_work,
 )
 
 ROUTERS = ("least-work", "pow2", "round-robin")
@@ -75,7 +76,6 @@ class ReplicaSim:
         self.max_concurrent = 0
         self.busy_s = 0.0  # time with at least one request running
         self.num_assigned = 0
-        self.num_unfinished = 0
         self.unfinished: dict[int, SimSequence] = {}  # by request index
         self.unfinished_hint = 0.0
         self.stalled = False  # waiting requests that nothing can schedule (a fault, reported at the end)
@@ -83,7 +83,7 @@ class ReplicaSim:
     # ---- what a router sees ------------------------------------------------------------------------
     @property
     def num_ongoing(self) -> int:
-        return self.num_unfinished
+        return len(self.unfinished)
 
     def outstanding_work(self) -> float:
         """Predicted work left, in response tokens, over every unfinished request (the report).
@@ -120,13 +120,11 @@ class ReplicaSim:
         self.sched.add(seq)
         self.unfinished[i] = seq
         self.num_assigned += 1
-        self.num_unfinished += 1
         self.stalled = False
 
     def _record(self, finished: Iterable[Sequence]) -> None:
         for seq in finished:
             del self.unfinished[seq.index]
-            self.num_unfinished -= 1
             self.unfinished_hint -= seq.work_hint
             self.on_finish(seq)
 
@@ -177,8 +175,8 @@ class ReplicaSim:
 
     def drain(self) -> None:
         self.advance_to(math.inf)
-        if self.num_unfinished:
-            raise RuntimeError(f"simulation stalled: {self.num_unfinished} requests wait but nothing can be scheduled")
+        if self.unfinished:
+            raise RuntimeError(f"simulation stalled: {len(self.unfinished)} requests wait but nothing can be scheduled")
 
 
 # ---- routers ----------------------------------------------------------------------------------------
@@ -417,8 +415,8 @@ def simulate_cluster(
                 for _ in range(num_replicas)]
     hints = work_hints(requests, predictions, config.prompt_weight) if n else []
     true_work = None
-    if router == "min-delay" and n:
-        true_work = (requests.output_tokens + config.prompt_weight * requests.prompt_tokens).astype(np.float64).tolist()
+    if router == "min-delay" and n:  # the hints an exact predictor would give
+        true_work = work_hints(requests, oracle_predictions(requests.output_tokens), config.prompt_weight)
     chooser = make_router(router, replicas, seed=seed, hints=hints, report_interval_s=report_interval_s, true_work=true_work)
     arrival = requests.arrival_s.tolist()
     for i in range(n):

@@ -60,36 +60,36 @@ def test_least_work_avoids_the_replica_holding_a_long_request():
 def _two_replicas_holding(outputs_a: list[int], outputs_b: list[int], new_output: int):
     """Two replicas at time 0: A holds requests with `outputs_a` tokens to come, B `outputs_b`;
     the last request (`new_output` tokens) is the one to route. Prompts are 1 token (prompt_weight
-    makes them count for nearly nothing)."""
+    makes them count for nearly nothing). Returns the replicas, every request's work (predicted and
+    true alike) and the index to route."""
     outputs = outputs_a + outputs_b + [new_output]
     n = len(outputs)
     req = SimRequests.from_arrays(np.zeros(n), np.ones(n, np.int64), np.array(outputs), max_model_len=4096, max_tokens=2048)
     preds = make_predictions("oracle", req.output_tokens)
     config = scheduler_config_for(COST, max_num_seqs=64)
     replicas = [ReplicaSim(req, config, COST, preds, lambda seq: None) for _ in range(2)]
-    hints = [float(o) + config.prompt_weight for o in outputs]
+    work = [float(o) + config.prompt_weight for o in outputs]  # exact: oracle predictions
     for i in range(n - 1):
-        replicas[0 if i < len(outputs_a) else 1].add(i, hints[i])
-    true_work = [float(o) + config.prompt_weight for o in outputs]
-    return replicas, hints, true_work, n - 1
+        replicas[0 if i < len(outputs_a) else 1].add(i, work[i])
+    return replicas, work, n - 1
 
 
 def test_reference_routers_choose_by_their_rules():
     # A: one request with 1000 tokens to come; B: four with 50 each. A 10-token request slows A's
     # one request for 10 steps, B's four for 10 steps each: min-delay and jsq pick A, least-work
     # (1000 > 200 tokens queued) picks B.
-    replicas, hints, true_work, i = _two_replicas_holding([1000], [50] * 4, 10)
-    assert MinDelayRouter(replicas, true_work=true_work).choose(i, 0.0) == 0
+    replicas, work, i = _two_replicas_holding([1000], [50] * 4, 10)
+    assert MinDelayRouter(replicas, true_work=work).choose(i, 0.0) == 0
     assert JSQRouter(replicas).choose(i, 0.0) == 0
-    assert LeastWorkRouter(replicas, hints=hints).choose(i, 0.0) == 1
+    assert LeastWorkRouter(replicas, hints=work).choose(i, 0.0) == 1
     # A: two long requests; B: three nearly done. min-delay sees 2 x 10 on A against 3 x 3 on B.
-    replicas, hints, true_work, i = _two_replicas_holding([1000, 1000], [3] * 3, 10)
-    assert MinDelayRouter(replicas, true_work=true_work).choose(i, 0.0) == 1
+    replicas, work, i = _two_replicas_holding([1000, 1000], [3] * 3, 10)
+    assert MinDelayRouter(replicas, true_work=work).choose(i, 0.0) == 1
     assert JSQRouter(replicas).choose(i, 0.0) == 0
 
 
 def test_min_delay_reads_true_work_left_as_replicas_run():
-    replicas, _, _, _ = _two_replicas_holding([40, 7], [], 1)
+    replicas, _, _ = _two_replicas_holding([40, 7], [], 1)
     a = replicas[0]
     before = sorted(a.true_remaining_work())
     assert before == pytest.approx([7 + a.config.prompt_weight, 40 + a.config.prompt_weight])
