@@ -70,7 +70,7 @@ class ReplicaSim:
         self.on_finish = on_finish
         self.now = 0.0
         bm = BlockManager(num_kv_blocks or cost.num_kv_blocks, block_size or cost.block_size, enable_prefix_caching=False)
-        self.sched = Scheduler(config, bm, clock=lambda: self.now)
+        self.sched = Scheduler(config, bm, clock=lambda: self.now, cost_model=cost)
         self.num_steps = 0
         self.num_passes = 0
         self.max_concurrent = 0

@@ -49,6 +49,13 @@ class SchedulerConfig:
     # (prompt + predicted p90) or max (prompt + max_tokens; never preempts, admits fewest).
     kv_reserve: str = "none"
     enable_chunked_prefill: bool = True
+    # Stall-free batching: each step takes prompt tokens only up to the count whose predicted step
+    # time (the live cost model) keeps the running decodes' inter-token latency within this many
+    # seconds; max_num_batched_tokens stays the cap, and with no decode running the budget is the
+    # cap (None: the budget is always max_num_batched_tokens). See scheduler/step_budget.py.
+    target_itl_s: float | None = None
+    # The fewest prompt tokens a step takes under target_itl_s, so a prompt always progresses.
+    min_prefill_chunk: int = 16
     # Free blocks kept back when admitting new sequences, so running ones can grow without preemption.
     watermark: float = 0.01
 
@@ -77,5 +84,9 @@ class SchedulerConfig:
             raise ValueError(f"max_wait_s must be > 0 (or None for no bound), got {self.max_wait_s}")
         if self.max_latency_s is not None and not self.max_latency_s > 0:
             raise ValueError(f"max_latency_s must be > 0 (or None for no objective), got {self.max_latency_s}")
+        if self.target_itl_s is not None and not self.target_itl_s > 0:
+            raise ValueError(f"target_itl_s must be > 0 (or None for a fixed budget), got {self.target_itl_s}")
+        if self.min_prefill_chunk < 1:
+            raise ValueError(f"min_prefill_chunk must be at least 1, got {self.min_prefill_chunk}")
         if self.admission_window < 1:
             raise ValueError(f"admission_window must be at least 1, got {self.admission_window}")

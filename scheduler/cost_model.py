@@ -145,3 +145,107 @@ def fit(samples: Sequence[dict], **settings) -> CostModel:
         "fit_max_abs_rel_error": float(rel.max()),
     })
     return CostModel(*map(float, coef), meta=meta, **settings)
+
+
+class OnlineCostModel:
+    """The cost model the engine schedules with: refitted from the steps it measures while it runs.
+
+    A shipped or measured model is a prior, not the truth: this machine may be 2-3x slower or
+    faster than the one it was measured on, and other work shares the CPU. The engine reports
+    every step's features (`step_features`) with its measured duration; every `refit_every`
+    steps the coefficients are refitted (non-negative least squares, relative error, a step's
+    weight halving every `half_life` steps) over a window of recent steps, kept in two halves, steps that carried prompt tokens and pure decode
+    steps, so that a long spell of one kind does not forget the other (a decode-only window
+    cannot tell the per-token cost of a prefill from the per-sequence cost of sampling). The
+    prior, rescaled to the speed the steps show, enters the fit as `prior_weight` pseudo-steps,
+    so it decides only what the steps leave open; steps more than 3x off the fit (the OS stalled
+    the process) are dropped from the refit. `model` is None until there is a prior or enough steps."""
+
+    MIN_SAMPLES = 8
+
+    def __init__(self, prior: CostModel | None = None, window: int = 256, refit_every: int = 16, prior_weight: float = 8.0,
+                 half_life: int = 32) -> None:
+        from collections import deque
+
+        self.prior = prior
+        self.model: CostModel | None = prior
+        self._prefill: deque = deque(maxlen=window // 2)
+        self._decode: deque = deque(maxlen=window // 2)
+        self._refit_every = refit_every
+        self._prior_weight = prior_weight
+        self._half_life = half_life  # steps after which a step's weight in the (squared) loss halves
+        self._since_refit = 0
+        self.num_observed = 0
+        self.num_refits = 0
+
+    def observe(self, features: dict, step_s: float) -> None:
+        if not step_s > 0 or not features["num_tokens"]:
+            return
+        row = (1.0, float(features["num_tokens"]), float(features["num_sampled"]),
+               float(features["prefill_pairs"]), float(features["decode_context"]), float(step_s), float(self.num_observed))
+        (self._prefill if features["prefill_pairs"] else self._decode).append(row)
+        self.num_observed += 1
+        self._since_refit += 1
+        if self._since_refit >= self._refit_every and len(self._prefill) + len(self._decode) >= self.MIN_SAMPLES:
+            self.refit()
+
+    def refit(self) -> CostModel:
+        import numpy as np
+        from scipy.optimize import nnls
+
+        self._since_refit = 0
+        data = np.array(list(self._prefill) + list(self._decode))
+        x, y, seen = data[:, :5], data[:, 5], data[:, 6]
+        # relative error, and newer steps weigh more (the machine's speed drifts: other work starts)
+        w = 0.5 ** ((self.num_observed - seen) / (2 * self._half_life)) / y
+        if self.prior is not None:
+            # The prior's shape at the speed the steps show (a machine 2x slower is ~2x slower in
+            # every term): it fills in what the steps cannot tell apart (in a decode-only step every
+            # token samples, so token_s and sample_s are one number) without pulling the rest.
+            c0 = _coefficients(self.prior)
+            recent = (self.num_observed - seen) <= self._half_life
+            speed = float(np.median(y[recent] / (x[recent] @ c0))) if (x @ c0).min() > 0 else 1.0
+            px = _prior_rows(self.prior)
+            py = speed * (px @ c0)
+            x = np.vstack([x, px])
+            y = np.concatenate([y, py])
+            # squared relative errors: each prior row weighs prior_weight / rows in the loss
+            w = np.concatenate([w, np.full(len(py), math.sqrt(self._prior_weight / len(py))) / py])
+        scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
+        coef = None
+        keep = np.ones(len(y), bool)
+        for _ in range(2):  # fit, drop the steps far off it (stalls), fit again
+            a = x[keep] / scale * w[keep, None]
+            coef, _ = nnls(a, y[keep] * w[keep])
+            ratio = (x / scale @ coef) / y
+            keep = (ratio > 1 / 3) & (ratio < 3)
+            if keep.all() or keep.sum() < self.MIN_SAMPLES:
+                break
+        coef = coef / scale
+        base = self.prior or CostModel(*[0.0] * len(FEATURES))
+        self.model = CostModel(*map(float, coef), **{k: getattr(base, k) for k in _SETTINGS},
+                               meta={"num_samples": int(keep.sum()), "online": True})
+        self.num_refits += 1
+        return self.model
+
+
+_SETTINGS = ("num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+
+
+def _coefficients(cost: CostModel):
+    import numpy as np
+
+    return np.array([getattr(cost, k) for k in FEATURES])
+
+
+def _prior_rows(cost: CostModel):
+    """Feature rows (with the constant) at which the prior speaks for itself: the steps it was
+    measured on when it records them, else a small grid of prefills and decode batches."""
+    import numpy as np
+
+    keys = ("num_tokens", "num_sampled", "prefill_pairs", "decode_context")
+    samples = cost.meta.get("samples") if cost.meta else None
+    if not samples:
+        samples = [{"num_tokens": n, "num_sampled": 1, "prefill_pairs": n * (n + 1) / 2, "decode_context": 0} for n in (64, 512)]
+        samples += [{"num_tokens": b, "num_sampled": b, "prefill_pairs": 0, "decode_context": b * 512} for b in (1, 16)]
+    return np.array([[1.0] + [float(s[k]) for k in keys] for s in samples])

@@ -28,11 +28,13 @@ from typing import Callable, Mapping
 from lenserve.predictor.types import LengthPrediction
 from lenserve.scheduler.block_manager import BlockManager
 from lenserve.scheduler.config import SchedulerConfig
+from lenserve.scheduler.cost_model import CostModel, OnlineCostModel, step_features
 from lenserve.scheduler.estimates import reestimate
 from lenserve.scheduler.output import SchedulerOutput, SchedulerStats
 from lenserve.scheduler.packing import prepack
 from lenserve.scheduler.policies import QueuePolicy, make_policy, predicted_work
 from lenserve.scheduler.sequence import Sequence, SequenceStatus
+from lenserve.scheduler.step_budget import prefill_token_budget
 from lenserve.scheduler.waiting_queue import WaitingQueue, bucket_key
 
 RUNNING = SequenceStatus.RUNNING
@@ -47,6 +49,7 @@ class Scheduler:
         block_manager: BlockManager,
         policy: QueuePolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cost_model: CostModel | OnlineCostModel | None = None,
     ) -> None:
         self.config = config
         self.block_manager = block_manager
@@ -78,6 +81,11 @@ class Scheduler:
         self.num_prompt_computed_total = 0
         self._watermark_blocks = int(config.watermark * block_manager.num_blocks)
         self._bucketed = config.batching == "bucketed"
+        # What a step costs (target_itl_s budgets with it): a fixed model (the simulator's) or one
+        # refitted from the steps the driver reports (the engine's); None: the budget is the cap.
+        self.cost_model = cost_model
+        self.last_token_budget = config.max_num_batched_tokens  # the budget of the latest schedule()
+        self._last_features: dict | None = None  # step_features of the latest schedule(), for the online fit
 
     # ---- requests ----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -224,6 +232,9 @@ class Scheduler:
         the simulator after each step or run of steps): step_time_s follows them."""
         if num_steps <= 0 or not seconds > 0:
             return
+        if num_steps == 1 and self._last_features is not None:
+            self.cost_model.observe(self._last_features, seconds)
+            self._last_features = None
         sample = seconds / num_steps
         # as `num_steps` updates with the mean step would (the simulator takes runs of steps at once)
         weight = 1.0 - (1.0 - STEP_TIME_EWMA) ** num_steps
@@ -236,11 +247,16 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
         self.num_steps += 1
-        budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
+        # Decodes first, then prompts in progress in policy order: a decode is never left without
+        # budget behind a long prompt's chunk (stall-free batching).
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = sorted((s for s in self.running if s.num_tokens - s.num_computed_tokens > 1), key=self.policy.key)
+        budget = self.token_budget(decodes, prefills)
+        self.last_token_budget = budget
         if self.running:
-            budget = self._schedule_running(budget, scheduled, preempted)
+            budget = self._schedule_running(decodes + prefills, budget, scheduled, preempted)
         if not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs and self.waiting:
             if self._bucketed:
                 if not self.running:
@@ -248,21 +264,33 @@ class Scheduler:
             else:
                 self._admit(now, budget, scheduled)
 
-        prefills = [(s, n) for s, n in scheduled if n > 1]
-        decodes = [(s, n) for s, n in scheduled if n == 1]
-        ordered = prefills + decodes
+        prefill_work = [(s, n) for s, n in scheduled if n > 1]
+        ordered = prefill_work + [(s, n) for s, n in scheduled if n == 1]
+        if isinstance(self.cost_model, OnlineCostModel):
+            self._last_features = step_features(ordered)
         return SchedulerOutput(
             seqs=[s for s, _ in ordered],
             num_new_tokens=[n for _, n in ordered],
-            num_prefill_seqs=len(prefills),
+            num_prefill_seqs=len(prefill_work),
             preempted=preempted,
         )
 
-    def _schedule_running(self, budget: int, scheduled: list, preempted: list) -> int:
-        """New tokens for running sequences in admission order; returns the budget left."""
+    def token_budget(self, decodes: list[Sequence], prefills: list[Sequence]) -> int:
+        """This step's token budget: max_num_batched_tokens, or under target_itl_s what keeps the
+        running decodes within it by the cost model (step_budget.prefill_token_budget); the chunk
+        that comes first is the first prompt in progress (its cached context counts)."""
+        cfg = self.config
+        if cfg.target_itl_s is None:
+            return cfg.max_num_batched_tokens
+        cost = self.cost_model.model if isinstance(self.cost_model, OnlineCostModel) else self.cost_model
+        chunk_context = prefills[0].num_computed_tokens if prefills else 0
+        return prefill_token_budget(cost, decodes, cfg.target_itl_s, cfg.max_num_batched_tokens, cfg.min_prefill_chunk, chunk_context)
+
+    def _schedule_running(self, order: list[Sequence], budget: int, scheduled: list, preempted: list) -> int:
+        """New tokens for the running sequences in `order`; returns the budget left."""
         bs = self.block_manager.block_size
         chunked = self.config.enable_chunked_prefill
-        for seq in list(self.running):
+        for seq in order:
             if budget == 0:
                 break
             if seq.status is not RUNNING:

@@ -278,6 +278,10 @@ class SimResult:
     num_steps: int  # engine steps simulated (fast-forwarded ones included)
     num_passes: int  # scheduler passes the simulation took
     wall_s: float
+    # Inter-token gaps: gap lengths and how many token gaps had each (a run of decode steps taken
+    # at once counts its mean step once per sequence and step).
+    itl_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    itl_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -285,6 +289,13 @@ class SimResult:
 
         def pct(x: np.ndarray, q: float) -> float:
             return float(np.percentile(x, q)) if n else float("nan")
+
+        num_gaps = int(self.itl_count.sum())
+        itl = {
+            "mean_itl_s": float(np.dot(self.itl_s, self.itl_count) / num_gaps) if num_gaps else float("nan"),
+            "p50_itl_s": weighted_percentile(self.itl_s, self.itl_count, 50),
+            "p99_itl_s": weighted_percentile(self.itl_s, self.itl_count, 99),
+        }
 
         return {
             "num_requests": n,
@@ -294,6 +305,7 @@ class SimResult:
             "mean_ttft_s": float(self.ttft_s.mean()) if n else float("nan"),
             "p50_ttft_s": pct(self.ttft_s, 50),
             "p99_ttft_s": pct(self.ttft_s, 99),
+            **itl,
             "throughput_tok_s": float(self.output_tokens.sum() / self.makespan_s) if self.makespan_s > 0 else 0.0,
             "preemptions": self.num_preemptions,
             "preemption_rate": self.num_preemptions / n if n else 0.0,
@@ -307,6 +319,24 @@ class SimResult:
             "sim_requests_per_s": n / self.wall_s if self.wall_s > 0 else float("inf"),
             **self.extra,
         }
+
+
+def weighted_percentile(values: np.ndarray, counts: np.ndarray, q: float) -> float:
+    """The q-th percentile of `values` each repeated `counts` times (the lower value at a tie,
+    as numpy's 'inverted_cdf'); nan when empty."""
+    total = int(np.sum(counts))
+    if not total:
+        return float("nan")
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(np.asarray(counts)[order])
+    rank = max(int(np.ceil(q / 100 * total)), 1)
+    return float(np.asarray(values)[order][np.searchsorted(cum, rank)])
+
+
+def num_token_gaps(seqs) -> int:
+    """Sequences among `seqs` (those sampling this step) whose token ends an inter-token gap: all
+    but those sampling their first token."""
+    return sum(1 for seq in seqs if seq.num_output_tokens > 0)
 
 
 def scheduler_config_for(cost: CostModel, **overrides) -> SchedulerConfig:
@@ -384,7 +414,7 @@ def simulate(
     limit = requests.max_tokens.tolist()
     now = [0.0]
     block_manager = BlockManager(num_kv_blocks or cost.num_kv_blocks, block_size or cost.block_size, enable_prefix_caching=False)
-    sched = Scheduler(config, block_manager, clock=lambda: now[0])
+    sched = Scheduler(config, block_manager, clock=lambda: now[0], cost_model=cost)
     running = sched.running  # the scheduler mutates this list in place
     wait_bound = config.fcfs_wait_bound
 
@@ -395,6 +425,8 @@ def simulate(
     prefill_s, decode_context_s = cost.prefill_attention_s, cost.decode_context_s
     num_steps = num_passes = max_concurrent = 0
     busy_seq_s = 0.0  # integral of the running count over time
+    itl_s: list[float] = []
+    itl_count: list[int] = []
     first_arrival = arrival[0] if n else 0.0
 
     def make(i: int) -> SimSequence:
@@ -459,6 +491,8 @@ def simulate(
                 end = t + cost.decode_time(num_seqs, context, k)
             now[0] = end
             stops = run_stops(ending, k)
+            itl_s.append((end - t) / k)
+            itl_count.append(num_token_gaps(running) + (k - 1) * num_seqs)
             max_concurrent = max(max_concurrent, num_seqs)
             busy_seq_s += num_seqs * (end - t)
             num_steps += k
@@ -478,6 +512,10 @@ def simulate(
         num_running = len(running)
         max_concurrent = max(max_concurrent, num_running)
         busy_seq_s += num_running * dt
+        gaps = num_token_gaps(out.seqs[i] for i in range(len(out.seqs)) if out.samples(i))
+        if gaps:
+            itl_s.append(dt)
+            itl_count.append(gaps)
         num_steps += 1
         now[0] = t + dt
         sched.record_step_time(dt)
@@ -497,6 +535,8 @@ def simulate(
         num_steps=num_steps,
         num_passes=num_passes,
         wall_s=time.perf_counter() - wall0,
+        itl_s=np.array(itl_s),
+        itl_count=np.array(itl_count, np.int64),
     )
 
 

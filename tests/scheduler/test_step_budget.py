@@ -1,0 +1,241 @@
+"""Stall-free batching: the token budget from an inter-token latency target, the online cost model
+it is computed with, and the scheduler and simulator that use them."""
+import numpy as np
+import pytest
+
+from lenserve.scheduler import BlockManager, Scheduler, SchedulerConfig
+from lenserve.scheduler.cost_model import CostModel, OnlineCostModel, step_features
+from lenserve.scheduler.simulator import SimRequests, scheduler_config_for, simulate, weighted_percentile
+from lenserve.scheduler.step_budget import (
+    MAX_GROWTH,
+    growth_factor,
+    max_prefill_tokens,
+    prefill_token_budget,
+    stall_weight,
+)
+
+from .helpers import Clock, make_seq, prediction, sample_tokens
+
+# A CPU-like machine: 30 ms a step, 2 ms a token, attention noticeable at long context.
+COST = CostModel(step_base_s=0.03, token_s=2e-3, sample_s=1e-3, prefill_attention_s=2e-7, decode_context_s=1e-6,
+                 num_kv_blocks=4000, block_size=16, max_num_seqs=32, max_num_batched_tokens=2048, max_model_len=8192)
+
+
+def _decoding(n: int, context: int = 100, remaining: float | None = None):
+    seqs = []
+    for i in range(n):
+        seq = make_seq(f"d{i}", context, 500, max_tokens=1000, pred=prediction(remaining + 1) if remaining is not None else None)
+        seq.num_computed_tokens = context
+        seq.append_token(7)  # one output token sampled, its KV not yet computed: a decode
+        seqs.append(seq)
+    return seqs
+
+
+@pytest.mark.parametrize("num_decodes,context,chunk_context", [(1, 100, 0), (8, 700, 0), (4, 50, 3000), (20, 2000, 500)])
+def test_max_prefill_tokens_is_the_largest_chunk_within_the_target(num_decodes, context, chunk_context):
+    target = 0.25
+    n = max_prefill_tokens(COST, num_decodes, num_decodes * context, target, chunk_context)
+
+    def step(k):
+        pairs = k * (chunk_context + (k + 1) / 2)
+        return COST.step_time(num_decodes + k, num_decodes + 1, pairs, num_decodes * context)
+
+    assert n > 0
+    assert step(n) <= target + 1e-12 < step(n + 1)
+
+
+def test_no_prefill_room_when_the_decodes_alone_reach_the_target():
+    assert max_prefill_tokens(COST, 200, 200 * 1000, 0.1) == 0
+
+
+def test_budget_is_the_cap_without_decodes_and_bounded_with_them():
+    cap, min_chunk = 2048, 16
+    assert prefill_token_budget(COST, [], 0.25, cap, min_chunk) == cap
+    for n, target in ((1, 0.25), (8, 0.25), (30, 0.05), (8, 100.0)):
+        decodes = _decoding(n)
+        budget = prefill_token_budget(COST, decodes, target, cap, min_chunk)
+        assert n + min_chunk <= budget <= cap
+    # a tight target leaves only the minimum chunk; a loose one the cap
+    assert prefill_token_budget(COST, _decoding(30), 0.05, cap, min_chunk) == 30 + min_chunk
+    assert prefill_token_budget(COST, _decoding(8), 100.0, cap, min_chunk) == cap
+
+
+def test_budget_grows_for_a_few_decodes_about_to_end():
+    long_running = _decoding(1, remaining=500)
+    ending = _decoding(1, remaining=4)
+    assert stall_weight(long_running) == 1.0 and stall_weight(ending) == pytest.approx(4 / 32)
+    assert growth_factor(1.0) == 1.0 and growth_factor(0.8) == pytest.approx(1.25) and growth_factor(0.01) == MAX_GROWTH
+    grown = prefill_token_budget(COST, ending, 0.25, 2048, 16)
+    plain = prefill_token_budget(COST, long_running, 0.25, 2048, 16)
+    assert grown > plain
+    assert grown - 1 == max_prefill_tokens(COST, 1, 101, 0.25 * MAX_GROWTH)
+    # without a prediction a decode counts whole (its max_tokens left)
+    assert stall_weight(_decoding(1)) == 1.0
+
+
+def test_online_cost_model_recovers_the_machine_from_a_wrong_prior():
+    rng = np.random.default_rng(0)
+    truth = CostModel(0.05, 4e-3, 2e-3, 4e-7, 2e-6)  # 2x slower than the prior
+    online = OnlineCostModel(prior=COST)
+    assert online.model is COST
+    for i in range(300):
+        if i % 3 == 0:
+            n, c = int(rng.integers(16, 1024)), int(rng.integers(0, 2000))
+            f = {"num_tokens": n + 4, "num_sampled": 5, "prefill_pairs": n * (c + (n + 1) / 2), "decode_context": 4 * 300}
+        else:
+            b = int(rng.integers(1, 32))
+            f = {"num_tokens": b, "num_sampled": b, "prefill_pairs": 0.0, "decode_context": b * int(rng.integers(50, 3000))}
+        slow = 8.0 if i in (50, 51, 200) else 1.0  # the OS stalled these steps
+        online.observe(f, truth.step_time(**f) * slow * (1 + rng.normal(0, 0.02)))
+    assert online.num_refits > 10
+    for f in ({"num_tokens": 512, "num_sampled": 1, "prefill_pairs": 512 * 256.5, "decode_context": 0},
+              {"num_tokens": 16, "num_sampled": 16, "prefill_pairs": 0, "decode_context": 16 * 1000},
+              {"num_tokens": 300, "num_sampled": 9, "prefill_pairs": 292 * 1000, "decode_context": 8 * 500}):
+        assert online.model.step_time(**f) == pytest.approx(truth.step_time(**f), rel=0.1)
+
+
+def test_online_cost_model_needs_steps_without_a_prior():
+    online = OnlineCostModel(prior=None, refit_every=4)
+    f = {"num_tokens": 4, "num_sampled": 4, "prefill_pairs": 0.0, "decode_context": 400}
+    for _ in range(OnlineCostModel.MIN_SAMPLES - 1):
+        online.observe(f, 0.05)
+    assert online.model is None
+    online.observe(f, 0.05)
+    assert online.model is not None and online.model.step_time(**f) == pytest.approx(0.05, rel=1e-3)
+
+
+class FakeRunner:
+    """Runs a scheduler with a fixed set of long decodes and a queue of long prompts, timing each
+    step by a true cost model times a slowdown that the test changes."""
+
+    def __init__(self, target_s=0.25, min_chunk=16, cap=2048, num_decodes=6):
+        self.clock = Clock()
+        self.online = OnlineCostModel(prior=COST, refit_every=4)
+        config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=cap, max_model_len=8192, target_itl_s=target_s, min_prefill_chunk=min_chunk)
+        self.sched = Scheduler(config, BlockManager(20000, 16), clock=self.clock, cost_model=self.online)
+        self.slowdown = 1.0
+        self.n = 0
+        for i in range(num_decodes):
+            self.sched.add(make_seq(f"d{i}", 20, 100000, max_tokens=7000))
+        self.budgets = []
+        self.step_times = []
+
+    def add_prompt(self, length=4000):
+        self.n += 1
+        distinct = [3 + (self.n * 7919 + i) % 40000 for i in range(length)]  # no prefix-cache hits between prompts
+        self.sched.add(make_seq(f"p{self.n}", length, 100000, max_tokens=7000, prompt=distinct))
+
+    def step(self):
+        out = self.sched.schedule()
+        f = step_features(zip(out.seqs, out.num_new_tokens))
+        dt = COST.step_time(**f) * self.slowdown
+        self.clock.now += dt
+        self.sched.record_step_time(dt)
+        self.sched.update(out, sample_tokens(out))
+        self.budgets.append(self.sched.last_token_budget)
+        self.step_times.append(dt)
+        return out
+
+
+def test_budget_shrinks_when_steps_slow_down_and_grows_back():
+    run = FakeRunner()
+    for _ in range(3):
+        run.step()  # the decodes' prompts
+    for _ in range(10):
+        run.add_prompt()
+    for _ in range(60):
+        run.step()
+    fast = run.budgets[-1]
+    assert run.step_times[-1] == pytest.approx(0.25, rel=0.15)
+    run.slowdown = 2.0
+    for _ in range(60):
+        run.step()
+    slow = run.budgets[-1]
+    assert slow < 0.7 * fast
+    assert run.step_times[-1] == pytest.approx(0.25, rel=0.15)  # the fit found the slower machine
+    run.slowdown = 1.0
+    for _ in range(60):
+        run.step()
+    assert run.budgets[-1] > 1.3 * slow
+    assert run.step_times[-1] == pytest.approx(0.25, rel=0.15)
+    num_decodes = 6
+    assert all(num_decodes + 16 <= b <= 2048 for b in run.budgets[3:])
+
+
+def test_budget_never_below_the_minimum_chunk_nor_above_the_cap():
+    run = FakeRunner(target_s=0.01, min_chunk=24, cap=100)  # the decodes alone take longer than the target
+    for _ in range(3):
+        run.step()
+    run.add_prompt(500)
+    for _ in range(20):
+        out = run.step()
+        assert run.budgets[-1] == 6 + 24
+        assert sum(out.num_new_tokens) <= 6 + 24
+    loose = FakeRunner(target_s=50.0, cap=100)
+    loose.add_prompt(500)
+    for _ in range(5):
+        loose.step()
+        assert loose.budgets[-1] <= 100
+
+
+def test_no_prompt_waits_forever_under_a_steady_stream_of_decodes():
+    """Decodes keep arriving and the target is below what they take alone: every prompt still
+    completes its prefill, at least the minimum chunk a step."""
+    run = FakeRunner(target_s=0.02, min_chunk=16, num_decodes=4)
+    run.add_prompt(1000)
+    long_prompt = run.sched.requests["p1"]
+    for step in range(200):
+        if step % 5 == 0:
+            run.sched.add(make_seq(f"s{step}", 8, 40))
+        run.step()
+        if long_prompt.num_computed_tokens >= long_prompt.num_prompt_tokens:
+            break
+    assert long_prompt.num_computed_tokens >= long_prompt.num_prompt_tokens
+    assert step <= 1000 // 16 + 5
+
+
+def test_decodes_get_their_token_before_a_prompt_chunk():
+    clock = Clock()
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=4096)
+    sched = Scheduler(config, BlockManager(1000, 16), clock=clock)
+    sched.add(make_seq("short", 10, 50))
+    sched.add(make_seq("long", 1000, 10))
+    out = sched.schedule()
+    assert dict(zip([s.request_id for s in out.seqs], out.num_new_tokens)) == {"short": 10, "long": 54}
+    sched.update(out, sample_tokens(out))
+    sched.running.reverse()  # the decode behind the prompt in admission order (as after a preemption)
+    out = sched.schedule()
+    assert dict(zip([s.request_id for s in out.seqs], out.num_new_tokens)) == {"short": 1, "long": 63}
+
+
+def test_weighted_percentile_equals_numpy_on_the_repeated_values():
+    rng = np.random.default_rng(1)
+    values = rng.random(50)
+    counts = rng.integers(1, 20, 50)
+    flat = np.repeat(values, counts)
+    for q in (1, 50, 90, 99, 100):
+        assert weighted_percentile(values, counts, q) == np.percentile(flat, q, method="inverted_cdf")
+    assert np.isnan(weighted_percentile(np.zeros(0), np.zeros(0, np.int64), 50))
+
+
+def _long_prompt_mix(n=120, rate=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    arrival = np.cumsum(rng.exponential(1 / rate, n))
+    prompt = rng.integers(150, 7000, n)
+    output = rng.integers(20, 200, n)
+    return SimRequests.from_arrays(arrival, prompt, output, max_model_len=8192, max_tokens=256)
+
+
+def test_simulated_itl_follows_the_target_and_fast_forward_agrees():
+    req = _long_prompt_mix()
+    fixed = simulate(req, scheduler_config_for(COST), COST).summary()
+    target = 0.25
+    config = scheduler_config_for(COST, target_itl_s=target)
+    stall_free = simulate(req, config, COST).summary()
+    stepwise = simulate(req, config, COST, fast_forward=False).summary()
+    assert fixed["p99_itl_s"] > 4 * target  # 2,048-token chunks stall the streams
+    assert stall_free["p99_itl_s"] <= MAX_GROWTH * target + 1e-9
+    assert stall_free["p99_itl_s"] < 0.3 * fixed["p99_itl_s"]
+    assert stall_free["num_requests"] == fixed["num_requests"] == len(req)
+    for key in ("mean_itl_s", "p99_itl_s", "mean_ttft_s", "mean_e2e_s"):
+        assert stepwise[key] == pytest.approx(stall_free[key], rel=0.02)
