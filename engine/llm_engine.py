@@ -16,7 +16,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from lenserve.config import EngineConfig
+from lenserve.config import EngineConfig, resolve_target_itl_s
 from lenserve.engine.detokenizer import IncrementalDetokenizer
 from lenserve.engine.kv_cache import KVCache, kv_bytes_per_block
 from lenserve.engine.loader_hf import load_model_files
@@ -28,6 +28,7 @@ from lenserve.engine.sampling_params import SamplingParams
 from lenserve.engine.stats import FinishedRequestStats, IterationStats
 from lenserve.predictor.types import LengthPrediction
 from lenserve.scheduler import BlockManager, Scheduler, Sequence, SequenceStatus
+from lenserve.scheduler.cost_model import OnlineCostModel, load_default
 
 logger = logging.getLogger("lenserve")
 
@@ -96,7 +97,11 @@ class LLMEngine:
         num_blocks = max(kv_bytes // per_block, 1)
         self.kv_cache = KVCache(arch, num_blocks, config.block_size, kv_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        config.scheduler.target_itl_s = resolve_target_itl_s(config.target_itl_ms, self.device.type)
+        # Step times measured here refit the cost model the token budget is chosen with; on CPU the
+        # shipped model (measured on another CPU, maybe 2-3x off) is the prior until they do.
+        self.cost_model = OnlineCostModel(prior=load_default() if on_cpu else None)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, cost_model=self.cost_model)
         self.runner = ModelRunner(self.model, self.kv_cache, padded=config.attention == "padded")
         self.sampler = Sampler(arch.vocab_size)
         self.requests: dict[str, _RequestState] = {}
@@ -271,7 +276,7 @@ class LLMEngine:
         )
         self.scheduler.update(out, {k: v[0] for k, v in by_seq.items()})
         now = time.monotonic()
-        self.scheduler.record_step_time(now - t0)
+        target = self.scheduler.config.target_itl_s
 
         changed: dict[str, _RequestState] = {}
         for seq in sampling_seqs:
@@ -300,7 +305,10 @@ class LLMEngine:
             if seq.num_output_tokens == 1:
                 stats.time_to_first_tokens_s.append(now - seq.arrival_time)
             elif prev_token_time[seq.request_id] is not None:
-                stats.inter_token_latencies_s.append(now - prev_token_time[seq.request_id])
+                gap = now - prev_token_time[seq.request_id]
+                stats.inter_token_latencies_s.append(gap)
+                if target is not None and gap > target:
+                    stats.num_itl_target_misses += 1
             changed[rid] = state
 
         results = []
@@ -312,7 +320,10 @@ class LLMEngine:
                 stats.finished.append(self._finished_stats(state))
                 del self.requests[rid]
 
-        stats.step_time_s = now - t0
+        # The whole step, detokenizing and emitting included: what a stream waits between tokens.
+        stats.step_time_s = time.monotonic() - t0
+        self.scheduler.record_step_time(stats.step_time_s)
+        stats.token_budget = self.scheduler.last_token_budget
         stats.num_prompt_tokens = num_prompt_tokens
         stats.num_generation_tokens = len(sampling_seqs)
         stats.num_batched_tokens = out.num_batched_tokens

@@ -27,6 +27,8 @@ class IterationStats:
     num_prompt_tokens: int = 0  # prompt tokens computed this step
     num_generation_tokens: int = 0  # tokens sampled this step
     num_batched_tokens: int = 0
+    token_budget: int = 0  # the scheduler's token budget for this step (max_num_batched_tokens or by target_itl_s)
+    num_itl_target_misses: int = 0  # inter-token gaps this step longer than the scheduler's target_itl_s
     num_preemptions: int = 0
     padding_ratio: float = 0.0  # padded rows / rows in the forward (0 when packed)
     time_to_first_tokens_s: list[float] = field(default_factory=list)

@@ -27,6 +27,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fcfs-wait-bound", type=float, default=None, help="requests that have waited this multiple of their fcfs wait go first")
     g.add_argument("--max-latency-s", type=float, default=None,
                    help="end-to-end latency objective (s): a request goes first once a later start would leave too little time for its expected response (predicted mean tokens x measured step time)")
+    g.add_argument("--target-itl-ms", type=_target_itl, default="auto", metavar="MS",
+                   help="inter-token latency target that sizes each step's prompt chunks from measured step times "
+                   "('auto': 250 on CPU, 50 on CUDA; 0: a fixed --max-num-batched-tokens budget)")
+    g.add_argument("--min-prefill-chunk", type=int, default=16, help="the fewest prompt tokens a step takes under --target-itl-ms")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "kernels", "torch", "flash-attn"])
     g.add_argument("--attention", default="packed", choices=["packed", "padded"], help="padded: the baseline only")
     g.add_argument("--no-prefix-caching", action="store_true")
@@ -49,6 +53,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention=args.attention,
         enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.num_threads,
+        target_itl_ms=args.target_itl_ms,
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
@@ -58,8 +63,21 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_wait_s=args.max_wait_s,
             fcfs_wait_bound=args.fcfs_wait_bound,
             max_latency_s=args.max_latency_s,
+            min_prefill_chunk=args.min_prefill_chunk,
         ),
     )
+
+
+def _target_itl(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        ms = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or milliseconds, got {value!r}") from None
+    if not ms >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: a fixed token budget), got {value}")
+    return ms
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

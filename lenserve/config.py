@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 from lenserve.scheduler.config import SchedulerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# --target-itl-ms auto, by device. CPU: 250 ms between tokens is 4 tokens/s, about the pace
+# people read (200-250 words a minute, ~1.3 tokens a word), and above what a full batch's plain
+# decode step takes on a 2-core machine with a 135M model (~0.1-0.2 s), so a target is there to
+# spend on prompt chunks. CUDA: 50 ms, a common time-between-tokens objective for interactive
+# chat on one GPU (a decode step there is ~10-30 ms).
+TARGET_ITL_MS = {"cpu": 250.0, "cuda": 50.0}
 
 
 @dataclass
@@ -23,6 +29,9 @@ class EngineConfig:
     attention: str = "packed"  # packed | padded (the baseline)
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads on CPU; default: all cores
+    # Inter-token latency target (ms) that sizes each step's prompt chunks (stall-free batching):
+    # "auto" takes the device's default (TARGET_ITL_MS), None or 0 a fixed max_num_batched_tokens budget.
+    target_itl_ms: float | str | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -39,5 +48,16 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in [0.05, 0.99], got {self.gpu_memory_utilization}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if isinstance(self.target_itl_ms, str) and self.target_itl_ms != "auto":
+            raise ValueError(f"target_itl_ms must be 'auto', a number of milliseconds or None, got {self.target_itl_ms!r}")
+        if isinstance(self.target_itl_ms, (int, float)) and not self.target_itl_ms >= 0:
+            raise ValueError(f"target_itl_ms must be >= 0 (0: a fixed token budget), got {self.target_itl_ms}")
         if self.model is not None and not os.path.exists(self.model):
             raise ValueError(f"model path does not exist: {self.model}")
+
+
+def resolve_target_itl_s(target_itl_ms: float | str | None, device_type: str) -> float | None:
+    """The scheduler's target_itl_s for EngineConfig.target_itl_ms on a device ("cpu", "cuda")."""
+    if target_itl_ms == "auto":
+        target_itl_ms = TARGET_ITL_MS.get(device_type, TARGET_ITL_MS["cuda"])
+    return target_itl_ms / 1000.0 if target_itl_ms else None

@@ -22,7 +22,7 @@ class LLM:
     the scheduler).
     """
 
-    _SCHEDULER_KEYS = ("max_num_seqs", "max_num_batched_tokens", "policy", "enable_chunked_prefill")
+    _SCHEDULER_KEYS = ("max_num_seqs", "max_num_batched_tokens", "policy", "enable_chunked_prefill", "min_prefill_chunk")
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         sched_kwargs = {k: kwargs.pop(k) for k in self._SCHEDULER_KEYS if k in kwargs}

@@ -36,6 +36,10 @@ def add_simulation_args(p: argparse.ArgumentParser) -> None:
                    help="requests that have waited X times their fcfs wait (work queued ahead at arrival) go first")
     g.add_argument("--max-latency-s", type=float, default=None,
                    help="end-to-end latency objective (s): a request goes first once a later start would leave too little time for its expected response (predicted mean tokens x measured step time)")
+    g.add_argument("--target-itl-ms", type=float, default=None, metavar="MS",
+                   help="size each step's prompt chunks to keep decodes within this inter-token latency (as serve's "
+                   "--target-itl-ms; default: a fixed --max-num-batched-tokens budget)")
+    g.add_argument("--min-prefill-chunk", type=int, default=16, help="the fewest prompt tokens a step takes under --target-itl-ms")
     g.add_argument("--seed", type=int, default=0, help="prediction noise")
     g.add_argument("--json", action="store_true", help="print one JSON object keyed by policy")
     c = p.add_argument_group("replicas (a router in front of N engines)")
@@ -72,6 +76,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         max_wait_s=args.max_wait_s,
         fcfs_wait_bound=args.fcfs_wait_bound,
         max_latency_s=args.max_latency_s,
+        target_itl_s=args.target_itl_ms / 1000 if args.target_itl_ms else None,
+        min_prefill_chunk=args.min_prefill_chunk,
     )
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) is not None:
@@ -92,7 +98,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"{trace.name}: {len(requests)} requests ({requests.num_clipped} clipped to {max_model_len} tokens), "
           f"predictions {predictions.source}, {config.batching} batching, kv-reserve {config.kv_reserve}")
     cols = [("mean_e2e_s", "mean E2E s"), ("p50_e2e_s", "p50 E2E s"), ("p99_e2e_s", "p99 E2E s"),
-            ("mean_ttft_s", "mean TTFT s"), ("p99_ttft_s", "p99 TTFT s"), ("throughput_tok_s", "tok/s"),
+            ("mean_ttft_s", "mean TTFT s"), ("p99_ttft_s", "p99 TTFT s"), ("p50_itl_s", "p50 ITL s"), ("p99_itl_s", "p99 ITL s"),
+            ("throughput_tok_s", "tok/s"),
             ("preemptions", "preempt"), ("max_concurrent", "max conc"), ("sim_requests_per_s", "sim req/s")]
     print(f"{'policy':<8}" + "".join(f"{label:>13}" for _, label in cols))
     for policy, s in results.items():
@@ -193,6 +200,7 @@ def measure_cost_model(engine_config, quick: bool = False, temperature: float = 
     from lenserve.engine.sampling_params import SamplingParams
     from lenserve.scheduler.cost_model import fit, step_features
 
+    engine_config.target_itl_ms = None  # every step as scheduled here, whole prompts included
     engine = LLMEngine(engine_config)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, ignore_eos=True)
     sched = engine.scheduler

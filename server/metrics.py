@@ -15,6 +15,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+_STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 _RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0)
 
 
@@ -53,6 +54,9 @@ class Metrics:
         self.queue_time = hist("request_queue_time_seconds", "Time waiting before the first schedule", _LATENCY_BUCKETS)
         self.prefill_time = hist("request_prefill_time_seconds", "First schedule to first token", _LATENCY_BUCKETS)
         self.decode_time = hist("request_decode_time_seconds", "First token to finish", _LATENCY_BUCKETS)
+        self.step_token_budget = gauge("step_token_budget", "Token budget of the latest engine step (max_num_batched_tokens, or sized by the ITL target)")
+        self.step_duration = hist("step_duration_seconds", "Duration of an engine step (schedule, forward, sample, emit)", _STEP_BUCKETS)
+        self.itl_target_miss = counter("itl_target_miss_total", "Inter-token gaps longer than the scheduler's ITL target")
         self.iteration_tokens = hist("iteration_tokens_total", "Tokens per engine step", _TOKEN_BUCKETS + (16384,))
         self.request_prompt_tokens = hist("request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS)
         self.request_generation_tokens = hist("request_generation_tokens", "Generated tokens per request", _TOKEN_BUCKETS)
@@ -65,6 +69,7 @@ class Metrics:
             _RATIO_BUCKETS,
         )
         self.num_refinements = counter("length_refinements_total", "Predictions refined by the length probe after a prefill")
+        self._l(self.itl_target_miss)  # scraped as 0 before the first miss
         self._last_preemptions_total = 0
         self._last_refinements_total = 0
 
@@ -91,6 +96,10 @@ class Metrics:
             self._l(self.generation_tokens).inc(stats.num_generation_tokens)
         if stats.num_batched_tokens:
             self._l(self.iteration_tokens).observe(stats.num_batched_tokens)
+            self._l(self.step_duration).observe(stats.step_time_s)
+            self._l(self.step_token_budget).set(stats.token_budget)
+        if stats.num_itl_target_misses:
+            self._l(self.itl_target_miss).inc(stats.num_itl_target_misses)
         for v in stats.time_to_first_tokens_s:
             self._l(self.ttft).observe(v)
         for v in stats.inter_token_latencies_s:

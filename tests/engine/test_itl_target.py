@@ -1,0 +1,71 @@
+"""The engine under an inter-token latency target: small prompt chunks beside running decodes, the
+same tokens as one sequence at a time, and the step statistics the metrics report."""
+import pytest
+
+from lenserve import LLM, SamplingParams
+from lenserve.scheduler.cost_model import OnlineCostModel
+
+from .helpers import check_logprobs_close
+from .test_batching import GREEDY, _alone, _prompts
+
+MIN_CHUNK = 24
+
+
+@pytest.fixture(scope="module")
+def tight():
+    # 1 ms is below any step here: every step with a decode carries exactly the minimum chunk.
+    return LLM(max_num_seqs=16, max_num_batched_tokens=1024, enable_prefix_caching=False, target_itl_ms=1.0,
+               min_prefill_chunk=MIN_CHUNK).engine
+
+
+def test_decodes_run_beside_minimum_chunks_and_tokens_equal_alone(tight, llm, test_prompts):
+    eng = tight
+    assert eng.scheduler.config.target_itl_s == pytest.approx(0.001)
+    assert isinstance(eng.scheduler.cost_model, OnlineCostModel)
+    prompts = _prompts(eng.tokenizer, test_prompts[500:600], [40, 700, 9, 300])
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    results, steps = {}, []
+    nxt = 0
+    while nxt < len(prompts) or eng.has_unfinished_requests():
+        if nxt < len(prompts) and len(steps) >= 3 * nxt:
+            eng.add_request(f"r{nxt}", prompts[nxt], params)
+            nxt += 1
+        num_decoding = sum(1 for s in eng.scheduler.running if s.num_tokens - s.num_computed_tokens == 1)
+        for o in eng.step():
+            if o.finished:
+                results[int(o.request_id[1:])] = o.outputs[0]
+        st = eng.last_stats
+        steps.append((num_decoding, st.num_batched_tokens, st.token_budget))
+    with_decodes = [(d, n, b) for d, n, b in steps if d and n > d]
+    assert with_decodes, "no step had a prompt chunk beside decodes"
+    for d, n, budget in with_decodes:
+        assert budget == d + MIN_CHUNK and n <= budget
+    assert any(n > MIN_CHUNK + 1 for d, n, _ in steps if d == 0)  # no decode running: the cap
+    assert eng.cost_model.num_observed >= len(steps) - 1
+    for i, p in enumerate(prompts):
+        ref = _alone(llm.engine, p, params)
+        check_logprobs_close(ref.token_ids, ref.logprobs, results[i].token_ids, results[i].logprobs, "alone", "itl-target")
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_itl_misses_are_counted_against_the_target(tight):
+    eng = tight
+    eng.add_request("m", [1, 2, 3, 4, 5], SamplingParams(max_tokens=6, **GREEDY))
+    misses = gaps = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        misses += eng.last_stats.num_itl_target_misses
+        gaps += len(eng.last_stats.inter_token_latencies_s)
+    assert gaps == 5 and misses == 5  # every gap is longer than 1 ms
+
+
+def test_target_off_and_auto():
+    from lenserve.config import TARGET_ITL_MS, EngineConfig, resolve_target_itl_s
+
+    assert resolve_target_itl_s(None, "cpu") is None and resolve_target_itl_s(0, "cpu") is None
+    assert resolve_target_itl_s("auto", "cpu") == TARGET_ITL_MS["cpu"] / 1000
+    assert resolve_target_itl_s("auto", "cuda") == TARGET_ITL_MS["cuda"] / 1000
+    assert resolve_target_itl_s(120, "cuda") == pytest.approx(0.12)
+    for bad in ("fast", -5):
+        with pytest.raises(ValueError, match="target_itl_ms"):
+            EngineConfig(target_itl_ms=bad)
