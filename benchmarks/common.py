@@ -17,15 +17,20 @@ def machine() -> dict:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    flags = ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = line.split(":", 1)[1].strip()
                     break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    # the vector extensions kernels choose between (the CPU model changes between machines)
+    simd = [f for f in flags.split() if f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")]
+    info = {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": simd, "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -29,6 +29,7 @@ class IterationStats:
     num_batched_tokens: int = 0
     token_budget: int = 0  # the scheduler's token budget for this step (max_num_batched_tokens or by target_itl_s)
     num_itl_target_misses: int = 0  # inter-token gaps this step longer than the scheduler's target_itl_s
+    cost_model: dict[str, float] | None = None  # the step cost model's terms, when a refit changed them this step
     num_preemptions: int = 0
     padding_ratio: float = 0.0  # padded rows / rows in the forward (0 when packed)
     time_to_first_tokens_s: list[float] = field(default_factory=list)

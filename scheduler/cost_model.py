@@ -147,6 +147,10 @@ def fit(samples: Sequence[dict], **settings) -> CostModel:
     return CostModel(*map(float, coef), meta=meta, **settings)
 
 
+OVERRUN_QUANTILE = 0.9
+MAX_OVERRUN = 2.0
+
+
 class OnlineCostModel:
     """The cost model the engine schedules with: refitted from the steps it measures while it runs.
 
@@ -159,7 +163,9 @@ class OnlineCostModel:
     cannot tell the per-token cost of a prefill from the per-sequence cost of sampling). The
     prior, rescaled to the speed the steps show, enters the fit as `prior_weight` pseudo-steps,
     so it decides only what the steps leave open; steps more than 3x off the fit (the OS stalled
-    the process) are dropped from the refit. `model` is None until there is a prior or enough steps."""
+    the process) are dropped from the refit. `overrun`, the 90th percentile of measured over
+    predicted time on recent steps, says how much to discount a target by so that noise (other
+    work on the machine, the HTTP thread holding the GIL) does not carry most steps past it. `model` is None until there is a prior or enough steps."""
 
     MIN_SAMPLES = 8
 
@@ -177,6 +183,13 @@ class OnlineCostModel:
         self._since_refit = 0
         self.num_observed = 0
         self.num_refits = 0
+        # How much longer than predicted a step runs, at OVERRUN_QUANTILE of recent steps (>= 1):
+        # a budget aimed at target / overrun keeps that share of steps within the target.
+        self.overrun = 1.0
+
+    def terms(self) -> dict[str, float]:
+        """The current model's coefficients by name (empty while there is none)."""
+        return {k: getattr(self.model, k) for k in FEATURES} if self.model is not None else {}
 
     def observe(self, features: dict, step_s: float) -> None:
         if not step_s > 0 or not features["num_tokens"]:
@@ -222,9 +235,13 @@ class OnlineCostModel:
             if keep.all() or keep.sum() < self.MIN_SAMPLES:
                 break
         coef = coef / scale
+        n = len(data)
+        recent = (self.num_observed - seen) <= 2 * self._half_life
+        over = y[:n][recent] / np.maximum(x[:n][recent] @ coef, 1e-12)
+        self.overrun = float(np.clip(np.quantile(over, OVERRUN_QUANTILE), 1.0, MAX_OVERRUN))
         base = self.prior or CostModel(*[0.0] * len(FEATURES))
         self.model = CostModel(*map(float, coef), **{k: getattr(base, k) for k in _SETTINGS},
-                               meta={"num_samples": int(keep.sum()), "online": True})
+                               meta={"num_samples": int(keep.sum()), "online": True, "overrun": self.overrun})
         self.num_refits += 1
         return self.model
 

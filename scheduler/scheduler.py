@@ -277,14 +277,19 @@ class Scheduler:
 
     def token_budget(self, decodes: list[Sequence], prefills: list[Sequence]) -> int:
         """This step's token budget: max_num_batched_tokens, or under target_itl_s what keeps the
-        running decodes within it by the cost model (step_budget.prefill_token_budget); the chunk
-        that comes first is the first prompt in progress (its cached context counts)."""
+        running decodes within it by the cost model (step_budget.prefill_token_budget), the target
+        discounted by the online model's overrun; the chunk that comes first is the first prompt
+        in progress (its cached context counts)."""
         cfg = self.config
         if cfg.target_itl_s is None:
             return cfg.max_num_batched_tokens
-        cost = self.cost_model.model if isinstance(self.cost_model, OnlineCostModel) else self.cost_model
+        target = cfg.target_itl_s
+        cost = self.cost_model
+        if isinstance(cost, OnlineCostModel):
+            target /= cost.overrun
+            cost = cost.model
         chunk_context = prefills[0].num_computed_tokens if prefills else 0
-        return prefill_token_budget(cost, decodes, cfg.target_itl_s, cfg.max_num_batched_tokens, cfg.min_prefill_chunk, chunk_context)
+        return prefill_token_budget(cost, decodes, target, cfg.max_num_batched_tokens, cfg.min_prefill_chunk, chunk_context)
 
     def _schedule_running(self, order: list[Sequence], budget: int, scheduled: list, preempted: list) -> int:
         """New tokens for the running sequences in `order`; returns the budget left."""

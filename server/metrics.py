@@ -57,6 +57,10 @@ class Metrics:
         self.step_token_budget = gauge("step_token_budget", "Token budget of the latest engine step (max_num_batched_tokens, or sized by the ITL target)")
         self.step_duration = hist("step_duration_seconds", "Duration of an engine step (schedule, forward, sample, emit)", _STEP_BUCKETS)
         self.itl_target_miss = counter("itl_target_miss_total", "Inter-token gaps longer than the scheduler's ITL target")
+        self.cost_model = gauge("step_cost_model_seconds",
+                                "The engine's step cost model, refitted from measured steps: seconds per step (step_base_s), "
+                                "per token, per sampled sequence, per prefill query-key pair, per decode context token",
+                                ["term"])
         self.iteration_tokens = hist("iteration_tokens_total", "Tokens per engine step", _TOKEN_BUCKETS + (16384,))
         self.request_prompt_tokens = hist("request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS)
         self.request_generation_tokens = hist("request_generation_tokens", "Generated tokens per request", _TOKEN_BUCKETS)
@@ -98,6 +102,8 @@ class Metrics:
             self._l(self.iteration_tokens).observe(stats.num_batched_tokens)
             self._l(self.step_duration).observe(stats.step_time_s)
             self._l(self.step_token_budget).set(stats.token_budget)
+        for term, seconds in (stats.cost_model or {}).items():
+            self._l(self.cost_model, term=term).set(seconds)
         if stats.num_itl_target_misses:
             self._l(self.itl_target_miss).inc(stats.num_itl_target_misses)
         for v in stats.time_to_first_tokens_s:

@@ -141,25 +141,43 @@ def test_budget_shrinks_when_steps_slow_down_and_grows_back():
     run = FakeRunner()
     for _ in range(3):
         run.step()  # the decodes' prompts
-    for _ in range(10):
+    for _ in range(12):
         run.add_prompt()
-    for _ in range(60):
+    for _ in range(100):
         run.step()
     fast = run.budgets[-1]
-    assert run.step_times[-1] == pytest.approx(0.25, rel=0.15)
+    assert run.step_times[-1] == pytest.approx(0.25, rel=0.1)
     run.slowdown = 2.0
-    for _ in range(60):
+    for _ in range(100):
         run.step()
     slow = run.budgets[-1]
     assert slow < 0.7 * fast
-    assert run.step_times[-1] == pytest.approx(0.25, rel=0.15)  # the fit found the slower machine
+    assert run.step_times[-1] == pytest.approx(0.25, rel=0.1)  # the fit found the slower machine
     run.slowdown = 1.0
-    for _ in range(60):
+    for _ in range(100):
         run.step()
     assert run.budgets[-1] > 1.3 * slow
-    assert run.step_times[-1] == pytest.approx(0.25, rel=0.15)
+    assert run.step_times[-1] == pytest.approx(0.25, rel=0.1)
     num_decodes = 6
     assert all(num_decodes + 16 <= b <= 2048 for b in run.budgets[3:])
+
+
+def test_noisy_steps_stay_within_the_target_most_of_the_time():
+    """Step times scattered +-30% around the model: the budget aims below the target by the
+    overrun the fit sees, so about 90% of steps keep within it, not half."""
+    rng = np.random.default_rng(3)
+    run = FakeRunner()
+    for _ in range(3):
+        run.step()
+    for _ in range(12):
+        run.add_prompt()
+    for _ in range(200):
+        run.slowdown = float(rng.uniform(0.7, 1.3))
+        run.step()
+    late = np.array(run.step_times[100:])
+    assert 1.1 < run.online.overrun < 1.5
+    assert np.mean(late <= 0.25) >= 0.8
+    assert np.percentile(late, 99) <= 1.5 * 0.25
 
 
 def test_budget_never_below_the_minimum_chunk_nor_above_the_cap():

@@ -1,0 +1,326 @@
+"""Stall-free batching, live: `--target-itl-ms` against today's fixed 2,048-token step budget.
+
+Side by side in one run on this machine, each against a fresh `lenserve serve` on the embedded
+model, streaming `/v1/completions` in exact mode (prompts of the trace's token counts,
+`ignore_eos`, max_tokens = the trace's response length):
+
+Both servers of a comparison run at the same time, one thread each, on the machine's two cores:
+they see the same machine at the same moments, whatever else runs on it.
+
+1. capacity: requests finished per second with every request of the trace queued at once under
+   the fixed budget, from the simulator driven by a cost model measured here on the same engine
+   settings (the simulator's mean E2E was within 2-5% of the live server's in bench_scheduler;
+   `--live-capacity` measures it with a live saturation run instead, minutes more);
+2. each trace replayed at `--load` (0.8) x capacity, once with the fixed budget and once with the
+   target: ITL p50/p99 (client-side gaps between streamed tokens), TTFT p50, output throughput;
+3. the simulator on the same send times and lengths under the same budget rule, with the cost
+   model the server fitted from its own steps (`lenserve:step_cost_model_seconds`), and with the
+   one measured before: its ITL p99 beside the live one;
+4. heavy overload: the first trace at `--overload` (3) x capacity with a short queue
+   (`--max-queue`): ITL p99 while excess requests get 429.
+
+Traces: the shipped Azure LLM inference conversation trace (a slice), and a long-prompt mix
+(log-uniform prompts from 150 tokens up to the served context, short answers, Poisson arrivals).
+
+    python benchmarks/bench_itl.py [--quick] [--out benchmarks/results/itl_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, machine  # noqa: E402
+
+from lenserve.config import TARGET_ITL_MS  # noqa: E402
+from lenserve.scheduler.simulator import SimRequests, scheduler_config_for, simulate  # noqa: E402
+from lenserve.traces.loaders import load_trace  # noqa: E402
+from lenserve.traces.trace import Trace, TraceRequest  # noqa: E402
+
+AZURE_TRACE = os.path.join(os.path.dirname(__file__), "..", "traces", "data", "azure_llm_2023_conv.csv.gz")
+FIXED_BUDGET = 2048
+
+
+def long_prompt_mix(n: int, max_prompt: int, rate_per_s: float = 1.0, seed: int = 0) -> Trace:
+    """Long prompts (log-uniform from 150 tokens to `max_prompt`) with short answers (16-64
+    tokens), Poisson arrivals at `rate_per_s` (replay rescales time)."""
+    rng = np.random.default_rng(seed)
+    arrival = np.cumsum(rng.exponential(1 / rate_per_s, n))
+    prompt = np.exp(rng.uniform(np.log(150), np.log(max_prompt), n)).astype(int)
+    output = rng.integers(16, 65, n)
+    return Trace([TraceRequest(float(a), int(p), int(o)) for a, p, o in zip(arrival, prompt, output)], name="long_prompts",
+                 source="synthetic: log-uniform prompts 150..context, 16-64 output tokens")
+
+
+def azure_slice(n: int, max_model_len: int) -> Trace:
+    """The first `n` requests of the shipped Azure conversation trace, prompt + response clipped to
+    the served context."""
+    trace = load_trace(AZURE_TRACE).head(n)
+    reqs = []
+    for r in trace:
+        prompt = min(r.prompt_tokens, max_model_len // 2)
+        reqs.append(TraceRequest(r.arrival_s, prompt, max(1, min(r.output_tokens, max_model_len - prompt - 1))))
+    return Trace(reqs, name="azure_conv", source="Azure LLM inference trace 2023 (conversation), CC-BY-4.0")
+
+
+def serve_argv(port: int, target_itl_ms: float, max_queue: int, args) -> list[str]:
+    return [sys.executable, "-m", "lenserve.cli", "serve", "--port", str(port), "--predictor", "default",
+            "--max-num-batched-tokens", str(FIXED_BUDGET), "--target-itl-ms", str(target_itl_ms), "--num-threads", str(args.num_threads),
+            "--max-queue", str(max_queue), "--max-model-len", str(args.max_model_len)]
+
+
+def served_cost_model(url: str):
+    """The cost model a server fitted from its own steps (lenserve:step_cost_model_seconds)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lenserve.scheduler.cost_model import CostModel
+
+    terms = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        if family.name == "lenserve:step_cost_model_seconds":
+            terms = {s.labels["term"]: s.value for s in family.samples}
+    return CostModel(**terms) if terms else None
+
+
+def side_by_side(trace: Trace, time_scale: float, targets: list[float], args, max_queue: int = 100000, log=print) -> list[dict]:
+    """One exact-mode replay of `trace` against a fresh server per ITL target (0: the fixed budget),
+    all at the same time, so that every server sees the machine as it is at the same moments."""
+    import asyncio
+    from contextlib import ExitStack
+
+    from lenserve.server.process import ServerProcess, free_port
+    from lenserve.traces.replay import Replayer, ReplayConfig, write_outputs
+    from lenserve.traces.report import read_jsonl
+
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        urls = []
+        for i, target in enumerate(targets):
+            port = free_port()
+            urls.append(f"http://127.0.0.1:{port}")
+            server = stack.enter_context(ServerProcess(serve_argv(port, target, max_queue, args), Path(tmp) / f"server{i}.log", urls[-1]))
+            server.wait_healthy(300)
+        replayers = [Replayer(trace, ReplayConfig(url=url, mode="exact", time_scale=time_scale, temperature=0.0, metrics_interval_s=0,
+                                                  request_timeout_s=3600, show_progress=not args.no_progress and i == 0))
+                     for i, url in enumerate(urls)]
+
+        async def run_all():
+            await asyncio.gather(*(r.run() for r in replayers))
+
+        asyncio.run(run_all())
+        fitted = [served_cost_model(url) for url in urls]
+        runs = []
+        for i, (target, replayer) in enumerate(zip(targets, replayers)):
+            write_outputs(replayer, Path(tmp) / f"run{i}")
+            records = read_jsonl(Path(tmp) / f"run{i}" / "requests.jsonl")
+            runs.append(_summarize(trace, time_scale, target, records, fitted[i], time.monotonic() - t0, log))
+    return runs
+
+
+def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: list[dict], fitted, wall_s: float, log) -> dict:
+    ok = [r for r in records if r["ok"]]
+    itl = np.array([x for r in ok for x in r["itl_s"]])
+    ttft = np.array([r["ttft_s"] for r in ok if r["ttft_s"] is not None])
+    span = max(r["end_s"] for r in ok) - min(r["sent_s"] for r in ok)
+    summary = {
+        "target_itl_ms": target_itl_ms or None,
+        "time_scale": time_scale,
+        "num_requests": len(records),
+        "num_ok": len(ok),
+        "num_rejected_429": sum(1 for r in records if r["status"] == 429),
+        "num_failed_other": sum(1 for r in records if not r["ok"] and r["status"] != 429),
+        "itl_p50_s": float(np.percentile(itl, 50)),
+        "itl_p90_s": float(np.percentile(itl, 90)),
+        "itl_p99_s": float(np.percentile(itl, 99)),
+        "itl_max_s": float(itl.max()),
+        "num_token_gaps": int(len(itl)),
+        "ttft_p50_s": float(np.percentile(ttft, 50)),
+        "ttft_p99_s": float(np.percentile(ttft, 99)),
+        "mean_e2e_s": float(np.mean([r["e2e_s"] for r in ok])),
+        "output_throughput_tok_s": sum(r["output_tokens"] for r in ok) / span,
+        "span_s": span,
+        "wall_s": round(wall_s, 1),
+    }
+    log(f"  {trace.name} x{time_scale:.3g} target={target_itl_ms or 'fixed'}: "
+        + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()
+                      if k in ("num_ok", "num_rejected_429", "itl_p50_s", "itl_p99_s", "ttft_p50_s", "output_throughput_tok_s")}))
+    fitted_terms = {k: v for k, v in fitted.to_json().items() if k != "meta"} if fitted is not None else None
+    return {"summary": summary, "itl_s": itl.tolist(), "records": ok, "fitted_cost_model": fitted_terms, "_fitted": fitted}
+
+
+def capacity(trace: Trace, cost, args, log=print) -> dict:
+    """Requests per second the fixed-budget server finishes with the trace's requests all queued at
+    once: simulated with the measured cost model, or (`--live-capacity`) measured live on the
+    first `--capacity-requests`."""
+    if args.live_capacity:
+        run = side_by_side(trace.head(min(args.capacity_requests, len(trace))), 1e6, [0], args, log=log)[0]
+        s = run["summary"]
+        return {"how": "live", "num_requests": s["num_ok"], "requests_per_s": s["num_ok"] / s["span_s"],
+                "output_tok_s": s["output_throughput_tok_s"]}
+    # the trace's requests repeated, so that the drain at the end (a few long ones alone) is a small part
+    c = trace.columns
+    reps = -(-1000 // len(trace))
+    req = SimRequests.from_arrays(np.zeros(reps * len(trace)), np.tile(c.prompt_tokens, reps), np.tile(c.output_tokens, reps),
+                                  max_model_len=args.max_model_len, max_tokens=args.max_model_len)
+    config = scheduler_config_for(cost, max_num_batched_tokens=FIXED_BUDGET, max_model_len=args.max_model_len)
+    s = simulate(req, config, cost).summary()
+    return {"how": "simulated with the measured cost model, the trace's requests x" + str(reps) + " queued at once",
+            "num_requests": len(req), "requests_per_s": len(req) / s["makespan_s"], "output_tok_s": s["throughput_tok_s"]}
+
+
+def time_scale_for(trace: Trace, load: float, capacity_rps: float) -> float:
+    """The replay speed-up at which `trace` offers `load` x `capacity_rps` requests per second."""
+    rate = (len(trace) - 1) / trace.duration_s if trace.duration_s > 0 else float("inf")
+    return load * capacity_rps / rate
+
+
+def simulated(run: dict, cost, target_itl_ms: float, max_model_len: int) -> dict:
+    """The simulator on the live run's send times, prompt and response lengths, same budget rule."""
+    recs = run["records"]
+    req = SimRequests.from_arrays(np.array([r["sent_s"] for r in recs]), np.array([r["prompt_tokens_server"] or r["prompt_tokens"] for r in recs]),
+                                  np.array([max(r["output_tokens"], 1) for r in recs]), max_model_len=max_model_len, max_tokens=max_model_len)
+    config = scheduler_config_for(cost, max_num_batched_tokens=FIXED_BUDGET, max_model_len=max_model_len,
+                                  target_itl_s=target_itl_ms / 1000 if target_itl_ms else None)
+    s = simulate(req, config, cost).summary()
+    return {k: s[k] for k in ("p50_itl_s", "p99_itl_s", "mean_itl_s", "mean_ttft_s", "p50_ttft_s", "mean_e2e_s", "throughput_tok_s")}
+
+
+def criteria(result: dict, target_s: float) -> dict:
+    out = {}
+    for name, t in result["traces"].items():
+        fixed, tgt = t["fixed"]["summary"], t["target"]["summary"]
+        out[name] = {
+            "itl_p99_le_1.5T": tgt["itl_p99_s"] <= 1.5 * target_s,
+            "ttft_p50_ratio_le_1.3": tgt["ttft_p50_s"] / fixed["ttft_p50_s"] <= 1.3,
+            "throughput_ratio_ge_0.95": tgt["output_throughput_tok_s"] / fixed["output_throughput_tok_s"] >= 0.95,
+            "sim_itl_p99_within_20pct": abs(t["target"]["simulated"]["p99_itl_s"] / tgt["itl_p99_s"] - 1) <= 0.2,
+        }
+    if "overload" in result:
+        out["overload_itl_p99_le_2T"] = result["overload"]["target"]["summary"]["itl_p99_s"] <= 2 * target_s
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target_s = result["target_itl_ms"] / 1000
+    names = list(result["traces"])
+    fig, axes = plt.subplots(1, len(names) + ("overload" in result), figsize=(5.2 * (len(names) + 1), 4.2))
+    axes = np.atleast_1d(axes)
+    panels = [(name, [("fixed 2,048-token budget", result["traces"][name]["fixed"]["itl_s"], "tab:red"),
+                      (f"target {result['target_itl_ms']:.0f} ms", result["traces"][name]["target"]["itl_s"], "tab:blue")])
+              for name in names]
+    if "overload" in result:
+        over = result["overload"]
+        panels.append((f"{names[0]} at {over['load']:g}x capacity, --max-queue {over['max_queue']}",
+                       [("fixed 2,048-token budget", over["fixed"]["itl_s"], "tab:red"),
+                        (f"target {result['target_itl_ms']:.0f} ms", over["target"]["itl_s"], "tab:blue")]))
+    for ax, (title, series) in zip(axes, panels):
+        for label, itl, color in series:
+            x = np.sort(np.asarray(itl))
+            ax.plot(x, np.arange(1, len(x) + 1) / len(x), label=label, color=color)
+        ax.axvline(target_s, color="k", ls=":", lw=1, label="target T")
+        ax.axvline(1.5 * target_s, color="gray", ls="--", lw=1, label="1.5 T")
+        ax.set_xscale("log")
+        ax.set_xlabel("inter-token latency (s, client side)")
+        ax.set_ylabel("CDF of token gaps")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Stall-free batching on {result['machine']['cpu']} ({result['machine']['cores']} cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target-itl-ms", type=float, default=TARGET_ITL_MS["cpu"])
+    p.add_argument("--load", type=float, default=0.8, help="offered load, x measured capacity")
+    p.add_argument("--overload", type=float, default=3.0, help="the heavy-overload run's load (0: skip)")
+    p.add_argument("--overload-max-queue", type=int, default=8)
+    p.add_argument("--azure-requests", type=int, default=48)
+    p.add_argument("--long-requests", type=int, default=20)
+    p.add_argument("--live-capacity", action="store_true", help="measure capacity with a live saturation run (else simulated)")
+    p.add_argument("--capacity-requests", type=int, default=16, help="--live-capacity: requests of the saturation run")
+    p.add_argument("--max-model-len", type=int, default=4096, help="the served context (the long prompts reach it)")
+    p.add_argument("--num-threads", type=int, default=1, help="each server's threads (two servers run side by side)")
+    p.add_argument("--quick", action="store_true", help="a few requests each (a smoke run)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default=os.path.join(RESULTS, "itl_cpu.json"))
+    p.add_argument("--plot", default=os.path.join(RESULTS, "itl_cpu.png"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.azure_requests, args.long_requests, args.capacity_requests = 6, 4, 4
+
+    from lenserve.config import EngineConfig
+    from lenserve.scheduler.config import SchedulerConfig
+    from lenserve.sim_cli import measure_cost_model
+
+    def log(*parts):
+        print(*parts, file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    result = {"machine": machine(), "target_itl_ms": args.target_itl_ms, "fixed_budget": FIXED_BUDGET, "load": args.load,
+              "max_model_len": args.max_model_len, "traces": {}}
+    # the servers' engine settings (one thread each: the two run side by side on the two cores)
+    cost = measure_cost_model(EngineConfig(max_model_len=args.max_model_len, num_threads=args.num_threads,
+                                           scheduler=SchedulerConfig(max_num_batched_tokens=FIXED_BUDGET)),
+                              quick=args.quick, temperature=0.0)
+    result["cost_model"] = {k: v for k, v in cost.to_json().items() if k != "meta"}
+    result["cost_model"]["fit_mean_abs_rel_error"] = cost.meta["fit_mean_abs_rel_error"]
+    log(f"cost model measured in {time.monotonic() - t0:.0f}s")
+    traces = [azure_slice(args.azure_requests, args.max_model_len),
+              long_prompt_mix(args.long_requests, args.max_model_len - 80)]
+    for trace in traces:
+        cap = capacity(trace, cost, args, log)
+        log(f"{trace.name}: capacity {cap['requests_per_s']:.4f} req/s ({cap['how']})")
+        scale = time_scale_for(trace, args.load, cap["requests_per_s"])
+        entry = {"source": trace.source, "num_requests": len(trace), "capacity": cap, "time_scale": scale}
+        for key, run in zip(("fixed", "target"), side_by_side(trace, scale, [0, args.target_itl_ms], args, log=log)):
+            target = run["summary"]["target_itl_ms"]
+            # the simulator with the cost model the server fitted from its own steps, and with the one measured before
+            run["simulated"] = simulated(run, run.pop("_fitted") or cost, target, args.max_model_len)
+            run["simulated_measured_cost_model"] = simulated(run, cost, target, args.max_model_len)
+            run.pop("records")
+            entry[key] = run
+        tgt, fixed = entry["target"]["summary"], entry["fixed"]["summary"]
+        entry["ratios"] = {
+            "itl_p99_target_over_fixed": tgt["itl_p99_s"] / fixed["itl_p99_s"],
+            "ttft_p50_target_over_fixed": tgt["ttft_p50_s"] / fixed["ttft_p50_s"],
+            "throughput_target_over_fixed": tgt["output_throughput_tok_s"] / fixed["output_throughput_tok_s"],
+            "sim_over_live_itl_p99_target": entry["target"]["simulated"]["p99_itl_s"] / tgt["itl_p99_s"],
+            "sim_over_live_itl_p99_fixed": entry["fixed"]["simulated"]["p99_itl_s"] / fixed["itl_p99_s"],
+        }
+        result["traces"][trace.name] = entry
+        log(trace.name, json.dumps(entry["ratios"]))
+    if args.overload > 0:
+        first = traces[0]
+        cap = result["traces"][first.name]["capacity"]["requests_per_s"]
+        runs = side_by_side(first, time_scale_for(first, args.overload, cap), [0, args.target_itl_ms], args,
+                            max_queue=args.overload_max_queue, log=log)
+        for run in runs:
+            run.pop("records")
+            run.pop("_fitted")
+        result["overload"] = {"load": args.overload, "max_queue": args.overload_max_queue, "fixed": runs[0], "target": runs[1]}
+    result["criteria"] = criteria(result, args.target_itl_ms / 1000)
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    plot(result, args.plot)
+    print(json.dumps({"criteria": result["criteria"], **{n: t["ratios"] for n, t in result["traces"].items()}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
