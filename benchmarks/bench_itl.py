@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, machine  # noqa: E402
 
 from lenserve.config import TARGET_ITL_MS  # noqa: E402
-from lenserve.scheduler.simulator import SimRequests, scheduler_config_for, simulate  # noqa: E402
+from lenserve.scheduler.simulator import SimRequests, make_predictions, scheduler_config_for, simulate  # noqa: E402
 from lenserve.traces.loaders import load_trace  # noqa: E402
 from lenserve.traces.trace import Trace, TraceRequest  # noqa: E402
 
@@ -73,7 +73,7 @@ def azure_slice(n: int, max_model_len: int) -> Trace:
 def serve_argv(port: int, target_itl_ms: float, max_queue: int, args) -> list[str]:
     return [sys.executable, "-m", "lenserve.cli", "serve", "--port", str(port), "--predictor", "default",
             "--max-num-batched-tokens", str(FIXED_BUDGET), "--target-itl-ms", str(target_itl_ms), "--num-threads", str(args.num_threads),
-            "--max-queue", str(max_queue), "--max-model-len", str(args.max_model_len)]
+            "--max-queue", str(max_queue), "--max-model-len", str(args.max_model_len), "--policy", args.policy]
 
 
 def served_cost_model(url: str):
@@ -125,6 +125,21 @@ def side_by_side(trace: Trace, time_scale: float, targets: list[float], args, ma
     return runs
 
 
+def _window_tokens(records: list[dict]) -> int:
+    """Tokens streamed (first token + one per gap) between the first and the last send."""
+    start, end = min(r["sent_s"] for r in records), max(r["sent_s"] for r in records)
+    count = 0
+    for r in records:
+        if r["ttft_s"] is None:
+            continue
+        t = r["sent_s"] + r["ttft_s"]
+        count += start <= t <= end
+        for gap in r["itl_s"]:
+            t += gap
+            count += start <= t <= end
+    return count
+
+
 def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: list[dict], fitted, wall_s: float, log) -> dict:
     ok = [r for r in records if r["ok"]]
     itl = np.array([x for r in ok for x in r["itl_s"]])
@@ -146,6 +161,9 @@ def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: l
         "ttft_p99_s": float(np.percentile(ttft, 99)),
         "mean_e2e_s": float(np.mean([r["e2e_s"] for r in ok])),
         "output_throughput_tok_s": sum(r["output_tokens"] for r in ok) / span,
+        # tokens streamed while requests were still arriving, per second of that window: whether the
+        # server keeps up with the offered load, without the drain of the last requests
+        "arrival_window_throughput_tok_s": _window_tokens(ok) / window if (window := max(r["sent_s"] for r in ok) - min(r["sent_s"] for r in ok)) > 0 else None,
         "span_s": span,
         "wall_s": round(wall_s, 1),
     }
@@ -182,14 +200,15 @@ def time_scale_for(trace: Trace, load: float, capacity_rps: float) -> float:
     return load * capacity_rps / rate
 
 
-def simulated(run: dict, cost, target_itl_ms: float, max_model_len: int) -> dict:
+def simulated(run: dict, cost, target_itl_ms: float, max_model_len: int, policy: str) -> dict:
     """The simulator on the live run's send times, prompt and response lengths, same budget rule."""
     recs = run["records"]
     req = SimRequests.from_arrays(np.array([r["sent_s"] for r in recs]), np.array([r["prompt_tokens_server"] or r["prompt_tokens"] for r in recs]),
                                   np.array([max(r["output_tokens"], 1) for r in recs]), max_model_len=max_model_len, max_tokens=max_model_len)
-    config = scheduler_config_for(cost, max_num_batched_tokens=FIXED_BUDGET, max_model_len=max_model_len,
+    config = scheduler_config_for(cost, max_num_batched_tokens=FIXED_BUDGET, max_model_len=max_model_len, policy=policy,
                                   target_itl_s=target_itl_ms / 1000 if target_itl_ms else None)
-    s = simulate(req, config, cost).summary()
+    # the server's predictor read synthetic exact-mode prompts: predictions of middling quality
+    s = simulate(req, config, cost, make_predictions("noisy-tau:0.5", req.output_tokens)).summary()
     return {k: s[k] for k in ("p50_itl_s", "p99_itl_s", "mean_itl_s", "mean_ttft_s", "p50_ttft_s", "mean_e2e_s", "throughput_tok_s")}
 
 
@@ -255,6 +274,8 @@ def main(argv=None) -> int:
     p.add_argument("--capacity-requests", type=int, default=16, help="--live-capacity: requests of the saturation run")
     p.add_argument("--max-model-len", type=int, default=4096, help="the served context (the long prompts reach it)")
     p.add_argument("--num-threads", type=int, default=1, help="each server's threads (two servers run side by side)")
+    p.add_argument("--policy", default="sjf", choices=["fcfs", "sjf"],
+                   help="both servers' queue policy (sjf: the length-aware order that also orders prompt chunks under the target)")
     p.add_argument("--quick", action="store_true", help="a few requests each (a smoke run)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=os.path.join(RESULTS, "itl_cpu.json"))
@@ -272,6 +293,7 @@ def main(argv=None) -> int:
 
     t0 = time.monotonic()
     result = {"machine": machine(), "target_itl_ms": args.target_itl_ms, "fixed_budget": FIXED_BUDGET, "load": args.load,
+              "policy": args.policy, "num_threads_per_server": args.num_threads,
               "max_model_len": args.max_model_len, "traces": {}}
     # the servers' engine settings (one thread each: the two run side by side on the two cores)
     cost = measure_cost_model(EngineConfig(max_model_len=args.max_model_len, num_threads=args.num_threads,
@@ -290,8 +312,8 @@ def main(argv=None) -> int:
         for key, run in zip(("fixed", "target"), side_by_side(trace, scale, [0, args.target_itl_ms], args, log=log)):
             target = run["summary"]["target_itl_ms"]
             # the simulator with the cost model the server fitted from its own steps, and with the one measured before
-            run["simulated"] = simulated(run, run.pop("_fitted") or cost, target, args.max_model_len)
-            run["simulated_measured_cost_model"] = simulated(run, cost, target, args.max_model_len)
+            run["simulated"] = simulated(run, run.pop("_fitted") or cost, target, args.max_model_len, args.policy)
+            run["simulated_measured_cost_model"] = simulated(run, cost, target, args.max_model_len, args.policy)
             run.pop("records")
             entry[key] = run
         tgt, fixed = entry["target"]["summary"], entry["fixed"]["summary"]
@@ -299,6 +321,7 @@ def main(argv=None) -> int:
             "itl_p99_target_over_fixed": tgt["itl_p99_s"] / fixed["itl_p99_s"],
             "ttft_p50_target_over_fixed": tgt["ttft_p50_s"] / fixed["ttft_p50_s"],
             "throughput_target_over_fixed": tgt["output_throughput_tok_s"] / fixed["output_throughput_tok_s"],
+            "arrival_window_throughput_target_over_fixed": tgt["arrival_window_throughput_tok_s"] / fixed["arrival_window_throughput_tok_s"],
             "sim_over_live_itl_p99_target": entry["target"]["simulated"]["p99_itl_s"] / tgt["itl_p99_s"],
             "sim_over_live_itl_p99_fixed": entry["fixed"]["simulated"]["p99_itl_s"] / fixed["itl_p99_s"],
         }

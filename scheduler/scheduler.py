@@ -34,7 +34,7 @@ from lenserve.scheduler.output import SchedulerOutput, SchedulerStats
 from lenserve.scheduler.packing import prepack
 from lenserve.scheduler.policies import QueuePolicy, make_policy, predicted_work
 from lenserve.scheduler.sequence import Sequence, SequenceStatus
-from lenserve.scheduler.step_budget import prefill_token_budget
+from lenserve.scheduler.step_budget import decode_step_time, prefill_token_budget
 from lenserve.scheduler.waiting_queue import WaitingQueue, bucket_key
 
 RUNNING = SequenceStatus.RUNNING
@@ -283,11 +283,7 @@ class Scheduler:
         cfg = self.config
         if cfg.target_itl_s is None:
             return cfg.max_num_batched_tokens
-        target = cfg.target_itl_s
-        cost = self.cost_model
-        if isinstance(cost, OnlineCostModel):
-            target /= cost.overrun
-            cost = cost.model
+        cost, target = self._step_cost_model()
         chunk_context = prefills[0].num_computed_tokens if prefills else 0
         return prefill_token_budget(cost, decodes, target, cfg.max_num_batched_tokens, cfg.min_prefill_chunk, chunk_context)
 
@@ -337,9 +333,13 @@ class Scheduler:
         need = self._admission_blocks(head, matched)
         if need > available and (self.running or not self._fits_alone(head, matched)):
             return  # the head waits for memory, and nothing passes it (it could wait forever)
+        room = self._stream_room()
+        if self.running and self._stream_cost(head) > room:
+            return  # another stream would carry every step past target_itl_s: the head waits for one to end
         self.waiting.remove(head)
         selected = [(head, matched)]
         available -= need
+        room -= self._stream_cost(head)
         self._note_prefill(head, matched, prefilling)
         free_slots = cfg.max_num_seqs - len(self.running)
         head_bucket = bucket_key(head) if cfg.bucket_affinity else None
@@ -355,30 +355,58 @@ class Scheduler:
             if head_bucket is not None and not _near(bucket_key(seq), head_bucket):
                 far.append(seq)
                 continue
-            available = self._select(seq, available, selected, skipped, prefilling)
+            available, room = self._select(seq, available, room, selected, skipped, prefilling)
         for seq in far:
             if len(selected) < free_slots:
-                available = self._select(seq, available, selected, skipped, prefilling)
+                available, room = self._select(seq, available, room, selected, skipped, prefilling)
             else:
                 skipped.append(seq)
         for seq in skipped:
             self.waiting.push(seq)
         self._start(now, selected, budget, scheduled, static=False)
 
-    def _select(self, seq: Sequence, available: int, selected: list, skipped: list, prefilling: set[str]) -> int:
-        """Selects `seq` if its blocks fit and no sibling is computing its prompt; returns the
-        blocks still available."""
-        if self._waits_for_sibling(seq, prefilling):
+    def _select(self, seq: Sequence, available: int, room: float, selected: list, skipped: list,
+                prefilling: set[str]) -> tuple[int, float]:
+        """Selects `seq` if its blocks and its stream fit and no sibling is computing its prompt;
+        returns the blocks and the stream room (seconds of a decode step) still available."""
+        cost = self._stream_cost(seq)
+        if self._waits_for_sibling(seq, prefilling) or cost > room:
             skipped.append(seq)
-            return available
+            return available, room
         matched = self._match(seq)
         need = self._admission_blocks(seq, matched)
         if need > available:
             skipped.append(seq)
-            return available
+            return available, room
         selected.append((seq, matched))
         self._note_prefill(seq, matched, prefilling)
-        return available - need
+        return available - need, room - cost
+
+    def _step_cost_model(self) -> tuple[CostModel | None, float]:
+        """The cost model the budget is chosen with, and the target_itl_s to hold it to (the
+        online model's overrun taken off); (None, inf) without a target."""
+        target = self.config.target_itl_s
+        if target is None:
+            return None, math.inf
+        cost = self.cost_model
+        if isinstance(cost, OnlineCostModel):
+            return cost.model, target / cost.overrun
+        return cost, target
+
+    def _stream_room(self) -> float:
+        """Seconds left under target_itl_s in a plain decode step of every running sequence
+        (inf without a target or a cost model): what admitting more streams may spend."""
+        cost, target = self._step_cost_model()
+        if cost is None:
+            return math.inf
+        return target - decode_step_time(cost, len(self.running), sum(s.num_tokens for s in self.running))
+
+    def _stream_cost(self, seq: Sequence) -> float:
+        """What one more stream adds to every decode step (its row and its context)."""
+        cost, _ = self._step_cost_model()
+        if cost is None:
+            return 0.0
+        return decode_step_time(cost, 1, seq.num_tokens) - cost.step_base_s
 
     def _prefilling_groups(self) -> set[str]:
         """Groups with a running sequence that has more than a block of its prompt still to compute
@@ -544,6 +572,8 @@ class Scheduler:
         if self._bucketed and self.running:
             return False
         head = self.waiting.peek(self.clock(), self.work_done)
+        if self.running and self._stream_cost(head) > self._stream_room():
+            return False
         matched = self._match(head)
         need = self._admission_blocks(head, matched)
         if need <= self.num_unreserved_blocks - self._watermark_blocks:

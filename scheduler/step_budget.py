@@ -12,6 +12,10 @@ the model, the batch and the context as they are now:
 - otherwise the most prompt tokens whose predicted step time, next to the running decodes,
   stays within the target, and never fewer than `min_chunk` (so a prompt always progresses,
   even when the decodes alone fill the target) nor more than the cap;
+- the decode set itself is held to the target: a waiting request is admitted only while a plain
+  decode step of every running sequence and it stays within the target (the first always is),
+  so under overload the queue grows (and `--max-queue` refuses the excess) instead of every
+  stream slowing down;
 - length awareness: a decode predicted to end within `horizon` tokens can be stalled only that
   many more times, so it counts as remaining/horizon of a stream. When the decode set weighs less
   than one whole stream (a few streams about to end), the target stretches by up to `growth`,
@@ -29,7 +33,7 @@ from lenserve.scheduler.cost_model import CostModel
 from lenserve.scheduler.sequence import Sequence
 
 HORIZON_TOKENS = 32  # a decode predicted to end within this many tokens counts as a fraction of a stream
-MAX_GROWTH = 1.5  # the furthest the target stretches for a light decode set
+MAX_GROWTH = 1.25  # the furthest the target stretches for a light decode set
 
 
 def stall_weight(decodes: Iterable[Sequence], horizon: int = HORIZON_TOKENS) -> float:
@@ -44,6 +48,11 @@ def growth_factor(weight: float, max_growth: float = MAX_GROWTH) -> float:
     if weight >= 1.0:
         return 1.0
     return min(max_growth, 1.0 / max(weight, 1e-9))
+
+
+def decode_step_time(cost: CostModel, num_seqs: int, context_tokens: int) -> float:
+    """A plain decode step of `num_seqs` sequences holding `context_tokens` tokens in all."""
+    return cost.step_base_s + (cost.token_s + cost.sample_s) * num_seqs + cost.decode_context_s * context_tokens
 
 
 def max_prefill_tokens(

@@ -108,11 +108,11 @@ class FakeRunner:
     """Runs a scheduler with a fixed set of long decodes and a queue of long prompts, timing each
     step by a true cost model times a slowdown that the test changes."""
 
-    def __init__(self, target_s=0.25, min_chunk=16, cap=2048, num_decodes=6):
+    def __init__(self, target_s=0.25, min_chunk=16, cap=2048, num_decodes=6, cost_model=None):
         self.clock = Clock()
         self.online = OnlineCostModel(prior=COST, refit_every=4)
         config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=cap, max_model_len=8192, target_itl_s=target_s, min_prefill_chunk=min_chunk)
-        self.sched = Scheduler(config, BlockManager(20000, 16), clock=self.clock, cost_model=self.online)
+        self.sched = Scheduler(config, BlockManager(20000, 16), clock=self.clock, cost_model=cost_model or self.online)
         self.slowdown = 1.0
         self.n = 0
         for i in range(num_decodes):
@@ -180,15 +180,21 @@ def test_noisy_steps_stay_within_the_target_most_of_the_time():
     assert np.percentile(late, 99) <= 1.5 * 0.25
 
 
+# A model where plain decode steps of 6 streams fit a 25 ms target with 3 ms to spare: 2 prompt tokens.
+TIGHT = CostModel(step_base_s=0.01, token_s=0.001, sample_s=0.001, prefill_attention_s=0.0, decode_context_s=0.0)
+
+
 def test_budget_never_below_the_minimum_chunk_nor_above_the_cap():
-    run = FakeRunner(target_s=0.01, min_chunk=24, cap=100)  # the decodes alone take longer than the target
+    run = FakeRunner(target_s=0.025, min_chunk=24, cap=100, cost_model=TIGHT)
     for _ in range(3):
         run.step()
+    assert len(run.sched.running) == 6
     run.add_prompt(500)
     for _ in range(20):
         out = run.step()
         assert run.budgets[-1] == 6 + 24
         assert sum(out.num_new_tokens) <= 6 + 24
+    assert run.sched.requests["p1"].num_computed_tokens == 20 * 24
     loose = FakeRunner(target_s=50.0, cap=100)
     loose.add_prompt(500)
     for _ in range(5):
@@ -196,20 +202,52 @@ def test_budget_never_below_the_minimum_chunk_nor_above_the_cap():
         assert loose.budgets[-1] <= 100
 
 
+def test_admission_holds_the_decode_set_to_the_target():
+    """Plain decode steps of 10 streams take 30 ms: with a 25 ms target at most 7 run at once
+    (7 x 2 ms + 10 ms = 24 ms), the rest wait in order, and every request still finishes."""
+    clock = Clock()
+    config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512, max_model_len=4096, target_itl_s=0.025)
+    sched = Scheduler(config, BlockManager(4000, 16), clock=clock, cost_model=TIGHT)
+    for i in range(10):
+        sched.add(make_seq(f"r{i}", 1, 20 + i))
+    most = 0
+    for _ in range(400):
+        out = sched.schedule()
+        most = max(most, len(sched.running))
+        sched.update(out, sample_tokens(out))
+        if not sched.has_unfinished():
+            break
+    assert not sched.has_unfinished()
+    assert most == 7
+    # the first stream is always admitted, however tight the target
+    alone = Scheduler(SchedulerConfig(max_model_len=4096, target_itl_s=1e-6), BlockManager(100, 16), clock=clock, cost_model=TIGHT)
+    alone.add(make_seq("a", 5, 3))
+    alone.add(make_seq("b", 5, 3))
+    out = alone.schedule()
+    assert [s.request_id for s in out.seqs] == ["a"]
+
+
 def test_no_prompt_waits_forever_under_a_steady_stream_of_decodes():
-    """Decodes keep arriving and the target is below what they take alone: every prompt still
-    completes its prefill, at least the minimum chunk a step."""
-    run = FakeRunner(target_s=0.02, min_chunk=16, num_decodes=4)
+    """Short requests keep arriving and decoding, and the decodes leave no room under the target
+    for a prompt chunk: a long prompt still completes its prefill, the minimum chunk a step, and a
+    prompt that finds the decode set full is admitted as soon as streams end (nothing passes it)."""
+    run = FakeRunner(target_s=0.025, min_chunk=16, num_decodes=0, cost_model=TIGHT)
     run.add_prompt(1000)
     long_prompt = run.sched.requests["p1"]
-    for step in range(200):
-        if step % 5 == 0:
-            run.sched.add(make_seq(f"s{step}", 8, 40))
+    admitted_at, prefilled_at = {}, None
+    for step in range(300):
+        if step % 6 == 0:
+            run.sched.add(make_seq(f"s{step}", 8, 30))
         run.step()
-        if long_prompt.num_computed_tokens >= long_prompt.num_prompt_tokens:
-            break
-    assert long_prompt.num_computed_tokens >= long_prompt.num_prompt_tokens
-    assert step <= 1000 // 16 + 5
+        for seq in run.sched.running:
+            admitted_at.setdefault(seq.request_id, step)
+        if prefilled_at is None and long_prompt.num_computed_tokens >= long_prompt.num_prompt_tokens:
+            prefilled_at = step
+    assert prefilled_at is not None and prefilled_at <= 1000 // 16 + 5
+    shorts = [f"s{i}" for i in range(0, 250, 6)]
+    starts = [admitted_at[r] for r in shorts]  # every one admitted, in arrival order, each within a stream's life
+    assert starts == sorted(starts)
+    assert all(start - 6 * i <= 40 for i, start in enumerate(starts))
 
 
 def test_decodes_get_their_token_before_a_prompt_chunk():
