@@ -20,6 +20,20 @@ def test_simulate_prints_one_json_object_keyed_by_policy(trace, fmt, capsys):
         assert KEYS <= set(summary) and summary["num_requests"] > 0
 
 
+def test_simulate_predicts_itl_under_a_target(capsys):
+    """`lenserve simulate --target-itl-ms`: the same budget rule as `serve`, ITL in the summary."""
+    args = ["simulate", "--trace", "tests/data/traces/azure_conv_head.csv", "--format", "azure", "--policies", "fcfs",
+            "--predictions", "oracle", "--time-scale", "4", "--json"]
+    assert main(args) == 0
+    fixed = json.loads(capsys.readouterr().out)["fcfs"]
+    assert main(args + ["--target-itl-ms", "300"]) == 0
+    target = json.loads(capsys.readouterr().out)["fcfs"]
+    assert {"p50_itl_s", "p99_itl_s", "mean_itl_s"} <= set(fixed)
+    assert fixed["p99_itl_s"] > 1.0  # 2,048-token steps stall the streams
+    assert target["p99_itl_s"] <= 0.3 * 1.25 + 1e-9
+    assert target["num_requests"] == fixed["num_requests"]
+
+
 def test_simulate_table_and_bucketed(capsys):
     assert main(["simulate", "--trace", "tests/data/traces/burstgpt_v3.csv", "--policies", "sjf",
                  "--batching", "bucketed", "--predictions", "oracle", "--max-num-seqs", "4"]) == 0
