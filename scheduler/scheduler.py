@@ -34,7 +34,7 @@ from lenserve.scheduler.output import SchedulerOutput, SchedulerStats
 from lenserve.scheduler.packing import prepack
 from lenserve.scheduler.policies import QueuePolicy, make_policy, predicted_work
 from lenserve.scheduler.sequence import Sequence, SequenceStatus
-from lenserve.scheduler.step_budget import decode_step_time, prefill_token_budget
+from lenserve.scheduler.step_budget import prefill_token_budget
 from lenserve.scheduler.waiting_queue import WaitingQueue, bucket_key
 
 RUNNING = SequenceStatus.RUNNING
@@ -399,14 +399,14 @@ class Scheduler:
         cost, target = self._step_cost_model()
         if cost is None:
             return math.inf
-        return target - decode_step_time(cost, len(self.running), sum(s.num_tokens for s in self.running))
+        return target - cost.decode_time(len(self.running), sum(s.num_tokens for s in self.running), 1)
 
     def _stream_cost(self, seq: Sequence) -> float:
         """What one more stream adds to every decode step (its row and its context)."""
         cost, _ = self._step_cost_model()
         if cost is None:
             return 0.0
-        return decode_step_time(cost, 1, seq.num_tokens) - cost.step_base_s
+        return cost.decode_time(1, seq.num_tokens, 1) - cost.step_base_s
 
     def _prefilling_groups(self) -> set[str]:
         """Groups with a running sequence that has more than a block of its prompt still to compute

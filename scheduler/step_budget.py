@@ -50,11 +50,6 @@ def growth_factor(weight: float, max_growth: float = MAX_GROWTH) -> float:
     return min(max_growth, 1.0 / max(weight, 1e-9))
 
 
-def decode_step_time(cost: CostModel, num_seqs: int, context_tokens: int) -> float:
-    """A plain decode step of `num_seqs` sequences holding `context_tokens` tokens in all."""
-    return cost.step_base_s + (cost.token_s + cost.sample_s) * num_seqs + cost.decode_context_s * context_tokens
-
-
 def max_prefill_tokens(
     cost: CostModel, num_decodes: int, decode_context: int, target_s: float, chunk_context: int = 0
 ) -> int:
