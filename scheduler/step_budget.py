@@ -16,13 +16,15 @@ the model, the batch and the context as they are now:
   decode step of every running sequence and it stays within the target (the first always is),
   so under overload the queue grows (and `--max-queue` refuses the excess) instead of every
   stream slowing down;
-- length awareness: a decode predicted to end within `horizon` tokens can be stalled only that
-  many more times, so it counts as remaining/horizon of a stream. When the decode set weighs less
-  than one whole stream (a few streams about to end), the target stretches by up to `growth`,
-  as 1/weight: the step takes more prompt tokens where few token gaps can suffer for it.
+- length awareness: a decode predicted to end within HORIZON_TOKENS tokens can be stalled only
+  that many more times, so it counts as remaining/horizon of a stream. When the decode set weighs
+  less than one whole stream (a few streams about to end), the target stretches as 1/weight, by
+  at most MAX_GROWTH: the step takes more prompt tokens where few token gaps can suffer for it.
+  Prompts in progress take the budget in the scheduler's policy order (sjf: least predicted work).
 
 `prefill_token_budget` is the one rule: the scheduler calls it for the engine and the simulator
-alike.
+alike. The scheduler aims it at the target divided by the online model's overrun (how much longer
+than predicted recent steps ran), so that noise does not carry most steps past the target.
 """
 from __future__ import annotations
 
