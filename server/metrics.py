@@ -128,9 +128,11 @@ class Metrics:
         if bucket is not None:
             self._l(self.request_bucket, bucket=str(bucket)).inc()
 
-    def record_structured_output(self, kind: str, compile_s: float | None) -> None:
-        """One constrained request; `compile_s` None when its grammar came from the cache."""
+    def record_structured_output(self, kind: str) -> None:
         self._l(self.structured_output_requests, kind=kind).inc()
+
+    def record_grammar(self, compile_s: float | None) -> None:
+        """One grammar lookup; `compile_s` None when it came from the cache."""
         self._l(self.grammar_cache_lookups, result="hit" if compile_s is None else "miss").inc()
         if compile_s is not None:
             self._l(self.grammar_compile_time).observe(compile_s)

@@ -61,7 +61,7 @@ class OpenAIServingChat(OpenAIServingBase):
         for i, tool in enumerate(req.tools or []):
             if tool.function.parameters is not None:
                 spec = StructuredOutputSpec.json_schema(tool.function.parameters)
-                await self.compile_constraint(spec, f"tools[{i}].function.parameters", "tool_schema")
+                await self.compile_constraint(spec, f"tools[{i}].function.parameters")
 
     def _render(self, req: ChatCompletionRequest, mode: str) -> list[int]:
         messages = req.messages_as_dicts()

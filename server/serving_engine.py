@@ -97,15 +97,15 @@ class OpenAIServingBase:
             return self.model_names[0]
         raise APIError(404, f"the model '{name}' does not exist; this server serves {self.model_names}", "model", "model_not_found")
 
-    async def compile_constraint(self, spec: StructuredOutputSpec, param: str, kind: str) -> None:
-        """Compiles (or finds in the cache) a request's grammar on a worker thread, so the engine
-        finds it compiled; a constraint xgrammar rejects is the client's error, named by `param`."""
+    async def compile_constraint(self, spec: StructuredOutputSpec, param: str) -> None:
+        """Compiles (or finds in the cache) a grammar on a worker thread, so the engine finds it
+        compiled; a constraint xgrammar rejects is the client's error, named by `param`."""
         try:
             _, compile_s = await asyncio.to_thread(self.engine.engine.structured_output.compile, spec)
         except GrammarError as e:
             self.metrics.record_rejected("invalid")
             raise APIError(400, f"{param}: cannot be compiled into a grammar: {e}", param) from None
-        self.metrics.record_structured_output(kind, compile_s)
+        self.metrics.record_grammar(compile_s)
 
     def _answer_cap(self, spec: StructuredOutputSpec | None) -> int | None:
         """Tokens of the longest answer a constraint allows, plus the end token; None when unbounded."""
@@ -294,7 +294,8 @@ async def constrained_params(serving: OpenAIServingBase, req, max_tokens, logpro
         spec, param, kind = extra
     params = _params(req, max_tokens, logprobs, spec)
     if spec is not None:
-        await serving.compile_constraint(spec, param, kind)
+        await serving.compile_constraint(spec, param)
+        serving.metrics.record_structured_output(kind)
     return params
 
 
