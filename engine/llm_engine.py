@@ -26,6 +26,7 @@ from lenserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOut
 from lenserve.engine.sampler import Sampler
 from lenserve.engine.sampling_params import SamplingParams
 from lenserve.engine.stats import FinishedRequestStats, IterationStats
+from lenserve.engine.structured_output.xgrammar_backend import XgrammarBackend
 from lenserve.predictor.types import LengthPrediction
 from lenserve.scheduler import BlockManager, Scheduler, Sequence, SequenceStatus
 from lenserve.scheduler.cost_model import OnlineCostModel, load_default
@@ -104,6 +105,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, cost_model=self.cost_model)
         self.runner = ModelRunner(self.model, self.kv_cache, padded=config.attention == "padded")
         self.sampler = Sampler(arch.vocab_size)
+        self.structured_output = XgrammarBackend(self.tokenizer, arch.vocab_size)
+        # One grammar matcher per constrained sequence. Preemption recomputes the KV cache but keeps
+        # the sequence's tokens, so a matcher's state stays valid across it: nothing to roll back.
+        self._matchers: dict = {}
         self.requests: dict[str, _RequestState] = {}
         self._seq_to_request: dict[str, tuple[str, int]] = {}
         self.last_stats = IterationStats()
@@ -203,6 +208,9 @@ class LLMEngine:
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(tok, params.stop, params.include_stop_str_in_output, params.skip_special_tokens))
             outs.append(CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None))
+        if params.structured_output is not None:
+            for seq in seqs:
+                self._matchers[seq.request_id] = self.structured_output.new_matcher(params.structured_output)
         for i, seq in enumerate(seqs):
             self.scheduler.add(seq)
             self._seq_to_request[seq.request_id] = (request_id, i)
@@ -216,7 +224,7 @@ class LLMEngine:
         self._pending_finished.append(self._finished_stats(state, reason))
         for seq in state.seqs:
             self.scheduler.abort(seq.request_id)
-            self.sampler.forget(seq.request_id)
+            self._forget(seq.request_id)
             self._seq_to_request.pop(seq.request_id, None)
         return True
 
@@ -232,7 +240,7 @@ class LLMEngine:
         if seq.is_finished:
             return None
         self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
-        self.sampler.forget(seq.request_id)
+        self._forget(seq.request_id)
         comp.delta_text += state.detokenizers[index].flush()
         comp.text = state.detokenizers[index].emitted_text
         comp.finish_reason = seq.status.finish_reason
@@ -244,6 +252,10 @@ class LLMEngine:
         self._pending_finished.append(self._finished_stats(state))
         del self.requests[request_id]
         return result
+
+    def _forget(self, seq_id: str) -> None:
+        self.sampler.forget(seq_id)
+        self._matchers.pop(seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -268,6 +280,11 @@ class LLMEngine:
         if self.runner.last_states is not None:
             self._read_prompt_states(sampling_seqs, self.runner.last_states)
         offsets = [self._seq_to_request[s.request_id][1] for s in sampling_seqs]
+        matchers = [self._matchers.get(s.request_id) for s in sampling_seqs] if self._matchers else []
+        if any(m is not None for m in matchers):
+            t_mask = time.perf_counter()
+            self.structured_output.apply_bitmask(logits, matchers)
+            stats.bitmask_time_s = time.perf_counter() - t_mask
         sampled = self.sampler(logits, sampling_seqs, offsets)
         by_seq = {s.request_id: (tok, lp) for s, tok, lp in zip(sampling_seqs, sampled.token_ids, sampled.logprobs)}
         prev_token_time = {s.request_id: s.last_token_time for s in sampling_seqs}
@@ -279,7 +296,7 @@ class LLMEngine:
         target = self.scheduler.config.target_itl_s
 
         changed: dict[str, _RequestState] = {}
-        for seq in sampling_seqs:
+        for j, seq in enumerate(sampling_seqs):
             rid, idx = self._seq_to_request[seq.request_id]
             state = self.requests[rid]
             comp = state.outputs[idx]
@@ -291,6 +308,11 @@ class LLMEngine:
                 if comp.delta_logprobs is None:
                     comp.delta_logprobs = []
                 comp.delta_logprobs.append(lp)
+            matcher = matchers[j] if matchers else None
+            if matcher is not None and not matcher.is_terminated() and not matcher.accept_token(tok) and not seq.is_finished:
+                # Only a token the mask could not forbid gets here (min_tokens banning the end the
+                # grammar requires): the constrained answer is over.
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
             detok = state.detokenizers[idx]
             comp.delta_text += detok.add_token(tok)
             if detok.stop_hit is not None and not seq.is_finished:
@@ -300,7 +322,7 @@ class LLMEngine:
                 comp.delta_text += detok.flush()
                 comp.finish_reason = seq.status.finish_reason
                 comp.stop_reason = seq.stop_reason
-                self.sampler.forget(seq.request_id)
+                self._forget(seq.request_id)
             comp.text = detok.emitted_text
             if seq.num_output_tokens == 1:
                 stats.time_to_first_tokens_s.append(now - seq.arrival_time)

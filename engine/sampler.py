@@ -88,7 +88,7 @@ class Sampler:
 
         needs_processing = [
             i for i, (s, p) in enumerate(zip(seqs, params_list))
-            if p.needs_penalties or (s.num_output_tokens < p.min_tokens) or not p.greedy
+            if p.needs_processing or (s.num_output_tokens < p.min_tokens) or not p.greedy
         ]
         if needs_processing:
             logits = logits.clone()
@@ -97,6 +97,9 @@ class Sampler:
             row = logits[i]
             if params.needs_penalties:
                 self._apply_penalties(row, seq, params)
+            if params.logit_bias:
+                ids = torch.tensor(list(params.logit_bias), dtype=torch.int64, device=row.device)
+                row[ids] += torch.tensor(list(params.logit_bias.values()), dtype=row.dtype, device=row.device)
             if seq.num_output_tokens < params.min_tokens:
                 banned = set(seq.stop_token_ids)
                 if seq.eos_token_id is not None and not seq.ignore_eos:

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lenserve.engine.structured_output import StructuredOutputSpec
+
 MAX_LOGPROBS = 20
 MAX_N = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -28,6 +31,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per sampled token (0: only the sampled token's)
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    structured_output: StructuredOutputSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,6 +79,12 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        self.logit_bias = dict(self.logit_bias or {})
+        for t, b in self.logit_bias.items():
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {t!r}")
+            if not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {b} for token {t}")
 
     @property
     def greedy(self) -> bool:
@@ -83,11 +94,18 @@ class SamplingParams:
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def needs_processing(self) -> bool:
+        return self.needs_penalties or bool(self.logit_bias)
+
     def check_against_model(self, vocab_size: int, num_prompt_tokens: int, max_model_len: int) -> int:
         """Validates what depends on the model; returns the effective max_tokens."""
         for t in self.stop_token_ids:
             if t >= vocab_size:
                 raise ValueError(f"stop_token_ids must be below the vocabulary size {vocab_size}, got {t}")
+        for t in self.logit_bias:
+            if t >= vocab_size:
+                raise ValueError(f"logit_bias names token {t}, which is not in the vocabulary (ids are below {vocab_size})")
         room = max_model_len - num_prompt_tokens
         if room < 1:
             raise ValueError(

@@ -32,6 +32,7 @@ class IterationStats:
     cost_model: dict[str, float] | None = None  # the step cost model's terms, when a refit changed them this step
     num_preemptions: int = 0
     padding_ratio: float = 0.0  # padded rows / rows in the forward (0 when packed)
+    bitmask_time_s: float | None = None  # filling and applying grammar masks (None: no constrained row)
     time_to_first_tokens_s: list[float] = field(default_factory=list)
     inter_token_latencies_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)

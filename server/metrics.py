@@ -16,6 +16,8 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7
 _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+_COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_MASK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 _RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0)
 
 
@@ -74,6 +76,14 @@ class Metrics:
         )
         self.num_refinements = counter("length_refinements_total", "Predictions refined by the length probe after a prefill")
         self._l(self.itl_target_miss)  # scraped as 0 before the first miss
+        self.structured_output_requests = counter(
+            "structured_output_requests_total", "Requests with a structured output constraint, by kind (json, regex, tool, ...)", ["kind"]
+        )
+        self.grammar_cache_lookups = counter("grammar_cache_lookups_total", "Grammar cache lookups, by result (hit, miss)", ["result"])
+        self.grammar_compile_time = hist("grammar_compile_seconds", "Time to compile one grammar (cache misses)", _COMPILE_BUCKETS)
+        self.bitmask_time = hist(
+            "structured_output_bitmask_seconds", "Time per engine step filling and applying the grammar token bitmask", _MASK_BUCKETS
+        )
         self._last_preemptions_total = 0
         self._last_refinements_total = 0
 
@@ -106,6 +116,8 @@ class Metrics:
             self._l(self.cost_model, term=term).set(seconds)
         if stats.num_itl_target_misses:
             self._l(self.itl_target_miss).inc(stats.num_itl_target_misses)
+        if stats.bitmask_time_s is not None:
+            self._l(self.bitmask_time).observe(stats.bitmask_time_s)
         for v in stats.time_to_first_tokens_s:
             self._l(self.ttft).observe(v)
         for v in stats.inter_token_latencies_s:
@@ -130,6 +142,15 @@ class Metrics:
         self._l(self.request_admitted).inc()
         if bucket is not None:
             self._l(self.request_bucket, bucket=str(bucket)).inc()
+
+    def record_structured_output(self, kind: str) -> None:
+        self._l(self.structured_output_requests, kind=kind).inc()
+
+    def record_grammar(self, compile_s: float | None) -> None:
+        """One grammar lookup; `compile_s` None when it came from the cache."""
+        self._l(self.grammar_cache_lookups, result="hit" if compile_s is None else "miss").inc()
+        if compile_s is not None:
+            self._l(self.grammar_compile_time).observe(compile_s)
 
     def record_rejected(self, reason: str) -> None:
         self._l(self.request_rejected, reason=reason).inc()

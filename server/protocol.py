@@ -1,13 +1,15 @@
 """OpenAI-compatible request and response models (pydantic lives only at the HTTP boundary)."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lenserve.engine.sampling_params import MAX_N, MAX_STOP_STRINGS, SamplingParams
+from lenserve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_STRINGS, SamplingParams
+from lenserve.engine.structured_output import StructuredOutputSpec
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
@@ -20,6 +22,53 @@ def random_id(prefix: str) -> str:
 class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_type(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs a json_schema object")
+        return self
+
+
+class StructuredOutputsParams(BaseModel):
+    """vLLM's `structured_outputs` field: exactly one of its constraints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: Union[str, dict[str, Any], None] = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+def _json_schema_spec(schema: Union[str, dict[str, Any]], param: str) -> StructuredOutputSpec:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{param} is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"{param} must be a JSON schema object")
+    return StructuredOutputSpec.json_schema(schema)
+
+
+def _choice_spec(choices: list[str], param: str) -> StructuredOutputSpec:
+    if not choices or any(not c for c in choices):
+        raise ValueError(f"{param} must be a non-empty list of non-empty strings")
+    return StructuredOutputSpec.choice(choices)
 
 
 class _SamplingFields(BaseModel):
@@ -50,6 +99,12 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     priority: int = 0
     session_id: str | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     @field_validator("stop")
     @classmethod
@@ -60,10 +115,52 @@ class _SamplingFields(BaseModel):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
+    def _check_logit_bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {bias} for token {key}")
         return v
+
+    def structured_output(self) -> tuple[StructuredOutputSpec | None, str | None]:
+        """The request's one constraint and the field that asked for it; ValueError when several
+        fields ask, or one is malformed."""
+        asked: list[tuple[str, StructuredOutputSpec]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(("response_format", StructuredOutputSpec("json_object")))
+        elif rf is not None and rf.type == "json_schema":
+            schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {}
+            asked.append(("response_format", _json_schema_spec(schema, "response_format.json_schema.schema")))
+        if self.guided_json is not None:
+            asked.append(("guided_json", _json_schema_spec(self.guided_json, "guided_json")))
+        if self.guided_regex is not None:
+            asked.append(("guided_regex", StructuredOutputSpec("regex", self.guided_regex)))
+        if self.guided_choice is not None:
+            asked.append(("guided_choice", _choice_spec(self.guided_choice, "guided_choice")))
+        if self.guided_grammar is not None:
+            asked.append(("guided_grammar", StructuredOutputSpec("grammar", self.guided_grammar)))
+        so = self.structured_outputs
+        if so is not None:
+            given = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                         ("grammar", so.grammar), ("json_object", so.json_object)) if v]
+            if len(given) != 1:
+                raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object")
+            key, value = given[0]
+            param = f"structured_outputs.{key}"
+            if key == "json":
+                spec = _json_schema_spec(value, param)
+            elif key == "choice":
+                spec = _choice_spec(value, param)
+            elif key == "json_object":
+                spec = StructuredOutputSpec("json_object")
+            else:
+                spec = StructuredOutputSpec(key, value)
+            asked.append((param, spec))
+        if len(asked) > 1:
+            raise ValueError(f"give at most one structured output constraint, got {', '.join(a for a, _ in asked)}")
+        return (asked[0][1], asked[0][0]) if asked else (None, None)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -85,6 +182,7 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
         )
 
 
@@ -130,6 +228,38 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoiceFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedToolChoiceFunction
+
+
 class ContentPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -141,6 +271,19 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_validator(mode="after")
+    def _check_tool_fields(self):
+        if self.role == "tool":
+            if self.content is None:
+                raise ValueError("a message with role 'tool' needs content (the tool's result)")
+            if not self.tool_call_id:
+                raise ValueError("a message with role 'tool' needs tool_call_id (the id of the call it answers)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages may carry tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -150,10 +293,6 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-class ResponseFormat(BaseModel):
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -161,22 +300,20 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v):
-        if v is not None and v.type != "text":
-            raise ValueError("only response_format type 'text' is supported")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported by this server")
-        return v
+    @model_validator(mode="after")
+    def _check_tools(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names the function {choice.function.name!r}, which is not among tools {names}")
+        if (choice == "required" or isinstance(choice, NamedToolChoice)) and not names:
+            raise ValueError("tool_choice requires tools")
+        return self
 
     @model_validator(mode="after")
     def _check_logprobs(self):
@@ -187,8 +324,24 @@ class ChatCompletionRequest(_SamplingFields):
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def messages_as_dicts(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def tool_choice_mode(self) -> str:
+        """none, auto, required or named: what the model may or must do with the tools."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def messages_as_dicts(self) -> list[dict[str, Any]]:
+        out = []
+        for m in self.messages:
+            d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            out.append(d)
+        return out
 
 
 class TokenizeRequest(BaseModel):

@@ -86,3 +86,32 @@ def test_the_served_model_refines_its_predictions_over_http(tmp_path_factory):
         assert s.metric("lenserve:request_refined_length_error_ratio_count") == 2
         assert s.metric("lenserve:request_predicted_length_error_ratio_count") == 2
         assert "length probe: layers 16,24 of SmolLM2-135M-Instruct" in s.log()
+
+
+def test_a_choice_caps_the_prediction_the_engine_gets(predictor):
+    """guided_choice (or an enum schema) bounds the answer: the scheduler gets a prediction no
+    longer than the longest choice in tokens plus the end token."""
+    import gguf
+
+    from lenserve.engine.loader_gguf import find_embedded_gguf, read_gguf_fields
+    from lenserve.engine.sampling_params import SamplingParams
+    from lenserve.engine.structured_output import StructuredOutputSpec
+    from lenserve.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf_fields(read_gguf_fields(gguf.GGUFReader(find_embedded_gguf())))
+    queued = []
+    engine = SimpleNamespace(
+        engine=SimpleNamespace(model_name="SmolLM2-135M-Instruct"), tokenizer=tok,
+        validate=lambda text, params, ids: (text, ids),
+        add_request=lambda rid, text, params, prediction, **kw: queued.append(prediction),
+    )
+    metrics = SimpleNamespace(record_admitted=lambda bucket: None)
+    serving = OpenAIServing(engine, ["SmolLM2-135M-Instruct"], metrics=metrics, predictor=predictor)
+    text = "Write a long essay about the history of the Roman empire, in detail."
+    ids = tok.encode(text)
+    serving._submit("free", [(text, ids)], SamplingParams(max_tokens=1000), 0)
+    spec = StructuredOutputSpec.choice(["yes", "no", "it depends"])
+    serving._submit("choice", [(text, ids)], SamplingParams(max_tokens=1000, structured_output=spec), 0)
+    free, capped = queued
+    cap = max(len(tok.encode(c, add_special_tokens=False)) for c in ["yes", "no", "it depends"]) + 1
+    assert free.p90 > cap and capped.p90 == cap and capped.mean <= cap and capped.bucket == 0
