@@ -72,12 +72,14 @@ struct BlockQ6_K {
 static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20, "legacy block sizes");
 static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210, "K-quant block sizes");
 
-// Activations of the integer dot products: one row quantized per 32 elements to int8 with
-// fp32 d = max|x| / 127 and s = d * sum(q) (llama.cpp's Q8_1, with fp32 rather than fp16 scales).
-struct BlockQ8Act {
+// Activations of the integer dot products: one row quantized per 32 elements to int16 with
+// fp32 d = max|x| / kActMax and s = d * sum(q) (llama.cpp's Q8_1 at 16 bits; quant_legacy.cpp
+// says why 16).
+constexpr float kActMax = 32767.f;
+struct BlockQAct {
   float d;
   float s;
-  int8_t qs[QK];
+  int16_t qs[QK];
 };
 
 // Elements per block and bytes per block of a type; 0 elements for a type the kernels do not read.
@@ -97,10 +99,10 @@ void dequant_row_q8_0(const uint8_t* row, float* out, int64_t K);
 void dequant_row_q4_0(const uint8_t* row, float* out, int64_t K);
 void dequant_row_q4_1(const uint8_t* row, float* out, int64_t K);
 // x [K] -> K / 32 activation blocks
-void quantize_row_q8_act(const float* x, BlockQ8Act* out, int64_t K);
+void quantize_row_act(const float* x, BlockQAct* out, int64_t K);
 // out[m * ldo] = dot(W row, x row m) for m < M (1..4), x rows as activation blocks nb apart;
 // type is Q8_0, Q4_0 or Q4_1.
-void dot_row_q8_act(int64_t type, const uint8_t* row, const BlockQ8Act* xq, int64_t nb, int M, float* out, int64_t ldo);
+void dot_row_act(int64_t type, const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo);
 
 // ---- K-quants (quant_kquants.cpp) ----
 void dequant_row_q4_k(const uint8_t* row, float* out, int64_t K);

@@ -1,11 +1,19 @@
-// Q8_0, Q4_0 and Q4_1: unpacking to fp32 and integer dot products against int8 activations.
+// Q8_0, Q4_0 and Q4_1: unpacking to fp32 and integer dot products against int16 activations.
 //
 // The dot of a weight block with an activation block (xd, xs = xd * sum(xq)) is
 //   Q8_0: wd * xd * sum(wq * xq)
 //   Q4_0: wd * xd * sum(wq * xq) - 8 * wd * xs
 //   Q4_1: wd * xd * sum(wq * xq) + wm * xs
-// with sum(wq * xq) in int16/int32 lanes: _mm256_maddubs_epi16 (unsigned x signed bytes, pairs
-// summed to int16; at most 2 * 128 * 127, so no saturation) then _mm256_madd_epi16 against ones.
+// with sum(wq * xq) exact in int32 lanes: the weight bytes widened to int16
+// (_mm256_cvtepu8_epi16 / _mm256_cvtepi8_epi16) and _mm256_madd_epi16 against the activations.
+//
+// Why int16 activations rather than llama.cpp's int8 (Q8_1, _mm256_maddubs_epi16): int8 rounding
+// of x moved SmolLM2's logprobs by ~0.03 nats, so greedy decoding left the fp32-dequantized
+// model's tokens at margins of 0.07-0.11 nats, far from a near tie; int16 rounding is 256x finer
+// and the same test agrees to the first near tie. The widening costs about three more
+// instructions per block; fp32 activations would need every weight widened to int32 and
+// converted to float before its FMA, measured 7x slower than the integer dot at one row
+// (benchmarks/bench_quant_linear.py: unpack_all_rows against quant_linear).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -45,16 +53,16 @@ void dequant_row_q4_1(const uint8_t* row, float* out, int64_t K) {
   }
 }
 
-void quantize_row_q8_act(const float* x, BlockQ8Act* out, int64_t K) {
+void quantize_row_act(const float* x, BlockQAct* out, int64_t K) {
   for (int64_t i = 0; i < K / QK; ++i, x += QK) {
     float amax = 0.f;
     for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
-    const float d = amax / 127.f;
+    const float d = amax / kActMax;
     const float id = d > 0.f ? 1.f / d : 0.f;
     int sum = 0;
     for (int j = 0; j < QK; ++j) {
       const int q = static_cast<int>(std::nearbyint(x[j] * id));
-      out[i].qs[j] = static_cast<int8_t>(q);
+      out[i].qs[j] = static_cast<int16_t>(q);
       sum += q;
     }
     out[i].d = d;
@@ -72,67 +80,79 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 16 bytes of nibbles -> 32 bytes 0..15 in element order (low nibbles are elements 0..15).
-inline __m256i unpack_nibbles(const uint8_t* qs) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i mask = _mm_set1_epi8(0xF);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
-}
-
-// sum over 32 lanes of u * s (u unsigned, s signed bytes) as 8 float partial sums
-inline __m256 dot_u8_s8(__m256i u, __m256i s) {
-  const __m256i p16 = _mm256_maddubs_epi16(u, s);
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-}
-
-// MR activation rows against one weight row; the weight block is unpacked once for all rows.
-template <int64_t TYPE, int MR>
-void dot_rows(const uint8_t* row, const BlockQ8Act* xq, int64_t nb, float* out, int64_t ldo) {
-  __m256 acc[MR];
-  float offset[MR];
-  for (int m = 0; m < MR; ++m) {
-    acc[m] = _mm256_setzero_ps();
-    offset[m] = 0.f;
-  }
-  for (int64_t i = 0; i < nb; ++i) {
-    __m256i u;
-    __m256i sign_src;
-    float wd, wc = 0.f;  // wc: coefficient of xs (the -8 of Q4_0 or Q4_1's m)
-    if constexpr (TYPE == kQ8_0) {
-      const auto& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs));
-      u = _mm256_sign_epi8(w, w);  // |w| (as unsigned: -128 -> 128)
-      sign_src = w;
-      wd = fp16_to_float(b.d);
-    } else if constexpr (TYPE == kQ4_0) {
+// The 32 weights of block i as int16: elements 0..15 in lo, 16..31 in hi; *wd its scale, *wc
+// the coefficient of the activation block's sum (Q4_0: -8 wd, Q4_1: m, Q8_0: none).
+template <int64_t TYPE>
+inline void load_block(const uint8_t* row, int64_t i, __m256i* lo, __m256i* hi, float* wd, float* wc) {
+  if constexpr (TYPE == kQ8_0) {
+    const auto& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
+    *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs)));
+    *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16)));
+    *wd = fp16_to_float(b.d);
+    *wc = 0.f;
+  } else {
+    const uint8_t* qs;
+    if constexpr (TYPE == kQ4_0) {
       const auto& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
-      u = unpack_nibbles(b.qs);
-      wd = fp16_to_float(b.d);
-      wc = -8.f * wd;
+      qs = b.qs;
+      *wd = fp16_to_float(b.d);
+      *wc = -8.f * *wd;
     } else {
       const auto& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
-      u = unpack_nibbles(b.qs);
-      wd = fp16_to_float(b.d);
-      wc = fp16_to_float(b.m);
+      qs = b.qs;
+      *wd = fp16_to_float(b.d);
+      *wc = fp16_to_float(b.m);
     }
-#pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m) {
-      const BlockQ8Act& a = xq[m * nb + i];
-      __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qs));
-      if constexpr (TYPE == kQ8_0) s = _mm256_sign_epi8(s, sign_src);
-      acc[m] = _mm256_fmadd_ps(dot_u8_s8(u, s), _mm256_set1_ps(wd * a.d), acc[m]);
-      if constexpr (TYPE != kQ8_0) offset[m] += wc * a.s;
-    }
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i mask = _mm_set1_epi8(0xF);
+    *lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+    *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
   }
-  for (int m = 0; m < MR; ++m) out[m * ldo] = hsum(acc[m]) + offset[m];
+}
+
+// One weight block against MR activation blocks (nb apart): acc[m] += wd * xd * dot, off[m] += wc * xs.
+template <int64_t TYPE, int MR>
+inline void block_step(const uint8_t* row, const BlockQAct* xq, int64_t nb, int64_t i, __m256* acc, float* off) {
+  __m256i lo, hi;
+  float wd, wc;
+  load_block<TYPE>(row, i, &lo, &hi, &wd, &wc);
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    const BlockQAct& a = xq[m * nb + i];
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qs));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qs + 16));
+    const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(wd * a.d), acc[m]);
+    if constexpr (TYPE != kQ8_0) off[m] += wc * a.s;
+  }
+}
+
+// MR activation rows against one weight row; each weight block is widened once for all rows.
+// Even and odd blocks go to separate accumulators, so at one row the FMA latency chain does
+// not set the pace.
+template <int64_t TYPE, int MR>
+void dot_rows(const uint8_t* row, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
+  __m256 acc0[MR], acc1[MR];
+  float off0[MR], off1[MR];
+  for (int m = 0; m < MR; ++m) {
+    acc0[m] = acc1[m] = _mm256_setzero_ps();
+    off0[m] = off1[m] = 0.f;
+  }
+  int64_t i = 0;
+  for (; i + 2 <= nb; i += 2) {
+    block_step<TYPE, MR>(row, xq, nb, i, acc0, off0);
+    block_step<TYPE, MR>(row, xq, nb, i + 1, acc1, off1);
+  }
+  if (i < nb) block_step<TYPE, MR>(row, xq, nb, i, acc0, off0);
+  for (int m = 0; m < MR; ++m) out[m * ldo] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + (off0[m] + off1[m]);
 }
 #else
 template <int64_t TYPE, int MR>
-void dot_rows(const uint8_t* row, const BlockQ8Act* xq, int64_t nb, float* out, int64_t ldo) {
+void dot_rows(const uint8_t* row, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
   for (int m = 0; m < MR; ++m) {
     float sum = 0.f;
     for (int64_t i = 0; i < nb; ++i) {
-      const BlockQ8Act& a = xq[m * nb + i];
+      const BlockQAct& a = xq[m * nb + i];
       int dot = 0;
       float wd, wc = 0.f;
       if constexpr (TYPE == kQ8_0) {
@@ -162,7 +182,7 @@ void dot_rows(const uint8_t* row, const BlockQ8Act* xq, int64_t nb, float* out, 
 #endif
 
 template <int64_t TYPE>
-void dot_type(const uint8_t* row, const BlockQ8Act* xq, int64_t nb, int M, float* out, int64_t ldo) {
+void dot_type(const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo) {
   switch (M) {
     case 1: dot_rows<TYPE, 1>(row, xq, nb, out, ldo); break;
     case 2: dot_rows<TYPE, 2>(row, xq, nb, out, ldo); break;
@@ -173,7 +193,7 @@ void dot_type(const uint8_t* row, const BlockQ8Act* xq, int64_t nb, int M, float
 
 }  // namespace
 
-void dot_row_q8_act(int64_t type, const uint8_t* row, const BlockQ8Act* xq, int64_t nb, int M, float* out, int64_t ldo) {
+void dot_row_act(int64_t type, const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo) {
   switch (type) {
     case kQ8_0: dot_type<kQ8_0>(row, xq, nb, M, out, ldo); break;
     case kQ4_0: dot_type<kQ4_0>(row, xq, nb, M, out, ldo); break;

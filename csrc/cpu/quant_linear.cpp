@@ -3,15 +3,13 @@
 //
 // Decode (up to kMaxDecodeRows rows of x) is bound by the weight bytes read, so each weight row is
 // read once and dotted with every row of x while it is in L1:
-//   - Q8_0 / Q4_0 / Q4_1: x is quantized per 32-block to int8 (BlockQ8Act) once per call and the
-//     dots are integer (_mm256_maddubs_epi16): a 4-bit block is unpacked to bytes once for up to
-//     four rows of x, where fp32 would need a byte -> int32 -> float widening of every weight
-//     (4x the instructions per block) before its FMAs. At one row this is the difference between
-//     keeping up with memory and not (measured: benchmarks/bench_quant_linear.py).
+//   - Q8_0 / Q4_0 / Q4_1: x is quantized per 32-block to int16 (BlockQAct) once per call and the
+//     dots are integer (_mm256_madd_epi16): a block is widened to int16 once for up to four rows
+//     of x (quant_legacy.cpp says why int16 and why not fp32 activations).
 //   - K-quants and 16-bit rows: the row is unpacked to fp32 in L1 and dotted with each row of x.
 // Larger batches (prefill) are compute bound: a group of 16-row panels is unpacked to fp32 once
 // and every row block of x runs the fp32 6x16 micro-kernel over it (panel_kernel.h), the same
-// loop as the packed fp32 linear, so the unpack cost is shared by all rows. For the int8-dot
+// loop as the packed fp32 linear, so the unpack cost is shared by all rows. For the integer-dot
 // types x is first rounded exactly as decode rounds it (d * q per 32-block), so a row's result
 // does not depend on how many rows share the step: decode and prefill compute the same sums up
 // to fp32 rounding, and packed batching agrees with one-at-a-time as it does in fp32.
@@ -97,7 +95,7 @@ void dequant_row(int64_t type, const uint8_t* row, float* out, int64_t K) {
   }
 }
 
-bool has_int8_dot(int64_t type) { return type == kQ8_0 || type == kQ4_0 || type == kQ4_1; }
+bool has_integer_dot(int64_t type) { return type == kQ8_0 || type == kQ4_0 || type == kQ4_1; }
 
 float dot_f32(const float* a, const float* b, int64_t K) {
   using namespace vec;
@@ -124,14 +122,14 @@ int64_t row_bytes_of(int64_t type, int64_t K, const char* what) {
 void decode_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t row_bytes, int64_t type, int64_t K,
                  int64_t N, float* out) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / row_bytes);
-  if (has_int8_dot(type)) {
+  if (has_integer_dot(type)) {
     const int64_t nb = K / QK;
-    std::vector<BlockQ8Act> xq(M * nb);
-    for (int64_t m = 0; m < M; ++m) quantize_row_q8_act(x + m * ldx, xq.data() + m * nb, K);
+    std::vector<BlockQAct> xq(M * nb);
+    for (int64_t m = 0; m < M; ++m) quantize_row_act(x + m * ldx, xq.data() + m * nb, K);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t m = 0; m < M; m += 4)
-          dot_row_q8_act(type, w + n * row_bytes, xq.data() + m * nb, nb, static_cast<int>(std::min<int64_t>(4, M - m)),
+          dot_row_act(type, w + n * row_bytes, xq.data() + m * nb, nb, static_cast<int>(std::min<int64_t>(4, M - m)),
                          out + m * N + n, N);
     });
     return;
@@ -157,12 +155,12 @@ void prefill_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
   const int64_t num_groups = ceil_div(P, G);
   const int64_t MB = std::max<int64_t>(kMaxMR, (64 * 1024 / K) / kMaxMR * kMaxMR);
   std::vector<float> rounded;
-  if (has_int8_dot(type)) {
+  if (has_integer_dot(type)) {
     rounded.resize(M * K);
     at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
-      std::vector<BlockQ8Act> q(K / QK);
+      std::vector<BlockQAct> q(K / QK);
       for (int64_t m = m0; m < m1; ++m) {
-        quantize_row_q8_act(x + m * ldx, q.data(), K);
+        quantize_row_act(x + m * ldx, q.data(), K);
         for (int64_t i = 0; i < K / QK; ++i)
           for (int j = 0; j < QK; ++j) rounded[m * K + i * QK + j] = q[i].d * static_cast<float>(q[i].qs[j]);
       }

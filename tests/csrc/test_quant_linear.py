@@ -67,7 +67,7 @@ def check_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
         # so an output moves by <= sum over blocks of d / 2 * sum |w| in the block
         amax = xd.abs().reshape(x.shape[0], -1, 32).amax(-1)  # [m, blocks]
         wsum = wd.abs().reshape(w.shape[0], -1, 32).sum(-1)  # [n, blocks]
-        bound = bound + 1.001 * (amax / 254) @ wsum.T
+        bound = bound + 1.001 * (amax / 65534) @ wsum.T
     assert (err <= bound).all(), (err.max().item(), (err - bound).max().item())
 
 
