@@ -17,15 +17,18 @@ def machine() -> dict:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    flags = ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                     cpu = line.split(":", 1)[1].strip()
-                    break
+                elif line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    # the flags say which kernel paths ran (avx2 / fma / f16c, avx512*): results compare only on one machine
+    info = {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
