@@ -23,14 +23,12 @@ def machine() -> dict:
             for line in f:
                 if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                     cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
+                elif line.startswith("flags") and not flags:
                     flags = line.split(":", 1)[1].strip()
-                    break
     except OSError:
         pass
-    # the vector extensions kernels choose between (the CPU model changes between machines)
-    simd = [f for f in flags.split() if f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")]
-    info = {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": simd, "torch": torch.__version__, "python": platform.python_version(),
+    # the flags say which kernel paths ran (avx2 / fma / f16c, avx512*): results compare only on one machine
+    info = {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

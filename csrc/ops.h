@@ -40,5 +40,11 @@ torch::Tensor pack_linear_weight_cpu(const torch::Tensor& weight);
 // x fp32 [M, K] (rows contiguous); packed from pack_linear_weight; bias [N] -> x Wᵀ + b  [M, N]
 torch::Tensor packed_linear_cpu(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
                                 const std::optional<torch::Tensor>& bias);
+// x fp32 [M, K] (rows contiguous); weight uint8 [N, row bytes]: the GGUF rows of ggml type
+// weight_type (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K); bias [N] -> x Wᵀ + b  [M, N]
+torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, int64_t weight_type,
+                               int64_t out_features, const std::optional<torch::Tensor>& bias);
+// ids int64 [T]; weight uint8 [V, row bytes] of ggml type weight_type with `dim` elements a row -> fp32 [T, dim]
+torch::Tensor quant_embedding_cpu(const torch::Tensor& ids, const torch::Tensor& weight, int64_t weight_type, int64_t dim);
 
 }  // namespace lenserve

@@ -21,6 +21,8 @@ TORCH_LIBRARY(lenserve, m) {
       "float softmax_scale) -> Tensor");
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
+  m.def("quant_linear(Tensor x, Tensor weight, int weight_type, int out_features, Tensor? bias) -> Tensor");
+  m.def("quant_embedding(Tensor ids, Tensor weight, int weight_type, int dim) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lenserve, CPU, m) {
@@ -33,6 +35,8 @@ TORCH_LIBRARY_IMPL(lenserve, CPU, m) {
   m.impl("paged_decode_attention", &lenserve::paged_decode_attention_cpu);
   m.impl("pack_linear_weight", &lenserve::pack_linear_weight_cpu);
   m.impl("packed_linear", &lenserve::packed_linear_cpu);
+  m.impl("quant_linear", &lenserve::quant_linear_cpu);
+  m.impl("quant_embedding", &lenserve::quant_embedding_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

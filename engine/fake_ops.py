@@ -44,6 +44,14 @@ def _packed_linear(x, packed, out_features, bias):
     return x.new_empty(x.shape[0], out_features)
 
 
+def _quant_linear(x, weight, weight_type, out_features, bias):
+    return x.new_empty(x.shape[0], out_features)
+
+
+def _quant_embedding(ids, weight, weight_type, dim):
+    return weight.new_empty(ids.shape[0], dim, dtype=torch.float32)
+
+
 _register("rms_norm", _rms_norm)
 _register("fused_add_rms_norm", _inplace)
 _register("silu_and_mul", _silu_and_mul)
@@ -53,3 +61,5 @@ _register("varlen_attention", _varlen_attention)
 _register("paged_decode_attention", _paged_decode_attention)
 _register("pack_linear_weight", _pack_linear_weight)
 _register("packed_linear", _packed_linear)
+_register("quant_linear", _quant_linear)
+_register("quant_embedding", _quant_embedding)

@@ -3,6 +3,9 @@
 weights near memory bandwidth), or for oneDNN through torch's mkldnn ops when the extension is
 absent. Both beat the default BLAS path, which reaches about half the bandwidth on the skinny
 matrices of decode (benchmarks/bench_linear.py). Elsewhere this is F.linear.
+
+QuantLinear runs weights kept in their GGUF encoding (engine/quant.py) through lenserve._C's
+`quant_linear`.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lenserve.engine._ext import has_op
+from lenserve.engine.quant import QuantWeight
 
 logger = logging.getLogger("lenserve")
 
@@ -69,3 +73,47 @@ class Linear:
         else:
             n = self.weight.numel() * self.weight.element_size()
         return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+
+class QuantLinear:
+    """y = x Wᵀ + b over GGUF-encoded rows. A fused projection whose parts differ in type (a
+    Q4_K_M file stores attn_v as Q6_K beside Q4_K q and k) runs one op per part."""
+
+    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None) -> None:
+        merged: list[QuantWeight] = []
+        for p in parts:
+            if merged and merged[-1].weight_type == p.weight_type:
+                merged[-1] = QuantWeight.cat([merged[-1], p])
+            else:
+                merged.append(p)
+        self.parts = merged
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.shape[0] for p in parts)
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        if len(self.parts) == 1:
+            p = self.parts[0]
+            y = torch.ops.lenserve.quant_linear(x2, p.data, p.weight_type, p.shape[0], self.bias)
+        else:
+            y = torch.cat([torch.ops.lenserve.quant_linear(x2, p.data, p.weight_type, p.shape[0], None) for p in self.parts], dim=-1)
+            if self.bias is not None:
+                y += self.bias
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(p.num_bytes for p in self.parts) + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+
+def make_linear(parts: list, bias: torch.Tensor | None, prepack: bool) -> Linear | QuantLinear:
+    """A linear layer over the row-wise concatenation of `parts` (tensors, or QuantWeights when the
+    weights stay encoded)."""
+    if any(isinstance(p, QuantWeight) for p in parts):
+        return QuantLinear([p if isinstance(p, QuantWeight) else QuantWeight.from_float32(p) for p in parts], bias)
+    return Linear(parts[0] if len(parts) == 1 else torch.cat(parts), bias, prepack=prepack)

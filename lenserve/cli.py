@@ -13,6 +13,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="a .gguf file or an HF checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--weights-dtype", default="auto", choices=["auto", "fp32", "fp16", "native"],
+                   help="CPU weights: native keeps a GGUF's quantized rows as they are (auto: native for GGUF on CPU, else fp32)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size (CPU default 4 GiB)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -44,6 +46,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        weights_dtype=args.weights_dtype,
         kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,

@@ -13,6 +13,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # spend on prompt chunks. CUDA: 50 ms, a common time-between-tokens objective for interactive
 # chat on one GPU (a decode step there is ~10-30 ms).
 TARGET_ITL_MS = {"cpu": 250.0, "cuda": 50.0}
+WEIGHTS_DTYPES = ("auto", "fp32", "fp16", "native")
 
 
 @dataclass
@@ -20,6 +21,9 @@ class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct; else a .gguf file or an HF directory
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    # CPU weight storage: fp32 (dtype), fp16 rows, or native (a GGUF's own encoding, nothing
+    # dequantized at load); auto: native for a GGUF on CPU, else fp32
+    weights_dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # auto: float16 on CPU (half the memory of fp32), the model dtype on CUDA
     kv_cache_memory_gb: float | None = None  # CPU: default 4 GiB (pages are touched only when used)
     gpu_memory_utilization: float = 0.9
@@ -38,6 +42,8 @@ class EngineConfig:
         for name in ("dtype", "kv_cache_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {list(DTYPES)}, got {getattr(self, name)!r}")
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"weights_dtype must be one of {list(WEIGHTS_DTYPES)}, got {self.weights_dtype!r}")
         if self.attention not in ("packed", "padded"):
             raise ValueError(f"attention must be 'packed' or 'padded', got {self.attention!r}")
         if self.block_size not in (8, 16, 32, 64, 128):

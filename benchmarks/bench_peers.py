@@ -1,0 +1,224 @@
+"""lenserve and llama.cpp's llama-server side by side on the same GGUF, same client, one run.
+
+Each server in turn is started on 127.0.0.1 and driven by the same closed-loop client: C streams,
+each sending its requests back to back (streaming /v1/completions, the same ~200-token prompts as
+token ids, 128 new tokens, ignore_eos, temperature 0). Then, in-process: lenserve's prefill and
+batch-1 decode with native vs fp32-dequantized weights, the bound that the weight bytes read per
+token set at this machine's measured read bandwidth, the per-step time outside the ops, and each
+mode's resident memory after load (VmHWM, a fresh process each).
+
+    python benchmarks/bench_peers.py [--llama-server PATH] [--gguf FILE] [--out bench_peers_cpu.json]
+
+llama-server is taken from --llama-server or PATH; without it the peer's rows are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, machine, write_result  # noqa: E402
+
+from lenserve.server.process import ServerProcess, free_port  # noqa: E402
+
+
+def _prompts(n: int, num_tokens: int) -> list[list[int]]:
+    """n prompts of num_tokens real-text token ids (tests/data prompts, tokenized by the model)."""
+    from lenserve.engine.loader_gguf import find_embedded_gguf, load_gguf
+
+    _, _, tok = load_gguf(find_embedded_gguf())
+    with gzip.open(os.path.join(ROOT, "tests", "data", "prompts_1200.jsonl.gz"), "rt") as f:
+        texts = [json.loads(line)["prompt"] for line in f]
+    pool = tok.encode("\n\n".join(texts[:600]))
+    return [pool[(i * 1009) % (len(pool) - num_tokens) :][:num_tokens] for i in range(n)]
+
+
+async def _one(client, prompt, new_tokens):
+    t0 = time.perf_counter()
+    ttft, n = None, 0
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    n += 1
+    return ttft, n, time.perf_counter() - t0
+
+
+async def _closed_loop(url, streams, requests_per_stream, prompts, new_tokens):
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as c:
+
+        async def stream(s):
+            return [await _one(c, prompts[(s * requests_per_stream + r) % len(prompts)], new_tokens) for r in range(requests_per_stream)]
+
+        t0 = time.perf_counter()
+        per_stream = await asyncio.gather(*(stream(s) for s in range(streams)))
+        wall = time.perf_counter() - t0
+    results = [r for rs in per_stream for r in rs]
+    tokens = sum(n for _, n, _ in results)
+    ttfts = [t for t, _, _ in results]
+    tpots = [(e - t) / max(n - 1, 1) for t, n, e in results]
+    return {"streams": streams, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 2),
+            "tok_s": round(tokens / wall, 2), "ttft_p50_s": round(float(np.percentile(ttfts, 50)), 3),
+            "tpot_p50_ms": round(1e3 * float(np.percentile(tpots, 50)), 2)}
+
+
+def _serve(name, argv, url, levels, prompts, new_tokens):
+    rows = []
+    with tempfile.TemporaryDirectory() as d, ServerProcess(argv, os.path.join(d, f"{name}.log"), url) as server:
+        server.wait_healthy(600)
+        asyncio.run(_closed_loop(server.url, 1, 1, prompts, 8))  # warm-up
+        for streams in levels:
+            per_stream = 3 if streams == 1 else 1
+            row = asyncio.run(_closed_loop(server.url, streams, per_stream, prompts, new_tokens))
+            print(name, row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def _read_bandwidth_gb_s() -> float:
+    """Best of several sums over a 1 GiB fp32 buffer with all threads: bytes read per second."""
+    import torch
+
+    x = torch.ones(2**28)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+_RSS_SCRIPT = """
+import sys
+from lenserve import LLM
+llm = LLM(model=sys.argv[1], weights_dtype=sys.argv[2], max_num_seqs=4, kv_cache_memory_gb=0.05)
+print([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
+"""
+
+
+def _vmhwm_mb(gguf_path: str, weights_dtype: str) -> float:
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, gguf_path, weights_dtype], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def _offline(gguf_path, prompts, new_tokens):
+    from lenserve import LLM, SamplingParams
+
+    report = {}
+    for mode in ("native", "fp32"):
+        llm = LLM(model=gguf_path, weights_dtype=mode, max_num_seqs=64, max_num_batched_tokens=2048)
+        eng = llm.engine
+        prefill_prompts = prompts[:10]  # 2,000 tokens in one step
+        one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        llm.generate(prefill_prompts[:1], one)
+        t0 = time.perf_counter()
+        llm.generate(prefill_prompts, one)
+        prefill_s = time.perf_counter() - t0
+        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        t0 = time.perf_counter()
+        eng.add_request("d", prompts[0], params)
+        eng.step()  # prefill
+        t1 = time.perf_counter()
+        while eng.has_unfinished_requests():
+            eng.step()
+        decode_tok_s = (new_tokens - 1) / (time.perf_counter() - t1)
+        row = {"prefill_tok_s": round(sum(map(len, prefill_prompts)) / prefill_s, 1), "decode_batch1_tok_s": round(decode_tok_s, 2),
+               "weight_bytes": eng.model.num_bytes()}
+        if mode == "native":
+            row["step_overhead"] = _step_overhead(eng, prompts[1])
+        report[mode] = row
+        del llm, eng
+    return report
+
+
+def _step_overhead(eng, prompt):
+    """Share of a batch-1 decode step spent outside the ops (Python, dispatch, metadata): the
+    step's wall time against the summed self time of the ops the profiler records in it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lenserve import SamplingParams
+
+    eng.add_request("o", prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    for _ in range(8):
+        eng.step()
+    walls, op_times = [], []
+    for _ in range(20):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            eng.step()
+            walls.append(time.perf_counter() - t0)
+        op_times.append(sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6)
+    while eng.has_unfinished_requests():
+        eng.step()
+    wall, ops = float(np.median(walls)), float(np.median(op_times))
+    return {"step_ms_profiled": round(1e3 * wall, 2), "ops_ms": round(1e3 * ops, 2), "outside_ops_fraction": round(1 - ops / wall, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gguf", default=None, help="default: the embedded SmolLM2 Q4_1 GGUF")
+    ap.add_argument("--llama-server", default=shutil.which("llama-server"))
+    ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--prompt-tokens", type=int, default=200)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default="bench_peers_cpu.json")
+    args = ap.parse_args()
+    from lenserve.engine.loader_gguf import find_embedded_gguf
+
+    gguf_path = args.gguf or find_embedded_gguf()
+    levels = [int(x) for x in args.levels.split(",")]
+    prompts = _prompts(64, args.prompt_tokens)
+    servers = {}
+    port = free_port()
+    lenserve_argv = [sys.executable, "-m", "lenserve.cli", "serve", "--model", gguf_path, "--port", str(port), "--predictor", "none",
+                     "--max-num-seqs", "64", "--weights-dtype", "native", "--num-threads", str(args.threads)]
+    servers["lenserve_native"] = _serve("lenserve_native", lenserve_argv, f"http://127.0.0.1:{port}", levels, prompts, args.new_tokens)
+    if args.llama_server and os.path.exists(args.llama_server):
+        port = free_port()
+        slots = max(levels)
+        ctx = slots * (args.prompt_tokens + args.new_tokens + 64)
+        argv = [args.llama_server, "-m", gguf_path, "--port", str(port), "--host", "127.0.0.1", "-t", str(args.threads),
+                "-np", str(slots), "-c", str(ctx)]
+        servers["llama_server"] = _serve("llama_server", argv, f"http://127.0.0.1:{port}", levels, prompts, args.new_tokens)
+    else:
+        print("llama-server not found (--llama-server or PATH): peer skipped", flush=True)
+    offline = _offline(gguf_path, prompts, args.new_tokens)
+    bandwidth = _read_bandwidth_gb_s()
+    bound = bandwidth * 1e9 / offline["native"]["weight_bytes"]
+    rss = {mode: round(_vmhwm_mb(gguf_path, mode), 1) for mode in ("native", "fp32")}
+    result = {"machine": machine(), "gguf": os.path.basename(gguf_path), "threads": args.threads,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "servers": servers, "offline": offline,
+              "read_bandwidth_gb_s": round(bandwidth, 2), "decode_bound_tok_s": round(bound, 1),
+              "decode_batch1_fraction_of_bound": round(offline["native"]["decode_batch1_tok_s"] / bound, 3),
+              "vmhwm_mb": rss, "vmhwm_native_over_fp32": round(rss["native"] / rss["fp32"], 3)}
+    if "llama_server" in servers:
+        ours = {r["streams"]: r for r in servers["lenserve_native"]}
+        peer = {r["streams"]: r for r in servers["llama_server"]}
+        result["ratios_vs_llama_server"] = {
+            str(s): {"tok_s": round(ours[s]["tok_s"] / peer[s]["tok_s"], 2), "ttft_p50": round(ours[s]["ttft_p50_s"] / peer[s]["ttft_p50_s"], 2)}
+            for s in levels}
+    result["prefill_native_over_fp32"] = round(offline["native"]["prefill_tok_s"] / offline["fp32"]["prefill_tok_s"], 2)
+    print(json.dumps(result, indent=1))
+    print("wrote", write_result(args.out, result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+// Block layouts of the GGUF (ggml) weight formats the CPU kernels read as they are in the file,
+// each stated once (as ggml-common.h does), and the kernel entry points of each format family.
+//
+// A quantized matrix W [N, K] is N rows of K / block_elems(type) blocks, rows back to back, exactly
+// the bytes of the GGUF tensor. Scales are IEEE fp16 (bf16 for BF16 rows).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/vec.h"  // LENSERVE_AVX2
+
+namespace lenserve {
+namespace quant {
+
+// ggml_type values, as GGUF stores them (gguf.GGMLQuantizationType).
+enum Type : int64_t {
+  kF32 = 0,
+  kF16 = 1,
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14,
+  kBF16 = 30,
+};
+
+constexpr int64_t QK = 32;     // elements per block of the legacy formats (Q4_0, Q4_1, Q8_0)
+constexpr int64_t QK_K = 256;  // elements per super-block of the K-quants
+constexpr int64_t K_SCALE_SIZE = 12;
+
+// Q8_0: x = d * q
+struct BlockQ8_0 {
+  uint16_t d;
+  int8_t qs[QK];
+};
+// Q4_0: x = d * (q - 8); byte j holds element j (low nibble) and element j + 16 (high nibble)
+struct BlockQ4_0 {
+  uint16_t d;
+  uint8_t qs[QK / 2];
+};
+// Q4_1: x = d * q + m; nibbles as Q4_0
+struct BlockQ4_1 {
+  uint16_t d;
+  uint16_t m;
+  uint8_t qs[QK / 2];
+};
+// Q4_K: 8 sub-blocks of 32 with 6-bit scales and mins packed in `scales` (see scale_min_k4);
+// x = d * sc * q - dmin * m. Each 64 elements use 32 bytes of qs: low nibbles then high nibbles.
+struct BlockQ4_K {
+  uint16_t d;
+  uint16_t dmin;
+  uint8_t scales[K_SCALE_SIZE];
+  uint8_t qs[QK_K / 2];
+};
+// Q5_K: Q4_K plus a fifth bit per element in qh (bit 2j and 2j+1 of qh[l] for the j-th 64 elements)
+struct BlockQ5_K {
+  uint16_t d;
+  uint16_t dmin;
+  uint8_t scales[K_SCALE_SIZE];
+  uint8_t qh[QK_K / 8];
+  uint8_t qs[QK_K / 2];
+};
+// Q6_K: 16 sub-blocks of 16 with int8 scales; x = d * sc * (q - 32), q = 4 low bits (ql) | 2 high bits (qh)
+struct BlockQ6_K {
+  uint8_t ql[QK_K / 2];
+  uint8_t qh[QK_K / 4];
+  int8_t scales[QK_K / 16];
+  uint16_t d;
+};
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20, "legacy block sizes");
+static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210, "K-quant block sizes");
+
+// Activations of the integer dot products: one row quantized per 32 elements to int16 with
+// fp32 d = max|x| / kActMax and s = d * sum(q) (llama.cpp's Q8_1 at 16 bits; quant_legacy.cpp
+// says why 16).
+constexpr float kActMax = 32767.f;
+struct BlockQAct {
+  float d;
+  float s;
+  int16_t qs[QK];
+};
+
+// Elements per block and bytes per block of a type; 0 elements for a type the kernels do not read.
+int64_t block_elems(int64_t type);
+int64_t block_bytes(int64_t type);
+
+inline float fp16_to_float(uint16_t h) {
+#ifdef LENSERVE_AVX2
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+// ---- legacy formats (quant_legacy.cpp) ----
+void dequant_row_q8_0(const uint8_t* row, float* out, int64_t K);
+void dequant_row_q4_0(const uint8_t* row, float* out, int64_t K);
+void dequant_row_q4_1(const uint8_t* row, float* out, int64_t K);
+// x [K] -> K / 32 activation blocks
+void quantize_row_act(const float* x, BlockQAct* out, int64_t K);
+// out[m * ldo] = dot(W row, x row m) for m < M (1..4), x rows as activation blocks nb apart;
+// type is Q8_0, Q4_0 or Q4_1.
+void dot_row_act(int64_t type, const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo);
+
+// ---- K-quants (quant_kquants.cpp) ----
+void dequant_row_q4_k(const uint8_t* row, float* out, int64_t K);
+void dequant_row_q5_k(const uint8_t* row, float* out, int64_t K);
+void dequant_row_q6_k(const uint8_t* row, float* out, int64_t K);
+
+}  // namespace quant
+}  // namespace lenserve

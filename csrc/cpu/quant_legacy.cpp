@@ -1,0 +1,205 @@
+// Q8_0, Q4_0 and Q4_1: unpacking to fp32 and integer dot products against int16 activations.
+//
+// The dot of a weight block with an activation block (xd, xs = xd * sum(xq)) is
+//   Q8_0: wd * xd * sum(wq * xq)
+//   Q4_0: wd * xd * sum(wq * xq) - 8 * wd * xs
+//   Q4_1: wd * xd * sum(wq * xq) + wm * xs
+// with sum(wq * xq) exact in int32 lanes: the weight bytes widened to int16
+// (_mm256_cvtepu8_epi16 / _mm256_cvtepi8_epi16) and _mm256_madd_epi16 against the activations.
+//
+// Why int16 activations rather than llama.cpp's int8 (Q8_1, _mm256_maddubs_epi16): int8 rounding
+// of x moved SmolLM2's logprobs by ~0.03 nats, so greedy decoding left the fp32-dequantized
+// model's tokens at margins of 0.07-0.11 nats, far from a near tie; int16 rounding is 256x finer
+// and the same test agrees to the first near tie. The widening costs about three more
+// instructions per block; fp32 activations would need every weight widened to int32 and
+// converted to float before its FMA, measured 7x slower than the integer dot at one row
+// (benchmarks/bench_quant_linear.py: unpack_all_rows against quant_linear).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cpu/quant_blocks.h"
+
+namespace lenserve {
+namespace quant {
+
+void dequant_row_q8_0(const uint8_t* row, float* out, int64_t K) {
+  const auto* b = reinterpret_cast<const BlockQ8_0*>(row);
+  for (int64_t i = 0; i < K / QK; ++i, out += QK) {
+    const float d = fp16_to_float(b[i].d);
+    for (int j = 0; j < QK; ++j) out[j] = d * static_cast<float>(b[i].qs[j]);
+  }
+}
+
+void dequant_row_q4_0(const uint8_t* row, float* out, int64_t K) {
+  const auto* b = reinterpret_cast<const BlockQ4_0*>(row);
+  for (int64_t i = 0; i < K / QK; ++i, out += QK) {
+    const float d = fp16_to_float(b[i].d);
+    for (int j = 0; j < QK / 2; ++j) {
+      out[j] = d * static_cast<float>((b[i].qs[j] & 0xF) - 8);
+      out[j + QK / 2] = d * static_cast<float>((b[i].qs[j] >> 4) - 8);
+    }
+  }
+}
+
+void dequant_row_q4_1(const uint8_t* row, float* out, int64_t K) {
+  const auto* b = reinterpret_cast<const BlockQ4_1*>(row);
+  for (int64_t i = 0; i < K / QK; ++i, out += QK) {
+    const float d = fp16_to_float(b[i].d), m = fp16_to_float(b[i].m);
+    for (int j = 0; j < QK / 2; ++j) {
+      out[j] = d * static_cast<float>(b[i].qs[j] & 0xF) + m;
+      out[j + QK / 2] = d * static_cast<float>(b[i].qs[j] >> 4) + m;
+    }
+  }
+}
+
+void quantize_row_act(const float* x, BlockQAct* out, int64_t K) {
+  for (int64_t i = 0; i < K / QK; ++i, x += QK) {
+    float amax = 0.f;
+    for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float d = amax / kActMax;
+    const float id = d > 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int j = 0; j < QK; ++j) {
+      const int q = static_cast<int>(std::nearbyint(x[j] * id));
+      out[i].qs[j] = static_cast<int16_t>(q);
+      sum += q;
+    }
+    out[i].d = d;
+    out[i].s = d * static_cast<float>(sum);
+  }
+}
+
+namespace {
+
+#ifdef LENSERVE_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The 32 weights of block i as int16: elements 0..15 in lo, 16..31 in hi; *wd its scale, *wc
+// the coefficient of the activation block's sum (Q4_0: -8 wd, Q4_1: m, Q8_0: none).
+template <int64_t TYPE>
+inline void load_block(const uint8_t* row, int64_t i, __m256i* lo, __m256i* hi, float* wd, float* wc) {
+  if constexpr (TYPE == kQ8_0) {
+    const auto& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
+    *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs)));
+    *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16)));
+    *wd = fp16_to_float(b.d);
+    *wc = 0.f;
+  } else {
+    const uint8_t* qs;
+    if constexpr (TYPE == kQ4_0) {
+      const auto& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
+      qs = b.qs;
+      *wd = fp16_to_float(b.d);
+      *wc = -8.f * *wd;
+    } else {
+      const auto& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
+      qs = b.qs;
+      *wd = fp16_to_float(b.d);
+      *wc = fp16_to_float(b.m);
+    }
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i mask = _mm_set1_epi8(0xF);
+    *lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+    *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+  }
+}
+
+// One weight block against MR activation blocks (nb apart): acc[m] += wd * xd * dot, off[m] += wc * xs.
+template <int64_t TYPE, int MR>
+inline void block_step(const uint8_t* row, const BlockQAct* xq, int64_t nb, int64_t i, __m256* acc, float* off) {
+  __m256i lo, hi;
+  float wd, wc;
+  load_block<TYPE>(row, i, &lo, &hi, &wd, &wc);
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    const BlockQAct& a = xq[m * nb + i];
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qs));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qs + 16));
+    const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(wd * a.d), acc[m]);
+    if constexpr (TYPE != kQ8_0) off[m] += wc * a.s;
+  }
+}
+
+// MR activation rows against one weight row; each weight block is widened once for all rows.
+// Even and odd blocks go to separate accumulators, so at one row the FMA latency chain does
+// not set the pace.
+template <int64_t TYPE, int MR>
+void dot_rows(const uint8_t* row, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
+  __m256 acc0[MR], acc1[MR];
+  float off0[MR], off1[MR];
+  for (int m = 0; m < MR; ++m) {
+    acc0[m] = acc1[m] = _mm256_setzero_ps();
+    off0[m] = off1[m] = 0.f;
+  }
+  int64_t i = 0;
+  for (; i + 2 <= nb; i += 2) {
+    block_step<TYPE, MR>(row, xq, nb, i, acc0, off0);
+    block_step<TYPE, MR>(row, xq, nb, i + 1, acc1, off1);
+  }
+  if (i < nb) block_step<TYPE, MR>(row, xq, nb, i, acc0, off0);
+  for (int m = 0; m < MR; ++m) out[m * ldo] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + (off0[m] + off1[m]);
+}
+#else
+template <int64_t TYPE, int MR>
+void dot_rows(const uint8_t* row, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
+  for (int m = 0; m < MR; ++m) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < nb; ++i) {
+      const BlockQAct& a = xq[m * nb + i];
+      int dot = 0;
+      float wd, wc = 0.f;
+      if constexpr (TYPE == kQ8_0) {
+        const auto& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
+        for (int j = 0; j < QK; ++j) dot += b.qs[j] * a.qs[j];
+        wd = fp16_to_float(b.d);
+      } else {
+        const uint8_t* qs;
+        if constexpr (TYPE == kQ4_0) {
+          const auto& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
+          qs = b.qs;
+          wd = fp16_to_float(b.d);
+          wc = -8.f * wd;
+        } else {
+          const auto& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
+          qs = b.qs;
+          wd = fp16_to_float(b.d);
+          wc = fp16_to_float(b.m);
+        }
+        for (int j = 0; j < QK / 2; ++j) dot += (qs[j] & 0xF) * a.qs[j] + (qs[j] >> 4) * a.qs[j + QK / 2];
+      }
+      sum += wd * a.d * static_cast<float>(dot) + wc * a.s;
+    }
+    out[m * ldo] = sum;
+  }
+}
+#endif
+
+template <int64_t TYPE>
+void dot_type(const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo) {
+  switch (M) {
+    case 1: dot_rows<TYPE, 1>(row, xq, nb, out, ldo); break;
+    case 2: dot_rows<TYPE, 2>(row, xq, nb, out, ldo); break;
+    case 3: dot_rows<TYPE, 3>(row, xq, nb, out, ldo); break;
+    default: dot_rows<TYPE, 4>(row, xq, nb, out, ldo); break;
+  }
+}
+
+}  // namespace
+
+void dot_row_act(int64_t type, const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo) {
+  switch (type) {
+    case kQ8_0: dot_type<kQ8_0>(row, xq, nb, M, out, ldo); break;
+    case kQ4_0: dot_type<kQ4_0>(row, xq, nb, M, out, ldo); break;
+    default: dot_type<kQ4_1>(row, xq, nb, M, out, ldo); break;
+  }
+}
+
+}  // namespace quant
+}  // namespace lenserve

@@ -1,0 +1,258 @@
+// Linear layers and embedding lookups over weights kept in their GGUF form (quant_blocks.h):
+// Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, and F16 / BF16 / F32 rows.
+//
+// Decode (up to kMaxDecodeRows rows of x) is bound by the weight bytes read, so each weight row is
+// read once and dotted with every row of x while it is in L1:
+//   - Q8_0 / Q4_0 / Q4_1: x is quantized per 32-block to int16 (BlockQAct) once per call and the
+//     dots are integer (_mm256_madd_epi16): a block is widened to int16 once for up to four rows
+//     of x (quant_legacy.cpp says why int16 and why not fp32 activations).
+//   - K-quants and 16-bit rows: the row is unpacked to fp32 in L1 and dotted with each row of x.
+// Larger batches (prefill) are compute bound: a group of 16-row panels is unpacked to fp32 once
+// and every row block of x runs the fp32 6x16 micro-kernel over it (panel_kernel.h), the same
+// loop as the packed fp32 linear, so the unpack cost is shared by all rows. For the integer-dot
+// types x is first rounded exactly as decode rounds it (d * q per 32-block), so a row's result
+// does not depend on how many rows share the step: decode and prefill compute the same sums up
+// to fp32 rounding, and packed batching agrees with one-at-a-time as it does in fp32.
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
+
+#include "cpu/common.h"
+#include "cpu/panel_kernel.h"
+#include "cpu/quant_blocks.h"
+
+namespace lenserve {
+namespace quant {
+
+int64_t block_elems(int64_t type) {
+  switch (type) {
+    case kF32:
+    case kF16:
+    case kBF16: return 1;
+    case kQ8_0:
+    case kQ4_0:
+    case kQ4_1: return QK;
+    case kQ4_K:
+    case kQ5_K:
+    case kQ6_K: return QK_K;
+    default: return 0;
+  }
+}
+
+int64_t block_bytes(int64_t type) {
+  switch (type) {
+    case kF32: return 4;
+    case kF16:
+    case kBF16: return 2;
+    case kQ8_0: return sizeof(BlockQ8_0);
+    case kQ4_0: return sizeof(BlockQ4_0);
+    case kQ4_1: return sizeof(BlockQ4_1);
+    case kQ4_K: return sizeof(BlockQ4_K);
+    case kQ5_K: return sizeof(BlockQ5_K);
+    case kQ6_K: return sizeof(BlockQ6_K);
+    default: return 0;
+  }
+}
+
+}  // namespace quant
+
+namespace {
+
+using namespace quant;
+
+constexpr int64_t kMaxDecodeRows = 16;
+
+void dequant_row_f16(const uint8_t* row, float* out, int64_t K) {
+  const auto* h = reinterpret_cast<const uint16_t*>(row);
+  int64_t k = 0;
+#ifdef LENSERVE_AVX2
+  for (; k + 8 <= K; k += 8)
+    _mm256_storeu_ps(out + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + k))));
+#endif
+  for (; k < K; ++k) out[k] = fp16_to_float(h[k]);
+}
+
+void dequant_row_bf16(const uint8_t* row, float* out, int64_t K) {
+  const auto* h = reinterpret_cast<const uint16_t*>(row);
+  for (int64_t k = 0; k < K; ++k) {
+    const uint32_t bits = static_cast<uint32_t>(h[k]) << 16;
+    std::memcpy(out + k, &bits, sizeof(float));
+  }
+}
+
+void dequant_row(int64_t type, const uint8_t* row, float* out, int64_t K) {
+  switch (type) {
+    case kF32: std::memcpy(out, row, K * sizeof(float)); break;
+    case kF16: dequant_row_f16(row, out, K); break;
+    case kBF16: dequant_row_bf16(row, out, K); break;
+    case kQ8_0: dequant_row_q8_0(row, out, K); break;
+    case kQ4_0: dequant_row_q4_0(row, out, K); break;
+    case kQ4_1: dequant_row_q4_1(row, out, K); break;
+    case kQ4_K: dequant_row_q4_k(row, out, K); break;
+    case kQ5_K: dequant_row_q5_k(row, out, K); break;
+    default: dequant_row_q6_k(row, out, K); break;
+  }
+}
+
+bool has_integer_dot(int64_t type) { return type == kQ8_0 || type == kQ4_0 || type == kQ4_1; }
+
+float dot_f32(const float* a, const float* b, int64_t K) {
+  using namespace vec;
+  Vec8 s0 = zero(), s1 = zero();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    s0 = fma(vload(a + k), vload(b + k), s0);
+    s1 = fma(vload(a + k + 8), vload(b + k + 8), s1);
+  }
+  for (; k + 8 <= K; k += 8) s0 = fma(vload(a + k), vload(b + k), s0);
+  float sum = reduce_add(add(s0, s1));
+  for (; k < K; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
+// Bytes of one row of K elements; raises on a type or K the kernels do not take.
+int64_t row_bytes_of(int64_t type, int64_t K, const char* what) {
+  const int64_t be = block_elems(type);
+  TORCH_CHECK(be > 0, what, ": weight type ", type, " is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+  TORCH_CHECK(K % be == 0, what, ": ", K, " features is not a multiple of the type's block of ", be);
+  return K / be * block_bytes(type);
+}
+
+void decode_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t row_bytes, int64_t type, int64_t K,
+                 int64_t N, float* out) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / row_bytes);
+  if (has_integer_dot(type)) {
+    const int64_t nb = K / QK;
+    std::vector<BlockQAct> xq(M * nb);
+    for (int64_t m = 0; m < M; ++m) quantize_row_act(x + m * ldx, xq.data() + m * nb, K);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; m += 4)
+          dot_row_act(type, w + n * row_bytes, xq.data() + m * nb, nb, static_cast<int>(std::min<int64_t>(4, M - m)),
+                         out + m * N + n, N);
+    });
+    return;
+  }
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> buf(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      dequant_row(type, w + n * row_bytes, buf.data(), K);
+      for (int64_t m = 0; m < M; ++m) out[m * N + n] = dot_f32(buf.data(), x + m * ldx, K);
+    }
+  });
+}
+
+void prefill_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t row_bytes, int64_t type, int64_t K,
+                  int64_t N, const float* bias, float* out) {
+  const int64_t P = ceil_div(N, kPanel);
+  const int64_t panel_floats = K * kPanel;
+  // Panels unpacked together: at most ~256 KiB of fp32 (they stay in L2 while every row block of
+  // x passes), and enough groups that both threads get several.
+  const int64_t max_by_cache = std::max<int64_t>(1, (int64_t{256} << 10) / (panel_floats * 4));
+  const int64_t max_by_balance = std::max<int64_t>(1, P / (4 * std::max(1, at::get_num_threads())));
+  const int64_t G = std::min(max_by_cache, max_by_balance);
+  const int64_t num_groups = ceil_div(P, G);
+  const int64_t MB = std::max<int64_t>(kMaxMR, (64 * 1024 / K) / kMaxMR * kMaxMR);
+  std::vector<float> rounded;
+  if (has_integer_dot(type)) {
+    rounded.resize(M * K);
+    at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
+      std::vector<BlockQAct> q(K / QK);
+      for (int64_t m = m0; m < m1; ++m) {
+        quantize_row_act(x + m * ldx, q.data(), K);
+        for (int64_t i = 0; i < K / QK; ++i)
+          for (int j = 0; j < QK; ++j) rounded[m * K + i * QK + j] = q[i].d * static_cast<float>(q[i].qs[j]);
+      }
+    });
+    x = rounded.data();
+    ldx = K;
+  }
+  at::parallel_for(0, num_groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> rows(kPanel * K);
+    std::vector<float> panels(G * panel_floats);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t p0 = g * G, p1 = std::min(P, p0 + G);
+      for (int64_t p = p0; p < p1; ++p) {
+        float* panel = panels.data() + (p - p0) * panel_floats;
+        const int64_t nrows = std::min<int64_t>(kPanel, N - p * kPanel);
+        for (int64_t r = 0; r < nrows; ++r) dequant_row(type, w + (p * kPanel + r) * row_bytes, rows.data() + r * K, K);
+        for (int64_t k = 0; k < K; ++k) {
+          float* dst = panel + k * kPanel;
+          for (int64_t r = 0; r < nrows; ++r) dst[r] = rows[r * K + k];
+          for (int64_t r = nrows; r < kPanel; ++r) dst[r] = 0.f;
+        }
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int64_t m1 = std::min(M, m0 + MB);
+        for (int64_t p = p0; p < p1; ++p)
+          panel_rows(x, ldx, panels.data() + (p - p0) * panel_floats, K, N, p * kPanel, bias, out, m0, m1);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, int64_t weight_type,
+                               int64_t out_features, const std::optional<torch::Tensor>& bias) {
+  LS_CHECK_CPU(x);
+  LS_CHECK_CPU(weight);
+  LS_CHECK_DTYPE(x, at::kFloat);
+  LS_CHECK_DTYPE(weight, at::kByte);
+  LS_CHECK_DIM(x, 2);
+  LS_CHECK_DIM(weight, 2);
+  LS_CHECK_CONTIGUOUS(weight);
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  const int64_t row_bytes = row_bytes_of(weight_type, K, "quant_linear");
+  TORCH_CHECK(weight.size(0) == N && weight.size(1) == row_bytes, "quant_linear: weight must be [", N, ", ", row_bytes,
+              "] bytes for ", N, " rows of ", K, " features of type ", weight_type, ", got ", weight.sizes());
+  TORCH_CHECK(x.stride(1) == 1 || K == 1, "quant_linear: x rows must be contiguous");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    LS_CHECK_CPU(*bias);
+    LS_CHECK_DTYPE(*bias, at::kFloat);
+    LS_CHECK_CONTIGUOUS(*bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "quant_linear: bias must be [", N, "]");
+    b = bias->data_ptr<float>();
+  }
+  auto out = torch::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = weight.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  if (M <= kMaxDecodeRows) {
+    decode_rows(xp, x.stride(0), M, wp, row_bytes, weight_type, K, N, op);
+    if (b != nullptr)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) op[m * N + n] += b[n];
+  } else {
+    prefill_rows(xp, x.stride(0), M, wp, row_bytes, weight_type, K, N, b, op);
+  }
+  return out;
+}
+
+torch::Tensor quant_embedding_cpu(const torch::Tensor& ids, const torch::Tensor& weight, int64_t weight_type, int64_t dim) {
+  LS_CHECK_CPU(ids);
+  LS_CHECK_CPU(weight);
+  LS_CHECK_DTYPE(ids, at::kLong);
+  LS_CHECK_DTYPE(weight, at::kByte);
+  LS_CHECK_DIM(ids, 1);
+  LS_CHECK_DIM(weight, 2);
+  LS_CHECK_CONTIGUOUS(weight);
+  const int64_t row_bytes = row_bytes_of(weight_type, dim, "quant_embedding");
+  TORCH_CHECK(weight.size(1) == row_bytes, "quant_embedding: weight rows must be ", row_bytes, " bytes, got ", weight.size(1));
+  const int64_t T = ids.size(0), V = weight.size(0);
+  auto ids_c = ids.contiguous();
+  const int64_t* id = ids_c.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < V, "quant_embedding: id ", id[t], " out of [0, ", V, ")");
+  auto out = torch::empty({T, dim}, torch::kFloat);
+  const uint8_t* wp = weight.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, row_grain(dim), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) dequant_row(weight_type, wp + id[t] * row_bytes, op + t * dim, dim);
+  });
+  return out;
+}
+
+}  // namespace lenserve

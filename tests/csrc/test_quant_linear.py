@@ -1,0 +1,135 @@
+"""lenserve._C's kernels over GGUF-encoded rows against a float64 reference of gguf's own
+`dequantize`, on random well-formed blocks of every type, over odd shapes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lenserve.engine import quant
+from lenserve.engine._ext import has_op
+from lenserve.engine.quant import QuantWeight
+
+gguf_quants = pytest.importorskip("gguf.quants")
+pytestmark = pytest.mark.skipif(not has_op("quant_linear", "cpu"), reason="lenserve._C is not built")
+
+# byte offsets of the fp16 scale fields in each block (the rest of a block is any bytes)
+_FP16_FIELDS = {
+    quant.Q8_0: [0],
+    quant.Q4_0: [0],
+    quant.Q4_1: [0, 2],
+    quant.Q4_K: [0, 2],
+    quant.Q5_K: [0, 2],
+    quant.Q6_K: [208],
+}
+INT8_DOT_TYPES = {quant.Q8_0, quant.Q4_0, quant.Q4_1}
+
+
+def random_rows(weight_type: int, n: int, k: int, seed: int) -> QuantWeight:
+    """n rows of random well-formed blocks: any quant bits, scales fp16 of a plausible size
+    (Q4_1's and the K-quants' second field, the min, may be negative for Q4_1)."""
+    rng = np.random.default_rng(seed)
+    if weight_type in (quant.F16, quant.BF16, quant.F32):
+        w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32))
+        if weight_type == quant.F16:
+            return QuantWeight.from_float16(w)
+        if weight_type == quant.F32:
+            return QuantWeight.from_float32(w)
+        b = w.to(torch.bfloat16)
+        return QuantWeight(b.view(torch.uint8).reshape(n, -1), quant.BF16, k)
+    elems, nbytes = quant._BLOCK[weight_type]
+    blocks = rng.integers(0, 256, size=(n, k // elems, nbytes), dtype=np.uint8)
+    for off in _FP16_FIELDS[weight_type]:
+        scale = rng.uniform(0.002, 0.05, size=blocks.shape[:2]).astype(np.float16)
+        if weight_type == quant.Q4_1 and off == 2:
+            scale = -scale * 8
+        blocks[:, :, off : off + 2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return QuantWeight(torch.from_numpy(blocks.reshape(n, -1).copy()), weight_type, k)
+
+
+def reference(w: QuantWeight) -> torch.Tensor:
+    """float64 [n, k] from gguf's dequantize."""
+    return torch.from_numpy(gguf_quants.dequantize(w.data.numpy(), w.weight_type).astype(np.float64)).reshape(w.shape)
+
+
+def check_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> None:
+    out = torch.ops.lenserve.quant_linear(x, w.data, w.weight_type, w.shape[0], bias)
+    wd = reference(w)
+    xd = x.double()
+    ref = xd @ wd.T + (bias.double() if bias is not None else 0)
+    err = (out.double() - ref).abs()
+    k = x.shape[1]
+    magnitude = xd.abs() @ wd.abs().T  # sum_k |x w|
+    # fp32 accumulation (as the fp32 packed linear's test)
+    bound = 8 * torch.finfo(torch.float32).eps * k**0.5 * (magnitude + 1)
+    if w.weight_type in INT8_DOT_TYPES:
+        # x rounded per 32-block (at every batch size: see quant_linear.cpp) to d * round(x / d), d = max|x| / 127: each x moves by <= d / 2,
+        # so an output moves by <= sum over blocks of d / 2 * sum |w| in the block
+        amax = xd.abs().reshape(x.shape[0], -1, 32).amax(-1)  # [m, blocks]
+        wsum = wd.abs().reshape(w.shape[0], -1, 32).sum(-1)  # [n, blocks]
+        bound = bound + 1.001 * (amax / 65534) @ wsum.T
+    assert (err <= bound).all(), (err.max().item(), (err - bound).max().item())
+
+
+LEGACY = [quant.Q8_0, quant.Q4_0, quant.Q4_1]
+SUPER = [quant.Q4_K, quant.Q5_K, quant.Q6_K]
+SIXTEEN_BIT = [quant.F16, quant.BF16, quant.F32]
+
+
+# rows of x: decode (1..16, every 4-row remainder) and the fp32 panel path past 16, with a row
+# block remainder; rows of W: 1, odd, past a 16-row panel, 300
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 53])
+@pytest.mark.parametrize("weight_type", LEGACY + SUPER + SIXTEEN_BIT)
+def test_quant_linear_matches_fp64_dequantize(weight_type, m):
+    # K: one block, an odd number of blocks (not a multiple of 256 where the format allows)
+    ks = [32, 608] if weight_type in LEGACY else [256, 768] if weight_type in SUPER else [7, 130]
+    for n in (1, 7, 33, 300):
+        for k in ks:
+            seed = weight_type * 10_000 + m * 100 + n + k
+            w = random_rows(weight_type, n, k, seed)
+            x = torch.from_numpy(np.random.default_rng(seed + 1).standard_normal((m, k)).astype(np.float32))
+            check_linear(x, w)
+
+
+@pytest.mark.parametrize("m", [3, 40])
+def test_bias_and_strided_rows(m):
+    """The decode and the panel path both take a bias and rows of x with a stride."""
+    w = random_rows(quant.Q4_1, 70, 96, 5)
+    wide = torch.randn(m, 200)
+    x = wide[:, 50:146]  # rows 200 apart
+    bias = torch.randn(70)
+    check_linear(x, w, bias)
+
+
+@pytest.mark.parametrize("weight_type", LEGACY + SUPER + SIXTEEN_BIT)
+def test_embedding_rows_equal_gguf_dequantize(weight_type):
+    k = 256 if weight_type in SUPER else 96
+    w = random_rows(weight_type, 300, k, weight_type)
+    ids = torch.tensor([0, 299, 7, 7, 150], dtype=torch.int64)
+    got = torch.ops.lenserve.quant_embedding(ids, w.data, w.weight_type, k)
+    want = reference(w)[ids]
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_inputs_raise():
+    w = random_rows(quant.Q4_0, 8, 64, 1)
+    with pytest.raises(RuntimeError, match="multiple of the type's block"):
+        torch.ops.lenserve.quant_linear(torch.randn(2, 48), w.data, w.weight_type, 8, None)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.lenserve.quant_linear(torch.randn(2, 64), w.data, w.weight_type, 9, None)
+    with pytest.raises(RuntimeError, match="not supported"):
+        torch.ops.lenserve.quant_linear(torch.randn(2, 64), w.data, 6, 8, None)  # Q5_0
+    with pytest.raises(RuntimeError, match="out of"):
+        torch.ops.lenserve.quant_embedding(torch.tensor([8]), w.data, w.weight_type, 64)
+
+
+@pytest.mark.parametrize("weight_type", [quant.Q4_1, quant.Q8_0, quant.Q4_K])
+def test_row_result_does_not_depend_on_batch(weight_type):
+    """One row alone (decode path) and inside 40 rows (panel path) agree to fp32 rounding."""
+    k = 512
+    w = random_rows(weight_type, 50, k, 3)
+    x = torch.randn(40, k)
+    many = torch.ops.lenserve.quant_linear(x, w.data, w.weight_type, 50, None)
+    for i in (0, 17, 39):
+        one = torch.ops.lenserve.quant_linear(x[i : i + 1], w.data, w.weight_type, 50, None)
+        torch.testing.assert_close(one[0], many[i], rtol=5e-5, atol=2e-4)  # outputs reach ~10

@@ -1,0 +1,165 @@
+"""Weights served in their GGUF encoding (the CPU default) against the same weights dequantized to
+fp32: greedy tokens, perplexity, a GGUF of every kernel type written here, and fp16 weights."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from lenserve import LLM, SamplingParams
+from lenserve.engine._ext import has_op
+from lenserve.engine.linear import QuantLinear
+from lenserve.engine.loader_gguf import find_embedded_gguf
+from lenserve.engine.loader_hf import load_model_files
+from lenserve.engine.model import LlamaModel
+from lenserve.engine.quant import QuantWeight
+
+from .helpers import check_logprobs_close, full_logits
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.skipif(not has_op("quant_linear", "cpu"), reason="lenserve._C is not built")
+
+
+@pytest.fixture(scope="module")
+def fp32_llm():
+    return LLM(weights_dtype="fp32", max_num_seqs=64, max_model_len=2048)
+
+
+def test_default_keeps_the_files_encoding(llm):
+    model = llm.engine.model
+    assert llm.engine.weights_dtype == "native"
+    qkv = model.layers[0].qkv_proj
+    assert isinstance(qkv, QuantLinear) and [p.type_name for p in qkv.parts] == ["Q4_1"]
+    assert isinstance(model.embed_tokens, QuantWeight) and model.embed_tokens.type_name == "Q8_0"
+    assert model.lm_head.parts[0] is model.embed_tokens  # the tied head reads the embedding's rows
+    assert model.num_bytes() < 100e6  # 96.4 MB in the file; 538 MB as fp32
+
+
+def test_greedy_native_agrees_with_fp32_to_first_near_tie(llm, fp32_llm, test_prompts):
+    """40 real prompts decoded together; each sequence's tokens agree until a near tie."""
+    prompts = test_prompts[:40]
+    params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=5, ignore_eos=True)
+    native = llm.generate(prompts, params)
+    ref = fp32_llm.generate(prompts, params)
+    first_divergence = []
+    for n, r in zip(native, ref):
+        a, b = n.outputs[0], r.outputs[0]
+        first_divergence.append(check_logprobs_close(b.token_ids, b.logprobs, a.token_ids, a.logprobs, "fp32", "native"))
+    assert sum(d is None for d in first_divergence) >= 30, first_divergence
+
+
+def _perplexity(model, ids: list[int]) -> float:
+    logits = full_logits(model, [ids])[0]
+    nll = torch.nn.functional.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]))
+    return float(torch.exp(nll))
+
+
+def test_perplexity_within_half_a_percent_of_fp32(llm, fp32_llm, test_prompts):
+    tok = llm.engine.tokenizer
+    ids = tok.encode("\n\n".join(test_prompts[100:140]))[:600]
+    native, ref = _perplexity(llm.engine.model, ids), _perplexity(fp32_llm.engine.model, ids)
+    assert abs(native / ref - 1) < 0.005, (native, ref)
+
+
+def test_fp16_weights_equal_fp32_of_the_rounded_weights():
+    """--weights-dtype fp16 (any checkpoint, F16C in the kernel) computes what fp32 computes on
+    weights rounded to fp16."""
+    cfg, weights, _, _ = load_model_files(None)
+    rounded = [(n, w.half().float() if w.dim() == 2 else w) for n, w in weights]
+    cpu = torch.device("cpu")
+    half = LlamaModel.from_weights(cfg, iter(rounded), torch.float32, cpu, weights_dtype="fp16")
+    full = LlamaModel.from_weights(cfg, iter(rounded), torch.float32, cpu)
+    assert half.layers[0].down_proj.parts[0].type_name == "F16"
+    prompts = [list(range(100, 140)), [1, 2, 3]]
+    for a, b in zip(full_logits(half, prompts), full_logits(full, prompts)):
+        assert (a - b).abs().max().item() < 2e-3
+
+
+# ---- a small GGUF written here with the gguf writer, one tensor type per projection ----------
+
+HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 256, 512, 2, 4, 2
+
+
+def _random_blocks(rng, qtype, rows, cols) -> np.ndarray:
+    """Well-formed K-quant blocks (gguf cannot quantize these): any bits, small fp16 scales."""
+    elems, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(rows, cols // elems, nbytes), dtype=np.uint8)
+    offsets = [208] if qtype == gguf.GGMLQuantizationType.Q6_K else [0, 2]
+    for off in offsets:
+        scale = rng.uniform(0.0005, 0.002, size=blocks.shape[:2]).astype(np.float16)
+        blocks[:, :, off : off + 2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return blocks.reshape(rows, -1)
+
+
+def _write_gguf(path: str) -> None:
+    T = gguf.GGMLQuantizationType
+    src = gguf.GGUFReader(find_embedded_gguf())
+    fields = {name: f.contents() for name, f in src.fields.items() if name.startswith("tokenizer.")}
+    vocab = len(fields["tokenizer.ggml.tokens"])
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny-mixed")
+    w.add_block_count(LAYERS)
+    w.add_context_length(512)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model(fields["tokenizer.ggml.model"])
+    w.add_token_list(fields["tokenizer.ggml.tokens"])
+    w.add_token_types(fields["tokenizer.ggml.token_type"])
+    w.add_token_merges(fields["tokenizer.ggml.merges"])
+    w.add_bos_token_id(fields["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(fields["tokenizer.ggml.eos_token_id"])
+    rng = np.random.default_rng(0)
+
+    def add(name, rows, cols, qtype, scale=0.06):
+        if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+            w.add_tensor(name, _random_blocks(rng, qtype, rows, cols), raw_dtype=qtype)
+            return
+        data = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+        if qtype == T.F16:
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", vocab, HIDDEN, T.Q8_0, scale=1.0)
+    w.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
+    kv = HIDDEN // HEADS * KV_HEADS
+    # q/k/v of three types: the fused projection runs as parts; Q5_0 has no kernel (fp16 fallback)
+    types = [
+        dict(attn_q=T.Q4_K, attn_k=T.Q5_K, attn_v=T.Q6_K, attn_output=T.Q4_0, ffn_gate=T.Q4_1, ffn_up=T.Q4_1, ffn_down=T.Q8_0),
+        dict(attn_q=T.Q8_0, attn_k=T.Q8_0, attn_v=T.Q8_0, attn_output=T.F16, ffn_gate=T.Q4_K, ffn_up=T.Q4_K, ffn_down=T.Q5_0),
+    ]
+    shapes = dict(attn_q=(HIDDEN, HIDDEN), attn_k=(kv, HIDDEN), attn_v=(kv, HIDDEN), attn_output=(HIDDEN, HIDDEN),
+                  ffn_gate=(FFN, HIDDEN), ffn_up=(FFN, HIDDEN), ffn_down=(HIDDEN, FFN))
+    for i, layer_types in enumerate(types):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(HIDDEN, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(HIDDEN, dtype=np.float32))
+        for name, qtype in layer_types.items():
+            add(f"blk.{i}.{name}.weight", *shapes[name], qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_small_gguf_of_every_type_loads_and_serves(tmp_path, caplog):
+    path = str(tmp_path / "tiny.gguf")
+    _write_gguf(path)
+    with caplog.at_level(logging.INFO, logger="lenserve"):
+        native = LLM(model=path, max_num_seqs=4, max_model_len=256, kv_cache_memory_gb=0.05)
+    assert "Q5_0 have no native kernel" in caplog.text
+    model = native.engine.model
+    assert [p.type_name for p in model.layers[0].qkv_proj.parts] == ["Q4_K", "Q5_K", "Q6_K"]
+    assert model.layers[1].down_proj.parts[0].type_name == "F16"
+    cfg, weights, _, _ = load_model_files(path)
+    ref = LlamaModel.from_weights(cfg, weights, torch.float32, torch.device("cpu"))
+    prompts = [list(range(300, 309)), list(range(1000, 1040))]  # decode-sized and panel-sized
+    for got, want in zip(full_logits(model, prompts), full_logits(ref, prompts)):
+        assert (got - want).abs().max().item() < 0.02 * want.abs().max().item()
+    out = native.generate("Hello", SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5
