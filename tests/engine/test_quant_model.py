@@ -23,11 +23,18 @@ pytestmark = pytest.mark.skipif(not has_op("quant_linear", "cpu"), reason="lense
 
 
 @pytest.fixture(scope="module")
-def fp32_llm():
-    return LLM(weights_dtype="fp32", max_num_seqs=64, max_model_len=2048)
+def native_llm():
+    return LLM(weights_dtype="native", max_num_seqs=64, max_model_len=2048)
 
 
-def test_default_keeps_the_files_encoding(llm):
+@pytest.fixture(scope="module")
+def fp32_llm(llm):
+    assert llm.engine.weights_dtype == "fp32"  # the default until native wins at 2-16 rows too (see _resolve_weights_dtype)
+    return llm
+
+
+def test_native_keeps_the_files_encoding(native_llm):
+    llm = native_llm
     model = llm.engine.model
     assert llm.engine.weights_dtype == "native"
     qkv = model.layers[0].qkv_proj
@@ -37,7 +44,8 @@ def test_default_keeps_the_files_encoding(llm):
     assert model.num_bytes() < 100e6  # 96.4 MB in the file; 538 MB as fp32
 
 
-def test_greedy_native_agrees_with_fp32_to_first_near_tie(llm, fp32_llm, test_prompts):
+def test_greedy_native_agrees_with_fp32_to_first_near_tie(native_llm, fp32_llm, test_prompts):
+    llm = native_llm
     """40 real prompts decoded together; each sequence's tokens agree until a near tie."""
     prompts = test_prompts[:40]
     params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=5, ignore_eos=True)
@@ -56,7 +64,8 @@ def _perplexity(model, ids: list[int]) -> float:
     return float(torch.exp(nll))
 
 
-def test_perplexity_within_half_a_percent_of_fp32(llm, fp32_llm, test_prompts):
+def test_perplexity_within_half_a_percent_of_fp32(native_llm, fp32_llm, test_prompts):
+    llm = native_llm
     tok = llm.engine.tokenizer
     ids = tok.encode("\n\n".join(test_prompts[100:140]))[:600]
     native, ref = _perplexity(llm.engine.model, ids), _perplexity(fp32_llm.engine.model, ids)
@@ -151,7 +160,7 @@ def test_small_gguf_of_every_type_loads_and_serves(tmp_path, caplog):
     path = str(tmp_path / "tiny.gguf")
     _write_gguf(path)
     with caplog.at_level(logging.INFO, logger="lenserve"):
-        native = LLM(model=path, max_num_seqs=4, max_model_len=256, kv_cache_memory_gb=0.05)
+        native = LLM(model=path, weights_dtype="native", max_num_seqs=4, max_model_len=256, kv_cache_memory_gb=0.05)
     assert "Q5_0 have no native kernel" in caplog.text
     model = native.engine.model
     assert [p.type_name for p in model.layers[0].qkv_proj.parts] == ["Q4_K", "Q5_K", "Q6_K"]
@@ -163,3 +172,16 @@ def test_small_gguf_of_every_type_loads_and_serves(tmp_path, caplog):
         assert (got - want).abs().max().item() < 0.02 * want.abs().max().item()
     out = native.generate("Hello", SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))[0]
     assert len(out.token_ids) == 5
+
+
+def test_native_packed_batching_equals_one_at_a_time(native_llm, test_prompts):
+    from .helpers import check_logprobs_close
+    from .test_batching import GREEDY, _alone, _prompts, _staggered
+
+    eng = native_llm.engine
+    prompts = _prompts(eng.tokenizer, test_prompts[700:800], [3, 17, 40, 150, 9, 600])  # decode-sized and panel-sized rows
+    params_for = lambda i: SamplingParams(max_tokens=10, **GREEDY)
+    batched = _staggered(eng, prompts, params_for, every=1)
+    for i, p in enumerate(prompts):
+        alone = _alone(eng, p, params_for(i))
+        check_logprobs_close(alone.token_ids, alone.logprobs, batched[i].token_ids, batched[i].logprobs, "alone", "batched")
