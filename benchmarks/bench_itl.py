@@ -73,7 +73,8 @@ def azure_slice(n: int, max_model_len: int) -> Trace:
 def serve_argv(port: int, target_itl_ms: float, max_queue: int, args) -> list[str]:
     return [sys.executable, "-m", "lenserve.cli", "serve", "--port", str(port), "--predictor", "default",
             "--max-num-batched-tokens", str(FIXED_BUDGET), "--target-itl-ms", str(target_itl_ms), "--num-threads", str(args.num_threads),
-            "--max-queue", str(max_queue), "--max-model-len", str(args.max_model_len), "--policy", args.policy]
+            "--max-queue", str(max_queue), "--max-model-len", str(args.max_model_len), "--policy", args.policy,
+            "--weights-dtype", args.weights_dtype]
 
 
 def served_cost_model(url: str):
@@ -274,6 +275,7 @@ def main(argv=None) -> int:
     p.add_argument("--capacity-requests", type=int, default=16, help="--live-capacity: requests of the saturation run")
     p.add_argument("--max-model-len", type=int, default=4096, help="the served context (the long prompts reach it)")
     p.add_argument("--num-threads", type=int, default=1, help="each server's threads (two servers run side by side)")
+    p.add_argument("--weights-dtype", default="auto", choices=["auto", "fp32", "fp16", "native"], help="both servers' --weights-dtype")
     p.add_argument("--policy", default="sjf", choices=["fcfs", "sjf"],
                    help="both servers' queue policy (sjf: the length-aware order that also orders prompt chunks under the target)")
     p.add_argument("--quick", action="store_true", help="a few requests each (a smoke run)")
@@ -293,10 +295,10 @@ def main(argv=None) -> int:
 
     t0 = time.monotonic()
     result = {"machine": machine(), "target_itl_ms": args.target_itl_ms, "fixed_budget": FIXED_BUDGET, "load": args.load,
-              "policy": args.policy, "num_threads_per_server": args.num_threads,
+              "policy": args.policy, "num_threads_per_server": args.num_threads, "weights_dtype": args.weights_dtype,
               "max_model_len": args.max_model_len, "traces": {}}
     # the servers' engine settings (one thread each: the two run side by side on the two cores)
-    cost = measure_cost_model(EngineConfig(max_model_len=args.max_model_len, num_threads=args.num_threads,
+    cost = measure_cost_model(EngineConfig(max_model_len=args.max_model_len, num_threads=args.num_threads, weights_dtype=args.weights_dtype,
                                            scheduler=SchedulerConfig(max_num_batched_tokens=FIXED_BUDGET)),
                               quick=args.quick, temperature=0.0)
     result["cost_model"] = {k: v for k, v in cost.to_json().items() if k != "meta"}
