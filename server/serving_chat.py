@@ -11,7 +11,7 @@ import json
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from lenserve.engine.outputs import CompletionOutput
 from lenserve.engine.sampler import SampleLogprobs
@@ -106,12 +106,7 @@ class OpenAIServingChat(OpenAIServingBase):
                 "finish_reason": finish_reason,
                 "stop_reason": c.stop_reason,
             })
-        body = {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-                "usage": self._usage(jobs, finals)}
-        info = _prediction_info(jobs[0].prediction)
-        if info is not None:
-            body["lenserve"] = info
-        return JSONResponse(body)
+        return self._response(rid, "chat.completion", created, model, choices, jobs, finals)
 
     @staticmethod
     def _message(c: CompletionOutput, req: ChatCompletionRequest, mode: str) -> tuple[dict, str | None]:

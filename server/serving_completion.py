@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from lenserve.engine.sampler import SampleLogprobs
 from lenserve.server.errors import APIError
@@ -40,12 +40,7 @@ class OpenAIServingCompletion(OpenAIServingBase):
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
                 })
-        body = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-                "usage": self._usage(jobs, finals)}
-        info = _prediction_info(jobs[0].prediction)
-        if info is not None:
-            body["lenserve"] = info
-        return JSONResponse(body)
+        return self._response(rid, "text_completion", created, model, choices, jobs, finals)
 
     def _completion_logprobs(self, lps: list[SampleLogprobs], text: str, offset0: int = 0) -> dict:
         tokens, token_lps, tops, offsets = [], [], [], []

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from lenserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineFaultError, QueueFullError, RequestStream
 from lenserve.engine.outputs import CompletionOutput, RequestOutput
@@ -227,6 +228,15 @@ class OpenAIServingBase:
         prompt = sum(len(j.stream.prompt_token_ids) for j in jobs)
         completion = sum(len(c.token_ids) for o in outputs.values() for c in o.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _response(self, rid: str, obj: str, created: int, model: str, choices: list[dict], jobs: list[_Job],
+                  finals: dict[int, RequestOutput]) -> JSONResponse:
+        """The non-streamed body of a finished request: its choices, usage, and the length prediction."""
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, "usage": self._usage(jobs, finals)}
+        info = _prediction_info(jobs[0].prediction)
+        if info is not None:
+            body["lenserve"] = info
+        return JSONResponse(body)
 
 class _ChunkStream:
     """The chunks of one streamed response: each carries the response's id/object/created/model,
