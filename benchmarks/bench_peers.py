@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, machine, write_result  # noqa: E402
+from common import ROOT, machine, stream_completion, write_result  # noqa: E402
 
 from lenserve.server.process import ServerProcess, free_port  # noqa: E402
 
@@ -44,27 +44,11 @@ def _prompts(n: int, num_tokens: int) -> list[list[int]]:
     return [pool[(i * 1009) % (len(pool) - num_tokens) :][:num_tokens] for i in range(n)]
 
 
-async def _one(client, prompt, new_tokens):
-    t0 = time.perf_counter()
-    ttft, n = None, 0
-    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-                    n += 1
-    return ttft, n, time.perf_counter() - t0
-
-
 async def _closed_loop(url, streams, requests_per_stream, prompts, new_tokens):
     async with httpx.AsyncClient(base_url=url, timeout=1800) as c:
 
         async def stream(s):
-            return [await _one(c, prompts[(s * requests_per_stream + r) % len(prompts)], new_tokens) for r in range(requests_per_stream)]
+            return [await stream_completion(c, prompts[(s * requests_per_stream + r) % len(prompts)], new_tokens) for r in range(requests_per_stream)]
 
         t0 = time.perf_counter()
         per_stream = await asyncio.gather(*(stream(s) for s in range(streams)))
@@ -179,6 +163,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--lenserve-weights", default="native,fp32", help="lenserve servers to run, by --weights-dtype")
     ap.add_argument("--out", default="bench_peers_cpu.json")
     args = ap.parse_args()
     from lenserve.engine.loader_gguf import find_embedded_gguf
@@ -187,10 +172,11 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     prompts = _prompts(64, args.prompt_tokens)
     servers = {}
-    port = free_port()
-    lenserve_argv = [sys.executable, "-m", "lenserve.cli", "serve", "--model", gguf_path, "--port", str(port), "--predictor", "none",
-                     "--max-num-seqs", "64", "--weights-dtype", "native", "--num-threads", str(args.threads)]
-    servers["lenserve_native"] = _serve("lenserve_native", lenserve_argv, f"http://127.0.0.1:{port}", levels, prompts, args.new_tokens)
+    for mode in args.lenserve_weights.split(","):
+        port = free_port()
+        lenserve_argv = [sys.executable, "-m", "lenserve.cli", "serve", "--model", gguf_path, "--port", str(port), "--predictor", "none",
+                         "--max-num-seqs", "64", "--weights-dtype", mode, "--num-threads", str(args.threads)]
+        servers[f"lenserve_{mode}"] = _serve(f"lenserve_{mode}", lenserve_argv, f"http://127.0.0.1:{port}", levels, prompts, args.new_tokens)
     if args.llama_server and os.path.exists(args.llama_server):
         port = free_port()
         slots = max(levels)
@@ -210,11 +196,12 @@ def main() -> None:
               "decode_batch1_fraction_of_bound": round(offline["native"]["decode_batch1_tok_s"] / bound, 3),
               "vmhwm_mb": rss, "vmhwm_native_over_fp32": round(rss["native"] / rss["fp32"], 3)}
     if "llama_server" in servers:
-        ours = {r["streams"]: r for r in servers["lenserve_native"]}
         peer = {r["streams"]: r for r in servers["llama_server"]}
-        result["ratios_vs_llama_server"] = {
-            str(s): {"tok_s": round(ours[s]["tok_s"] / peer[s]["tok_s"], 2), "ttft_p50": round(ours[s]["ttft_p50_s"] / peer[s]["ttft_p50_s"], 2)}
-            for s in levels}
+        for name in [n for n in servers if n.startswith("lenserve_")]:
+            ours = {r["streams"]: r for r in servers[name]}
+            result.setdefault("ratios_vs_llama_server", {})[name] = {
+                str(s): {"tok_s": round(ours[s]["tok_s"] / peer[s]["tok_s"], 2), "ttft_p50": round(ours[s]["ttft_p50_s"] / peer[s]["ttft_p50_s"], 2)}
+                for s in levels}
     result["prefill_native_over_fp32"] = round(offline["native"]["prefill_tok_s"] / offline["fp32"]["prefill_tok_s"], 2)
     print(json.dumps(result, indent=1))
     print("wrote", write_result(args.out, result))

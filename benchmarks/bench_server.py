@@ -20,28 +20,13 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_result  # noqa: E402
+from common import machine, stream_completion, write_result  # noqa: E402
 
 from lenserve.server.process import ServerProcess, free_port  # noqa: E402
 
 
 def _prompts(n: int) -> list[list[int]]:
     return [[1] + [100 + (i * 37 + j) % 4000 for j in range(63)] for i in range(n)]
-
-
-async def _one(client, prompt, new_tokens):
-    t0 = time.perf_counter()
-    ttft, n = None, 0
-    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and ttft is None:
-                    ttft = time.perf_counter() - t0
-                n += len(chunk["choices"])
-    return ttft, n
 
 
 async def _served(url, concurrency, rounds, new_tokens):
@@ -51,9 +36,9 @@ async def _served(url, concurrency, rounds, new_tokens):
         results = []
         for r in range(rounds):
             batch = prompts[r * concurrency : (r + 1) * concurrency]
-            results += await asyncio.gather(*(_one(c, p, new_tokens) for p in batch))
+            results += await asyncio.gather(*(stream_completion(c, p, new_tokens) for p in batch))
         dt = time.perf_counter() - t0
-    ttfts = [t for t, _ in results]
+    ttfts = [t for t, _, _ in results]
     return {"throughput_tok_s": round(concurrency * rounds * new_tokens / dt, 1),
             "ttft_p50_s": round(float(np.percentile(ttfts, 50)), 3), "ttft_p99_s": round(float(np.percentile(ttfts, 99)), 3)}
 

@@ -1,4 +1,5 @@
-"""Shared bits of the benchmarks: machine description, result files, Azure length mixes."""
+"""Shared bits of the benchmarks: machine description, result files, Azure length mixes, one
+streamed completion timed over HTTP."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +9,7 @@ import json
 import os
 import platform
 import random
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -51,3 +53,25 @@ def azure_prompt_lengths(n: int, seed: int = 0, max_len: int | None = None) -> l
     rng = random.Random(seed)
     out = rng.sample(lengths, n)
     return [min(x, max_len) for x in out] if max_len else out
+
+
+async def stream_completion(client, prompt, new_tokens: int) -> tuple[float | None, int, float]:
+    """One streamed greedy /v1/completions request (ignore_eos) on an httpx.AsyncClient:
+    (seconds to the first token, tokens received, seconds to the end). A token is a chunk whose
+    choice carries text; a closing chunk with empty text and a finish_reason (llama-server's
+    last event) is not one."""
+    t0 = time.perf_counter()
+    ttft, n = None, 0
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            for choice in json.loads(line[6:]).get("choices") or []:
+                if choice.get("text") is None or (choice.get("text") == "" and choice.get("finish_reason")):
+                    continue
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                n += 1
+    return ttft, n, time.perf_counter() - t0
