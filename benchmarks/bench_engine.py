@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import azure_prompt_lengths, machine, write_result  # noqa: E402
+from common import azure_prompt_lengths, decode_steps, machine, write_result  # noqa: E402
 
 
 def _engine(backend="auto", attention="packed", max_num_seqs=64, max_batched=2048):
@@ -37,19 +37,8 @@ def decode_tok_s(eng, batch: int, new_tokens: int, prompt_len: int = 32) -> floa
     """Tokens per second over decode-only steps once every sequence is prefilled."""
     from lenserve.engine.sampling_params import SamplingParams
 
-    p = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        eng.add_request(f"d{batch}-{i}", [1] + [100 + (7 * i + j) % 4000 for j in range(prompt_len - 1)], p)
-    tokens, secs = 0, 0.0
-    while eng.has_unfinished_requests():
-        t = time.perf_counter()
-        eng.step()
-        dt = time.perf_counter() - t
-        s = eng.last_stats
-        if s.num_prompt_tokens == 0:
-            tokens += s.num_generation_tokens
-            secs += dt
-    return tokens / secs
+    steps = decode_steps(eng, batch, prompt_len, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True), f"d{batch}")
+    return sum(s.num_generation_tokens for _, s in steps) / sum(dt for dt, _ in steps)
 
 
 def prefill_packed_vs_padded(lengths: list[int], repeats: int) -> dict:

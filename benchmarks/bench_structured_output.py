@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import machine, write_result  # noqa: E402
+from common import decode_steps, machine, write_result  # noqa: E402
 
 from tests.schema_gen import root_schema  # noqa: E402
 
@@ -48,20 +48,9 @@ def decode_run(eng, batch: int, spec, tag: str) -> tuple[float, float]:
     from lenserve.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, structured_output=spec)
-    for i in range(batch):
-        eng.add_request(f"d{batch}-{tag}-{i}", [1] + [100 + (7 * i + j) % 4000 for j in range(31)], params)
-    tokens, secs, mask_s, steps = 0, 0.0, 0.0, 0
-    while eng.has_unfinished_requests():
-        t = time.perf_counter()
-        eng.step()
-        dt = time.perf_counter() - t
-        s = eng.last_stats
-        if s.num_prompt_tokens == 0:
-            tokens += s.num_generation_tokens
-            secs += dt
-            mask_s += s.bitmask_time_s or 0.0
-            steps += 1
-    return tokens / secs, mask_s / steps
+    steps = decode_steps(eng, batch, 32, params, f"d{batch}-{tag}")
+    tok_s = sum(s.num_generation_tokens for _, s in steps) / sum(dt for dt, _ in steps)
+    return tok_s, sum(s.bitmask_time_s or 0.0 for _, s in steps) / len(steps)
 
 
 def decode_compare(eng, batch: int, spec, repeats: int) -> dict:

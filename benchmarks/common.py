@@ -75,3 +75,18 @@ async def stream_completion(client, prompt, new_tokens: int) -> tuple[float | No
                     ttft = time.perf_counter() - t0
                 n += 1
     return ttft, n, time.perf_counter() - t0
+
+
+def decode_steps(eng, batch: int, prompt_len: int, params, tag: str) -> list:
+    """Adds `batch` synthetic prompts of prompt_len tokens and steps the engine until they finish:
+    the (seconds, IterationStats) of every decode-only step (no prompt token in it)."""
+    for i in range(batch):
+        eng.add_request(f"{tag}-{i}", [1] + [100 + (7 * i + j) % 4000 for j in range(prompt_len - 1)], params)
+    steps = []
+    while eng.has_unfinished_requests():
+        t = time.perf_counter()
+        eng.step()
+        dt = time.perf_counter() - t
+        if eng.last_stats.num_prompt_tokens == 0:
+            steps.append((dt, eng.last_stats))
+    return steps
