@@ -5,7 +5,8 @@ model, streaming `/v1/completions` in exact mode (prompts of the trace's token c
 `ignore_eos`, max_tokens = the trace's response length):
 
 Both servers of a comparison run at the same time, one thread each, on the machine's two cores:
-they see the same machine at the same moments, whatever else runs on it.
+they see the same machine at the same moments, whatever else runs on it. `--sequential` runs them
+one after the other instead, each alone with all cores (what a deployment has).
 
 1. capacity: requests finished per second with every request of the trace queued at once under
    the fixed budget, from the simulator driven by a cost model measured here on the same engine
@@ -92,8 +93,15 @@ def served_cost_model(url: str):
 
 
 def side_by_side(trace: Trace, time_scale: float, targets: list[float], args, max_queue: int = 100000, log=print) -> list[dict]:
-    """One exact-mode replay of `trace` against a fresh server per ITL target (0: the fixed budget),
-    all at the same time, so that every server sees the machine as it is at the same moments."""
+    """One exact-mode replay of `trace` against a fresh server per ITL target (0: the fixed budget):
+    all at the same time, so that every server sees the machine as it is at the same moments, or
+    with `--sequential` one after the other, each server alone on the machine."""
+    if getattr(args, "sequential", False):
+        return [_replays(trace, time_scale, [target], args, max_queue, log)[0] for target in targets]
+    return _replays(trace, time_scale, targets, args, max_queue, log)
+
+
+def _replays(trace: Trace, time_scale: float, targets: list[float], args, max_queue: int, log) -> list[dict]:
     import asyncio
     from contextlib import ExitStack
 
@@ -274,7 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--live-capacity", action="store_true", help="measure capacity with a live saturation run (else simulated)")
     p.add_argument("--capacity-requests", type=int, default=16, help="--live-capacity: requests of the saturation run")
     p.add_argument("--max-model-len", type=int, default=4096, help="the served context (the long prompts reach it)")
-    p.add_argument("--num-threads", type=int, default=1, help="each server's threads (two servers run side by side)")
+    p.add_argument("--num-threads", type=int, default=None, help="each server's threads (default: 1 side by side, all cores with --sequential)")
+    p.add_argument("--sequential", action="store_true", help="the servers of a comparison one after the other, each alone on the machine")
     p.add_argument("--weights-dtype", default="auto", choices=["auto", "fp32", "fp16", "native"], help="both servers' --weights-dtype")
     p.add_argument("--policy", default="sjf", choices=["fcfs", "sjf"],
                    help="both servers' queue policy (sjf: the length-aware order that also orders prompt chunks under the target)")
@@ -285,6 +294,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.azure_requests, args.long_requests, args.capacity_requests = 6, 4, 4
+    if args.num_threads is None:
+        args.num_threads = os.cpu_count() if args.sequential else 1
 
     from lenserve.config import EngineConfig
     from lenserve.scheduler.config import SchedulerConfig
@@ -295,9 +306,9 @@ def main(argv=None) -> int:
 
     t0 = time.monotonic()
     result = {"machine": machine(), "target_itl_ms": args.target_itl_ms, "fixed_budget": FIXED_BUDGET, "load": args.load,
-              "policy": args.policy, "num_threads_per_server": args.num_threads, "weights_dtype": args.weights_dtype,
+              "policy": args.policy, "num_threads_per_server": args.num_threads, "sequential": args.sequential, "weights_dtype": args.weights_dtype,
               "max_model_len": args.max_model_len, "traces": {}}
-    # the servers' engine settings (one thread each: the two run side by side on the two cores)
+    # the servers' engine settings (side by side: one thread each, the two share the two cores)
     cost = measure_cost_model(EngineConfig(max_model_len=args.max_model_len, num_threads=args.num_threads, weights_dtype=args.weights_dtype,
                                            scheduler=SchedulerConfig(max_num_batched_tokens=FIXED_BUDGET)),
                               quick=args.quick, temperature=0.0)
