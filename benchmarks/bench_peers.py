@@ -91,14 +91,20 @@ def _read_bandwidth_gb_s() -> float:
 _RSS_SCRIPT = """
 import sys
 from lenserve import LLM
+def kb(key):
+    return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)][0]
+base = kb("VmHWM")
 llm = LLM(model=sys.argv[1], weights_dtype=sys.argv[2], max_num_seqs=4, kv_cache_memory_gb=0.05)
-print([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
+print(base, kb("VmHWM"), kb("VmRSS"))
 """
 
 
-def _vmhwm_mb(gguf_path: str, weights_dtype: str) -> float:
+def _memory_mb(gguf_path: str, weights_dtype: str) -> dict:
+    """A fresh process: VmHWM after `import lenserve` (torch and the serving stack, no model), and
+    VmHWM / VmRSS once the model is loaded; the model's own share is the difference."""
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, gguf_path, weights_dtype], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    base, hwm, rss = (int(x) / 1024 for x in out.stdout.strip().splitlines()[-1].split())
+    return {"vmhwm_mb": round(hwm, 1), "vmrss_mb": round(rss, 1), "import_vmhwm_mb": round(base, 1), "model_vmhwm_mb": round(hwm - base, 1)}
 
 
 def _offline(gguf_path, prompts, new_tokens):
@@ -189,12 +195,13 @@ def main() -> None:
     offline = _offline(gguf_path, prompts, args.new_tokens)
     bandwidth = _read_bandwidth_gb_s()
     bound = bandwidth * 1e9 / offline["native"]["weight_bytes"]
-    rss = {mode: round(_vmhwm_mb(gguf_path, mode), 1) for mode in ("native", "fp32")}
+    mem = {mode: _memory_mb(gguf_path, mode) for mode in ("native", "fp32")}
     result = {"machine": machine(), "gguf": os.path.basename(gguf_path), "threads": args.threads,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "servers": servers, "offline": offline,
               "read_bandwidth_gb_s": round(bandwidth, 2), "decode_bound_tok_s": round(bound, 1),
               "decode_batch1_fraction_of_bound": round(offline["native"]["decode_batch1_tok_s"] / bound, 3),
-              "vmhwm_mb": rss, "vmhwm_native_over_fp32": round(rss["native"] / rss["fp32"], 3)}
+              "memory": mem, "vmhwm_native_over_fp32": round(mem["native"]["vmhwm_mb"] / mem["fp32"]["vmhwm_mb"], 3),
+              "model_vmhwm_native_over_fp32": round(mem["native"]["model_vmhwm_mb"] / mem["fp32"]["model_vmhwm_mb"], 3)}
     if "llama_server" in servers:
         peer = {r["streams"]: r for r in servers["llama_server"]}
         for name in [n for n in servers if n.startswith("lenserve_")]:

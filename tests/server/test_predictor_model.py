@@ -91,14 +91,12 @@ def test_the_served_model_refines_its_predictions_over_http(tmp_path_factory):
 def test_a_choice_caps_the_prediction_the_engine_gets(predictor):
     """guided_choice (or an enum schema) bounds the answer: the scheduler gets a prediction no
     longer than the longest choice in tokens plus the end token."""
-    import gguf
-
     from lenserve.engine.loader_gguf import find_embedded_gguf, read_gguf_fields
     from lenserve.engine.sampling_params import SamplingParams
     from lenserve.engine.structured_output import StructuredOutputSpec
     from lenserve.engine.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_gguf_fields(read_gguf_fields(gguf.GGUFReader(find_embedded_gguf())))
+    tok = Tokenizer.from_gguf_fields(read_gguf_fields(find_embedded_gguf()))
     queued = []
     engine = SimpleNamespace(
         engine=SimpleNamespace(model_name="SmolLM2-135M-Instruct"), tokenizer=tok,

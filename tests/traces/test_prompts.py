@@ -51,15 +51,13 @@ def test_batches_that_do_not_split_fall_back_to_one_call_per_word():
 
 def _smollm2_tokenizer_json(tmp_path_factory):
     try:
-        import gguf
-
         from lenserve.engine.loader_gguf import find_embedded_gguf, read_gguf_fields
         from lenserve.engine.tokenizer import Tokenizer
 
         path = find_embedded_gguf()
     except Exception as e:  # the embedded model is optional in a checkout
         pytest.skip(f"embedded SmolLM2 GGUF not available: {e}")
-    tokenizer = Tokenizer.from_gguf_fields(read_gguf_fields(gguf.GGUFReader(path)))
+    tokenizer = Tokenizer.from_gguf_fields(read_gguf_fields(path))
     out = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tokenizer.hf.save(str(out))
     return out
