@@ -9,13 +9,25 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
-import xgrammar as xgr
 
 from lenserve.engine.structured_output import StructuredOutputSpec
 from lenserve.engine.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    import xgrammar as xgr
+
 DEFAULT_CACHE_SIZE = 256
+
+
+def _xgr():
+    """xgrammar, imported on the first constrained request: it pulls in transformers and friends
+    (~46 MiB resident, a second of start-up) that a server which never constrains does not need."""
+    import xgrammar
+
+    return xgrammar
 
 
 class GrammarError(ValueError):
@@ -33,13 +45,13 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int) -> xgr.TokenizerInfo:
     assembled one or an HF tokenizer.json). `vocab_size` is the model's logits width, which may
     exceed the tokenizer's (Qwen2 pads its embedding)."""
     # xgrammar's own reading of a tokenizer.json (what from_huggingface does for a fast tokenizer)
-    metadata = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer.hf.to_str())
+    metadata = _xgr().TokenizerInfo._detect_metadata_from_hf(tokenizer.hf.to_str())
     vocab = tokenizer.hf.get_vocab(with_added_tokens=True)
     encoded = [""] * max(vocab_size, len(vocab))
     for token, i in vocab.items():
         encoded[i] = token
     stop = sorted({tokenizer.eos_token_id, *tokenizer.extra_eos_token_ids} - {None})
-    return xgr.TokenizerInfo(
+    return _xgr().TokenizerInfo(
         encoded[:vocab_size] if len(encoded) > vocab_size else encoded,
         vocab_type=metadata["vocab_type"],
         vocab_size=vocab_size,
@@ -65,7 +77,7 @@ class XgrammarBackend:
         if self._compiler is None:
             info = tokenizer_info(self._tokenizer, self.vocab_size)
             # Our LRU is the one cache: it counts hits and bounds entries.
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+            self._compiler = _xgr().GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler
 
     def compile(self, spec: StructuredOutputSpec) -> tuple[xgr.CompiledGrammar, float | None]:
@@ -108,7 +120,7 @@ class XgrammarBackend:
 
     def new_matcher(self, spec: StructuredOutputSpec) -> xgr.GrammarMatcher:
         compiled, _ = self.compile(spec)
-        return xgr.GrammarMatcher(compiled)
+        return _xgr().GrammarMatcher(compiled)
 
     def apply_bitmask(self, logits: torch.Tensor, matchers: list[xgr.GrammarMatcher | None]) -> None:
         """Masks, in place, the rows of `logits` [num_rows, vocab] whose matcher is not None to the
@@ -118,8 +130,8 @@ class XgrammarBackend:
             return
         n = logits.shape[0]
         if self._bitmask is None or self._bitmask.shape[0] < n:
-            self._bitmask = xgr.allocate_token_bitmask(max(n, 64), self.vocab_size)
+            self._bitmask = _xgr().allocate_token_bitmask(max(n, 64), self.vocab_size)
         bitmask = self._bitmask[:n]
         for i in rows:
             matchers[i].fill_next_token_bitmask(bitmask, i)
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows)
+        _xgr().apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows)
