@@ -25,8 +25,10 @@ def extension() -> object | None:
     return _C
 
 
+@functools.lru_cache(maxsize=None)
 def has_op(name: str, device: torch.device | str = "cpu") -> bool:
-    """Whether torch.ops.lenserve.<name> exists with a kernel for `device`."""
+    """Whether torch.ops.lenserve.<name> exists with a kernel for `device` (cached on the pair: it
+    is asked before every op call of every layer)."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     return _has_op(name, device_type)
 

@@ -18,6 +18,7 @@ import torch
 
 from lenserve.config import EngineConfig, resolve_target_itl_s
 from lenserve.engine._ext import has_op
+from lenserve.engine.cpu_threads import run_in_fresh_thread
 from lenserve.engine.detokenizer import IncrementalDetokenizer
 from lenserve.engine.kv_cache import KVCache, kv_bytes_per_block
 from lenserve.engine.loader_hf import load_model_files
@@ -88,6 +89,11 @@ def _resolve_weights_dtype(config: EngineConfig, on_cpu: bool) -> str:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
+        # Loading runs parallel CPU work (weight packing, the warm-up forward): in a thread of its
+        # own, so that the thread that later steps is the process's only OpenMP team (cpu_threads.py).
+        run_in_fresh_thread(self._init, config)
+
+    def _init(self, config: EngineConfig | None) -> None:
         self.config = config = config or EngineConfig()
         self.device = _resolve_device(config.device)
         if self.device.type == "cpu":

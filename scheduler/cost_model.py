@@ -173,6 +173,10 @@ class OnlineCostModel:
                  half_life: int = 32) -> None:
         from collections import deque
 
+        # The fit's solver is imported here, at engine start, not at the first refit: importing
+        # scipy.optimize takes ~1 s, which in a step is a 1 s gap in every stream.
+        import scipy.optimize  # noqa: F401
+
         self.prior = prior
         self.model: CostModel | None = prior
         self._prefill: deque = deque(maxlen=window // 2)
