@@ -143,6 +143,51 @@ void decode_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64
   });
 }
 
+#ifdef LENSERVE_AVX2
+// In place: row i of the 8 x 8 block (r[0..7]) becomes its column i.
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#endif
+
+// nrows (<= 16) unpacked rows [nrows][K] into a panel [K][16] (rows past nrows zero). A full
+// panel goes by 8 x 8 register transposes: the element-by-element copy strided every read by K
+// floats and took most of a batched decode step's unpacking time.
+void rows_to_panel(const float* rows, int64_t K, int64_t nrows, float* panel) {
+  int64_t k0 = 0;
+#ifdef LENSERVE_AVX2
+  if (nrows == kPanel) {
+    for (; k0 + 8 <= K; k0 += 8)
+      for (int r0 = 0; r0 < kPanel; r0 += 8) {
+        __m256 v[8];
+        for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(rows + (r0 + i) * K + k0);
+        transpose8(v);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k0 + i) * kPanel + r0, v[i]);
+      }
+  }
+#endif
+  for (int64_t k = k0; k < K; ++k) {
+    float* dst = panel + k * kPanel;
+    for (int64_t r = 0; r < nrows; ++r) dst[r] = rows[r * K + k];
+    for (int64_t r = nrows; r < kPanel; ++r) dst[r] = 0.f;
+  }
+}
+
 void prefill_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t row_bytes, int64_t type, int64_t K,
                   int64_t N, const float* bias, float* out) {
   const int64_t P = ceil_div(N, kPanel);
@@ -177,11 +222,7 @@ void prefill_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
         float* panel = panels.data() + (p - p0) * panel_floats;
         const int64_t nrows = std::min<int64_t>(kPanel, N - p * kPanel);
         for (int64_t r = 0; r < nrows; ++r) dequant_row(type, w + (p * kPanel + r) * row_bytes, rows.data() + r * K, K);
-        for (int64_t k = 0; k < K; ++k) {
-          float* dst = panel + k * kPanel;
-          for (int64_t r = 0; r < nrows; ++r) dst[r] = rows[r * K + k];
-          for (int64_t r = nrows; r < kPanel; ++r) dst[r] = 0.f;
-        }
+        rows_to_panel(rows.data(), K, nrows, panel);
       }
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t m1 = std::min(M, m0 + MB);
