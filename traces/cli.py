@@ -57,6 +57,9 @@ def add_replay_args(p: argparse.ArgumentParser, with_url: bool = True) -> None:
     g.add_argument("--request-timeout-s", type=float, default=600.0)
     g.add_argument("--metrics-interval-s", type=float, default=1.0, help="how often to scrape /metrics (0: never)")
     g.add_argument("--seed", type=int, default=0, help="prompt choice")
+    g.add_argument("--prefix-block-tokens", type=int, default=None, metavar="N",
+                   help="exact mode, traces with prefix blocks (Mooncake hash_ids, multi-turn sessions): each trace block becomes "
+                        "N deterministic tokens (equal ids, equal tokens), so shared prefixes hit the server's prefix cache")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
@@ -79,6 +82,7 @@ def replay_config_from_args(args: argparse.Namespace, url: str = ""):
         metrics_interval_s=args.metrics_interval_s,
         tokenizer=args.tokenizer,
         seed=args.seed,
+        prefix_block_tokens=args.prefix_block_tokens,
         show_progress=not args.no_progress,
     )
 
