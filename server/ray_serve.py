@@ -2,7 +2,7 @@
 deployment behind one OpenAI-compatible ingress.
 
     HTTP ─> Ray Serve proxy ─> LenserveIngress (FastAPI: auth, body limit, validation, /metrics)
-                                 └ DeploymentHandle + request router (least-work | pow2 | round-robin)
+                                 └ DeploymentHandle + request router (least-work | pow2 | round-robin | cache-aware | ray-prefix)
                                      └ EngineReplica x N (AsyncEngine + OpenAIServing, as the single server)
 
 The ingress validates each request with the single server's pydantic models (same 400s), then
@@ -137,6 +137,8 @@ class EngineReplica:
             self.engine.fault_hook = file_fault_hook(os.environ["LENSERVE_FAULT_FILE"])
         self._work = (0.0, time.time(), 0)  # (predicted outstanding work, when, unfinished requests)
         self._mean_request_work: float | None = None
+        bm = eng.block_manager
+        self._prefix: dict = {"kv_tokens": bm.num_blocks * bm.block_size}  # and the prefix cache's counters, after each step
         predictor = load_length_models(config, eng)
         self.engine.start(asyncio.get_running_loop())
         self.serving = OpenAIServing(self.engine, names, self.metrics, predictor, config.request_timeout_s)
@@ -154,6 +156,10 @@ class EngineReplica:
         seqs = list(sched.requests.values())
         work = sum(predicted_work(s, weight) for s in seqs)
         self._work = (work, time.time(), len(seqs))
+        s = stats.scheduler
+        bm = self.engine.engine.block_manager
+        self._prefix = {"kv_tokens": bm.num_blocks * bm.block_size, "prefix_cache_queries": s.prefix_cache_queries_total,
+                        "prefix_cache_hits": s.prefix_cache_hits_total, "prefix_cache_blocks": s.num_cached_blocks}
         fresh = [predicted_work(s, weight) for s in seqs if s.num_computed_tokens == 0]
         if fresh:
             mean = sum(fresh) / len(fresh)
@@ -162,7 +168,7 @@ class EngineReplica:
 
     def record_routing_stats(self) -> dict:
         work, at, unfinished = self._work
-        return {"work": work, "time": at, "unfinished": unfinished, "mean_request_work": self._mean_request_work}
+        return {"work": work, "time": at, "unfinished": unfinished, "mean_request_work": self._mean_request_work, **self._prefix}
 
     async def _push_metrics(self) -> None:
         while True:
@@ -380,7 +386,9 @@ def build_ingress_app(config: ServerConfig):
                 families.extend(fams)
         merged = CollectorRegistry()
         merged.register(_Merged(families))
-        text = generate_latest(merged) + generate_latest(registry)
+        from lenserve.server.ray_router import ROUTER_REGISTRY
+
+        text = generate_latest(merged) + generate_latest(registry) + generate_latest(ROUTER_REGISTRY)
         return Response(text, media_type=CONTENT_TYPE)
 
     return app
@@ -453,6 +461,16 @@ def default_threads(num_replicas: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(num_replicas, 1))
 
 
+def router_kwargs(cfg: ScaleOutConfig, server: ServerConfig) -> dict:
+    """The request router's initialize_state kwargs (Ray's own prefix-aware router takes its defaults)."""
+    if cfg.router == "ray-prefix":
+        return {}
+    kwargs = {"session_affinity": cfg.session_affinity}
+    if cfg.router == "cache-aware":
+        kwargs["prompt_weight"] = server.engine.scheduler.prompt_weight
+    return kwargs
+
+
 def build_application(cfg: ScaleOutConfig):
     """The Serve application: the ingress bound to the engine deployment."""
     from fastapi import FastAPI
@@ -474,7 +492,7 @@ def build_application(cfg: ScaleOutConfig):
         graceful_shutdown_timeout_s=max(server.shutdown_grace_s, 1.0),
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_CLASSES[cfg.router],
-            request_router_kwargs={"session_affinity": cfg.session_affinity},
+            request_router_kwargs=router_kwargs(cfg, server),
             request_routing_stats_period_s=cfg.routing_stats_period_s,
             request_routing_stats_timeout_s=max(cfg.routing_stats_period_s * 4, 5.0),
         ),
