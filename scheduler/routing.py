@@ -83,7 +83,11 @@ def text_block_ids(text: str, chunk_chars: int = 64) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class CacheAwarePolicy:
     prompt_weight: float = 0.3  # response tokens per prompt token prefilled (SchedulerConfig.prompt_weight)
-    length_weight: float = 1.0  # weight of the replica's predicted outstanding work; 0: prefix only
+    # Weight of the replica's predicted outstanding work. Well below 1: a continuously batched
+    # replica shares its steps, so a newcomer is slowed by how many sequences run beside it (the
+    # guard's business), far less than by their total work left, as it would be in a FIFO queue;
+    # 0.1 from a sweep of {0, 0.1, 0.3, 1} (benchmarks/bench_prefix_routing.py), 0: prefix only.
+    length_weight: float = 0.1
     balance_abs: float = 16.0  # guard: ongoing requests max - min above this ...
     balance_rel: float = 1.5  # ... and max above this x min: route by load alone
 

@@ -189,7 +189,7 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
 
 
 class CacheAwareRouter(LeastWorkRouter):
-    def initialize_state(self, session_affinity: bool = False, prompt_weight: float = 0.3, length_weight: float = 1.0,
+    def initialize_state(self, session_affinity: bool = False, prompt_weight: float = 0.3, length_weight: float = 0.1,
                          balance_abs: float = 16.0, balance_rel: float = 1.5, **kwargs: Any) -> None:
         super().initialize_state(session_affinity=session_affinity)
         self.policy = CacheAwarePolicy(prompt_weight=prompt_weight, length_weight=length_weight,
