@@ -138,15 +138,22 @@ def plot(result: dict, path: str) -> None:
     width = 0.8 / len(routers)
     labels = [f"{r['trace']}/{r['cost_model']}\nx{r['num_replicas']}" for r in runs]
     for ax, (key, title, target) in zip(axes, metrics):
+        top = 1.6 if key in ("mean_e2e", "p99_e2e") else None
         for j, router in enumerate(routers + (["pow2"] if key == "hit_rate_over_shared" else [])):
             xs = [g + (j - (len(routers) - 1) / 2) * width for g in range(len(runs))]
-            ax.bar(xs, [r["over_pow2"][router][key] or 0 for r in runs], width, label=router)
+            ys = [r["over_pow2"][router][key] or 0 for r in runs]
+            ax.bar(xs, [min(y, top) if top else y for y in ys], width, label=router)
+            for x, y in zip(xs, ys):
+                if top and y > top:  # off the scale: a router that collapsed onto few replicas
+                    ax.text(x, top * 0.98, f"{y:.0f}x", rotation=90, ha="center", va="top", fontsize=7)
         ax.axhline(target, color="gray", ls="--", label=f"target {target:g}")
         if key != "hit_rate_over_shared":
             ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(range(len(runs)), labels, fontsize=8)
         ax.set_ylabel(title, fontsize=9)
         ax.set_yscale("log" if key == "mean_ttft" else "linear")
+        if top:
+            ax.set_ylim(0, top)
     axes[0].legend(fontsize=7, ncol=5)
     fig.suptitle("Prefix-cache-aware routing, simulated at pow2 busy ~%.2f" % result["meta"]["pow2_busy_target"], fontsize=10)
     fig.tight_layout()
@@ -167,7 +174,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-requests", type=int, default=None, help="first N requests of each trace (smoke runs)")
     p.add_argument("--out", default=os.path.join(RESULTS, "prefix_routing_sim.json"))
     p.add_argument("--plot", default=os.path.join(RESULTS, "prefix_routing_sim.png"))
+    p.add_argument("--replot", action="store_true", help="redraw --plot from --out and exit")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.out) as f:
+            plot(json.load(f), args.plot)
+        return 0
     args.routers = [r for r in args.routers.split(",") if r]
     args.length_weights = [float(w) for w in args.length_weights.split(",") if w]
 
