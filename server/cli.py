@@ -38,6 +38,8 @@ def register(sub) -> None:
                         "cache-aware: prefill left after the prefix a replica likely caches + its predicted work, under an "
                         "imbalance guard; ray-prefix: Ray Serve's PrefixCacheAffinityRouter")
     r.add_argument("--session-affinity", action="store_true", help="keep requests of one session_id (else user) on one replica")
+    r.add_argument("--max-replicas-per-node", type=int, default=None,
+                   help="at most N engine replicas on one Ray node (1: spread the replicas over the cluster's machines)")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -74,6 +76,7 @@ def scale_out_config_from_args(args: argparse.Namespace, config):
         router=args.router,
         session_affinity=args.session_affinity,
         ray_address=args.ray_address,
+        max_replicas_per_node=args.max_replicas_per_node,
     )
 
 

@@ -63,6 +63,7 @@ class ScaleOutConfig:
     replica_num_cpus: float | None = None  # Ray CPUs per replica (default: the engine's threads)
     routing_stats_period_s: float = 0.5
     max_ongoing_requests: int = 1000  # per replica; the engine's --max-queue answers 429 before this
+    max_replicas_per_node: int | None = None  # 1: one replica per Ray node (spread over machines)
 
     def __post_init__(self) -> None:
         from lenserve.server.ray_router import ROUTER_CLASSES
@@ -71,6 +72,8 @@ class ScaleOutConfig:
             raise ValueError(f"--router must be one of {', '.join(ROUTER_CLASSES)}, got {self.router!r}")
         if self.num_replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {self.num_replicas}")
+        if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
+            raise ValueError(f"--max-replicas-per-node must be >= 1, got {self.max_replicas_per_node}")
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("--min-replicas and --max-replicas go together")
         if self.min_replicas is not None:
@@ -100,8 +103,14 @@ class MetricsHub:
         return self.latest
 
 
+# The ingress, its HTTP proxy and the metrics hub stay on the head node: a worker node (and the
+# engine replicas on it) can then go away without taking the way in with it.
+HEAD_NODE = {"node:__internal_head__": 0.001}
+
+
 def get_hub():
-    return MetricsHub.options(name=HUB_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+    return MetricsHub.options(name=HUB_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+                              resources=HEAD_NODE).remote()
 
 
 # ---- the engine replica ---------------------------------------------------------------------------------
@@ -497,6 +506,8 @@ def build_application(cfg: ScaleOutConfig):
             request_routing_stats_timeout_s=max(cfg.routing_stats_period_s * 4, 5.0),
         ),
     )
+    if cfg.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = cfg.max_replicas_per_node
     if cfg.min_replicas is not None:
         options["autoscaling_config"] = {
             "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas, "initial_replicas": cfg.num_replicas,
@@ -508,7 +519,8 @@ def build_application(cfg: ScaleOutConfig):
 
     fastapi_app: FastAPI = build_ingress_app(server)
 
-    @serve.deployment(name="LenserveIngress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000)
+    @serve.deployment(name="LenserveIngress", num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": HEAD_NODE},
+                      max_ongoing_requests=100_000)
     @serve.ingress(fastapi_app)
     class LenserveIngress:
         def __init__(self, engine_handle) -> None:
@@ -550,7 +562,7 @@ def start(cfg: ScaleOutConfig, *, blocking: bool = True) -> None:
                      num_cpus=max(os.cpu_count() or 1, cfg.max_replicas or cfg.num_replicas))
         else:
             ray.init(address=cfg.ray_address, namespace=NAMESPACE, log_to_driver=False)
-    serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port}, detached=not own_ray)
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.server.host, "port": cfg.server.port}, detached=not own_ray)
     serve.run(build_application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     logger.info("serving on http://%s:%d with %d replicas (router %s)", cfg.server.host, cfg.server.port, cfg.num_replicas, cfg.router)
     if not blocking:
