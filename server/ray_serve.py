@@ -558,7 +558,9 @@ def start(cfg: ScaleOutConfig, *, blocking: bool = True) -> None:
     own_ray = cfg.ray_address is None
     if not ray.is_initialized():
         if own_ray:
-            ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
+            # address="local": a new Ray of our own, never one that happens to run on this machine
+            # (ray.init would otherwise join the latest one it finds under /tmp/ray)
+            ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
                      num_cpus=max(os.cpu_count() or 1, cfg.max_replicas or cfg.num_replicas))
         else:
             ray.init(address=cfg.ray_address, namespace=NAMESPACE, log_to_driver=False)

@@ -117,10 +117,13 @@ def _run_pytest_then_kill(tmp_path, argv: list[str], sig: int, grace_s: float = 
         assert session_pids(pids["server"])
         runner.send_signal(sig)
         runner.wait(30)
-        deadline = time.monotonic() + grace_s + 60
+        deadline = time.monotonic() + grace_s + 90
         while session_pids(pids["server"]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        return pids, session_pids(pids["server"])
+        left = session_pids(pids["server"])
+        if left:  # say what was left and whether the watchdog still runs
+            left = [(pid, open(f"/proc/{pid}/cmdline", "rb").read()[:120]) for pid in left] + [("watchdog alive", _alive(pids["watchdog"]))]
+        return pids, left
     finally:
         if runner.poll() is None:
             runner.kill()
