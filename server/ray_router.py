@@ -34,11 +34,11 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
 from lenserve.scheduler.routing import CacheAwarePolicy, PrefixIndex, cache_aware_rank, text_block_ids
+from lenserve.server import router_metrics  # by reference: see its docstring
 
 DEFAULT_REQUEST_WORK = 256.0  # predicted work of one request (response tokens) before any replica has reported
 MAX_SESSIONS = 100_000
@@ -49,11 +49,6 @@ CHUNK_CHARS = 64  # prefix index granularity of the cache-aware router
 CHARS_PER_TOKEN = 4.0  # its estimate of a prompt's tokens from its text
 DEFAULT_KV_TOKENS = 65536  # a replica's KV capacity before its first report
 
-# Router decisions, timed in the process that routes (the ingress), served on its /metrics.
-ROUTER_REGISTRY = CollectorRegistry()
-DECISION_SECONDS = Histogram("lenserve:router_decision_seconds", "Time a request router takes to rank the replicas for one request",
-                             ["router"], registry=ROUTER_REGISTRY,
-                             buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 0.1))
 
 
 def prompt_text(body: dict) -> str:
@@ -196,7 +191,6 @@ class CacheAwareRouter(LeastWorkRouter):
                                        balance_abs=balance_abs, balance_rel=balance_rel)
         self._history: dict[str, PrefixIndex] = {}  # by replica unique_id
         self._pending_ids: dict[str, tuple[int, ...]] = {}  # internal id -> the prompt's chunk ids, until routed
-        self._decision = DECISION_SECONDS.labels("cache-aware")
 
     def history_of(self, replica: RunningReplica) -> PrefixIndex:
         kv_tokens = float((replica.routing_stats or {}).get("kv_tokens") or DEFAULT_KV_TOKENS)
@@ -230,7 +224,7 @@ class CacheAwareRouter(LeastWorkRouter):
             self._pending_ids[rid] = ids
             if len(self._pending_ids) > MAX_COMPLETIONS:  # choices never routed (cancelled)
                 self._pending_ids.pop(next(iter(self._pending_ids)))
-        self._decision.observe(time.perf_counter() - t0)
+        router_metrics.observe_decision("cache-aware", time.perf_counter() - t0)
         return ranks
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
@@ -263,7 +257,7 @@ def _prefix_aware_router_class():
             try:
                 return await super().choose_replicas(candidate_replicas, pending_request)
             finally:
-                DECISION_SECONDS.labels("ray-prefix").observe(time.perf_counter() - t0)
+                router_metrics.observe_decision("ray-prefix", time.perf_counter() - t0)
 
     return PrefixAwareRouter
 

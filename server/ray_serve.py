@@ -395,7 +395,7 @@ def build_ingress_app(config: ServerConfig):
                 families.extend(fams)
         merged = CollectorRegistry()
         merged.register(_Merged(families))
-        from lenserve.server.ray_router import ROUTER_REGISTRY
+        from lenserve.server.router_metrics import REGISTRY as ROUTER_REGISTRY
 
         text = generate_latest(merged) + generate_latest(registry) + generate_latest(ROUTER_REGISTRY)
         return Response(text, media_type=CONTENT_TYPE)

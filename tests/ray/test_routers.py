@@ -135,3 +135,27 @@ def test_ray_prefix_router_class_imports_without_vllm():
     cls = ray_router.PrefixAwareRouter
     assert cls.__name__ == "PrefixAwareRouter" and "vllm" not in sys.modules
     assert set(ray_router.ROUTER_CLASSES) >= {"cache-aware", "ray-prefix", "pow2", "least-work", "round-robin"}
+
+
+def test_ray_serve_can_ship_every_router_class():
+    """Ray Serve pickles a router class by value with its module's globals: none may hold a lock."""
+    from ray.serve.config import RequestRouterConfig
+
+    from lenserve.server.ray_router import ROUTER_CLASSES
+
+    for name, path in ROUTER_CLASSES.items():
+        assert RequestRouterConfig(request_router_class=path).get_request_router_class() is not None, name
+
+
+def test_cache_aware_times_its_decisions():
+    from lenserve.server import router_metrics
+    from lenserve.server.ray_router import CacheAwareRouter
+
+    def count() -> float:
+        return sum(s.value for m in router_metrics.REGISTRY.collect() for s in m.samples
+                   if s.name.endswith("_count") and s.labels.get("router") == "cache-aware")
+
+    before = count()
+    router = _router(CacheAwareRouter)
+    _choose(router, [_replica("a"), _replica("b")], _request({"prompt": "hello " * 50}, rid="d1"))
+    assert count() == before + 1
