@@ -20,12 +20,15 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--start", type=float, default=None, metavar="S", help="window start, seconds after the trace's first request")
     g.add_argument("--duration", type=float, default=None, metavar="D", help="window length in trace seconds")
     g.add_argument("--max-requests", type=int, default=None, metavar="N", help="replay at most the first N requests of the window")
+    g.add_argument("--session-blocks", type=int, default=None, metavar="TOKENS",
+                   help="traces with session ids and no block ids (BurstGPT v3): derive prefix blocks of TOKENS tokens from the "
+                        "sessions (a turn continues its session's conversation when its prompt holds the previous prompt and answer)")
 
 
 def load_from_args(args: argparse.Namespace):
     from lenserve.traces.loaders import load_trace
 
-    return load_trace(
+    trace = load_trace(
         args.trace,
         args.format,
         models=args.trace_model,
@@ -35,6 +38,11 @@ def load_from_args(args: argparse.Namespace):
         duration_s=args.duration,
         max_requests=args.max_requests,
     )
+    if getattr(args, "session_blocks", None):
+        from lenserve.traces.sessions import session_block_ids
+
+        trace = session_block_ids(trace, args.session_blocks)
+    return trace
 
 
 def add_replay_args(p: argparse.ArgumentParser, with_url: bool = True) -> None:
