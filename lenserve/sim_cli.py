@@ -44,8 +44,10 @@ def add_simulation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON object keyed by policy")
     c = p.add_argument_group("replicas (a router in front of N engines)")
     c.add_argument("--replicas", type=int, default=1, help="engine replicas behind the router")
-    c.add_argument("--router", default=None, help="comma-separated: least-work, pow2, round-robin (default with --replicas > 1: all three); "
-                   "jsq and min-delay are references that see what a real router cannot (live state, true lengths)")
+    c.add_argument("--router", default=None, help="comma-separated: least-work, pow2, round-robin, cache-aware, ray-prefix (default with "
+                   "--replicas > 1: all five; the cache-aware ones need a trace with prefix blocks: Mooncake hash_ids or sessions); "
+                   "ablations affinity, prefix-affinity, cache-aware-nolength; jsq, min-delay and cache-oracle are references that "
+                   "see what a real router cannot (live state, true lengths, every replica's cache)")
     c.add_argument("--report-interval-s", type=float, default=1.0, help="least-work: how often replicas report their outstanding work")
     c.add_argument("--plan-capacity", action="store_true", help="find the fewest replicas meeting --slo-ttft-s and --slo-tpot-s, per router")
     c.add_argument("--slo-ttft-s", type=float, default=None, help="capacity planning: time to first token objective")
@@ -110,12 +112,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def _simulate_replicas(args, trace, requests, predictions, config, cost, policies) -> int:
     from dataclasses import replace
 
-    from lenserve.scheduler.cluster import REFERENCE_ROUTERS, ROUTERS, SLO, plan_capacity, plot_capacity, simulate_routers
+    from lenserve.scheduler.cluster import ABLATION_ROUTERS, REFERENCE_ROUTERS, ROUTERS, SLO, plan_capacity, plot_capacity, simulate_routers
 
     routers = [r.strip() for r in (args.router or ",".join(ROUTERS)).split(",") if r.strip()]
     for r in routers:
-        if r not in ROUTERS + REFERENCE_ROUTERS:
-            raise ValueError(f"--router must be among {', '.join(ROUTERS + REFERENCE_ROUTERS)}, got {r!r}")
+        if r not in ROUTERS + ABLATION_ROUTERS + REFERENCE_ROUTERS:
+            raise ValueError(f"--router must be among {', '.join(ROUTERS + ABLATION_ROUTERS + REFERENCE_ROUTERS)}, got {r!r}")
     if len(policies) != 1:
         raise ValueError(f"with replicas, give one --policies (each replica's scheduler), got {policies}")
     config = replace(config, policy=policies[0])

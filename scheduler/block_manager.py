@@ -83,10 +83,17 @@ class BlockManager:
                 del self.free_blocks[b]
             self.ref_counts[b] += 1
         seq.block_ids = list(matched)
-        num_tokens = len(matched) * self.block_size
-        self.num_prefix_query_tokens += seq.num_tokens
-        self.num_prefix_hit_tokens += num_tokens
-        return num_tokens
+        return len(matched) * self.block_size
+
+    def record_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+        """One prefix-cache lookup of a sequence being admitted, hit or not (vLLM counts the same)."""
+        if self.enable_prefix_caching:
+            self.num_prefix_query_tokens += num_query_tokens
+            self.num_prefix_hit_tokens += num_hit_tokens
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
 
     def commit_full_blocks(self, seq: Sequence) -> None:
         """Registers the hashes of `seq`'s blocks that became full of computed tokens."""

@@ -25,6 +25,7 @@ about what one replica's simulation costs per request.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from lenserve.scheduler.block_manager import BlockManager
 from lenserve.scheduler.config import SchedulerConfig
 from lenserve.scheduler.cost_model import CostModel
 from lenserve.scheduler.policies import predicted_work
+from lenserve.scheduler.routing import CacheAwarePolicy, PrefixIndex, cache_aware_rank, ray_prefix_candidates
 from lenserve.scheduler.scheduler import Scheduler
 from lenserve.scheduler.sequence import Sequence
 from lenserve.scheduler.simulator import (
@@ -43,8 +45,15 @@ from lenserve.scheduler.simulator import (
     step_work,
 )
 
-ROUTERS = ("least-work", "pow2", "round-robin")
-REFERENCE_ROUTERS = ("jsq", "min-delay")  # simulation only: they see what a real router cannot
+ROUTERS = ("least-work", "pow2", "round-robin", "cache-aware", "ray-prefix")
+# Ablations of cache-aware, simulation only: `affinity` keeps a session on its first replica (pow2
+# for a session's first request, or for requests without a session), `prefix-affinity` takes the
+# longest prefix in the router's history alone (pow2 on ties), `cache-aware-nolength` drops the
+# outstanding-work term (prefix + imbalance guard)
+ABLATION_ROUTERS = ("affinity", "prefix-affinity", "cache-aware-nolength")
+# simulation only: they see what a real router cannot. `cache-oracle`: cache-aware on every
+# replica's true cache and true work left, read live
+REFERENCE_ROUTERS = ("jsq", "min-delay", "cache-oracle")
 
 
 class ReplicaSim:
@@ -79,6 +88,15 @@ class ReplicaSim:
         self.unfinished: dict[int, SimSequence] = {}  # by request index
         self.unfinished_hint = 0.0
         self.stalled = False  # waiting requests that nothing can schedule (a fault, reported at the end)
+        # The replica's prefix cache over the trace's blocks, as large as its KV cache (LRU): a
+        # request's prompt blocks enter it when its prefill ends, and a later request computes
+        # only the prompt past its longest cached prefix.
+        self.cache: PrefixIndex | None = None
+        if requests.block_ids is not None:
+            kv_tokens = bm.num_blocks * bm.block_size
+            self.cache = PrefixIndex(max(kv_tokens / requests.block_tokens, 1))
+        self.num_prompt_tokens = 0
+        self.num_cached_tokens = 0
 
     # ---- what a router sees ------------------------------------------------------------------------
     @property
@@ -102,9 +120,17 @@ class ReplicaSim:
                 + weight * max(seq.num_prompt_tokens - seq.num_computed_tokens, 0)
                 for seq in self.unfinished.values()]
 
+    def cached_tokens(self, i: int) -> int:
+        """Prompt tokens of request i this replica's cache holds now (the last one is always computed)."""
+        ids = self.requests.block_ids[i] if self.cache is not None else None
+        if not ids:
+            return 0
+        return min(self.cache.match(ids) * self.requests.block_tokens, int(self.requests.prompt_tokens[i]) - 1)
+
     # ---- requests -------------------------------------------------------------------------------------
     def add(self, i: int, work_hint: float = 0.0) -> None:
-        """`work_hint`: the request's predicted work when it arrives (see `outstanding_work`)."""
+        """`work_hint`: the request's predicted work when it arrives (see `outstanding_work`),
+        prompt counted whole: the cached part comes off here."""
         r = self.requests
         t = float(r.arrival_s[i])
         if self.now < t:  # idle until now
@@ -115,12 +141,27 @@ class ReplicaSim:
             prediction=self.predictions.at(i) if self.predictions is not None else None,
             true_output_len=int(r.output_tokens[i]),
         )
+        cached = self.cached_tokens(i)
+        if cached:
+            self.cache.insert(r.block_ids[i][: cached // r.block_tokens])  # a hit refreshes its blocks
+            seq.num_computed_tokens = seq.num_cached_tokens = cached
+            work_hint = max(work_hint - self.config.prompt_weight * cached, 0.0)
+        self.num_prompt_tokens += seq.num_prompt_tokens
+        self.num_cached_tokens += cached
         seq.work_hint = work_hint
         self.unfinished_hint += work_hint
         self.sched.add(seq)
         self.unfinished[i] = seq
         self.num_assigned += 1
         self.stalled = False
+
+    def _cache_prompts(self, out) -> None:
+        """Prompts whose prefill ends in this step enter the prefix cache (as an engine registers
+        a block once it is computed; the chunks before the last are left out)."""
+        block_ids = self.requests.block_ids
+        for seq, num_new in zip(out.seqs[: out.num_prefill_seqs], out.num_new_tokens):
+            if seq.num_computed_tokens + num_new >= seq.num_prompt_tokens and block_ids[seq.index]:
+                self.cache.insert(block_ids[seq.index])
 
     def _record(self, finished: Iterable[Sequence]) -> None:
         for seq in finished:
@@ -171,6 +212,8 @@ class ReplicaSim:
             self.num_steps += 1
             self.now = now + dt
             sched.record_step_time(dt)
+            if self.cache is not None:
+                self._cache_prompts(out)
             self._record(sched.update(out, sampled))
 
     def drain(self) -> None:
@@ -304,6 +347,161 @@ class MinDelayRouter(Router):
         return best
 
 
+class _HistoryMixin:
+    """A router's approximate view of each replica's prefix cache: the blocks of the requests it
+    sent there (SGLang's approximate tree), LRU over the replica's KV capacity."""
+
+    def init_history(self, capacity_blocks: float) -> None:
+        self.history = [PrefixIndex(capacity_blocks) for _ in self.replicas]
+
+    def history_cached(self, i: int) -> list[int]:
+        r = self.replicas[0].requests
+        ids = r.block_ids[i] if r.block_ids is not None else None
+        if not ids:
+            return [0] * len(self.replicas)
+        cap = int(r.prompt_tokens[i]) - 1
+        return [min(h.match(ids) * r.block_tokens, cap) for h in self.history]
+
+    def remember(self, k: int, i: int) -> None:
+        r = self.replicas[0].requests
+        ids = r.block_ids[i] if r.block_ids is not None else None
+        if ids:
+            self.history[k].insert(ids)
+
+
+def _history_capacity(replicas: list[ReplicaSim]) -> float:
+    rep = replicas[0]
+    if rep.cache is None:
+        return math.inf
+    return rep.cache.capacity_blocks
+
+
+class CacheAwareRouter(_HistoryMixin, LeastWorkRouter):
+    """`cache-aware` (lenserve.scheduler.routing.cache_aware_rank): prefill tokens left after the
+    longest prefix in the router's history of each replica, plus the replica's predicted work
+    (its last report and what was sent since, as least-work counts it), under the imbalance guard
+    on ongoing requests."""
+
+    name = "cache-aware"
+
+    def __init__(self, replicas, seed: int = 0, report_interval_s: float = 1.0, hints: list[float] | None = None,
+                 policy: CacheAwarePolicy | None = None) -> None:
+        super().__init__(replicas, seed, report_interval_s, hints)
+        self.policy = policy or CacheAwarePolicy(prompt_weight=replicas[0].config.prompt_weight)
+        self.init_history(_history_capacity(replicas))
+
+    def choose(self, i: int, t: float) -> int:
+        if t >= self.next_report_s:
+            for k, rep in enumerate(self.replicas):
+                rep.advance_to(t)
+                self.reported[k] = rep.outstanding_work()
+                self.sent_since[k] = 0.0
+            self.next_report_s = t + self.report_interval_s
+        ongoing = []
+        for rep in self.replicas:  # a router's own count of requests in flight on each replica
+            rep.advance_to(t)
+            ongoing.append(rep.num_ongoing)
+        cached = self.history_cached(i)
+        prompt = int(self.replicas[0].requests.prompt_tokens[i])
+        # the request's own prefill is in the cost's first term: the work known so far excludes it
+        work = [self.reported[k] + self.sent_since[k] for k in range(len(self.replicas))]
+        best = cache_aware_rank(prompt, cached, work, ongoing, self.policy, self.rng.random(len(ongoing)).tolist())[0]
+        self.remember(best, i)
+        self.sent_since[best] += max(self.hint[i] - self.policy.prompt_weight * cached[best], 0.0)
+        return best
+
+
+class CacheOracleRouter(Router):
+    """Reference: cache-aware on what no router sees: every replica's true prefix cache and the
+    true work left of its requests, live at each arrival."""
+
+    name = "cache-oracle"
+
+    def __init__(self, replicas, seed: int = 0, true_work: list[float] | None = None) -> None:
+        super().__init__(replicas, seed)
+        self.true_work = true_work or []
+        self.policy = CacheAwarePolicy(prompt_weight=replicas[0].config.prompt_weight)
+
+    def choose(self, i: int, t: float) -> int:
+        cached, work, ongoing = [], [], []
+        for rep in self.replicas:
+            rep.advance_to(t)
+            cached.append(rep.cached_tokens(i))
+            work.append(sum(rep.true_remaining_work()))
+            ongoing.append(rep.num_ongoing)
+        prompt = int(self.replicas[0].requests.prompt_tokens[i])
+        return cache_aware_rank(prompt, cached, work, ongoing, self.policy, self.rng.random(len(ongoing)).tolist())[0]
+
+
+class SessionAffinityRouter(PowerOfTwoRouter):
+    """`affinity`: a session stays on the replica of its first request; the rest is pow2."""
+
+    name = "affinity"
+
+    def __init__(self, replicas, seed: int = 0) -> None:
+        super().__init__(replicas, seed)
+        self.sessions: dict[str, int] = {}
+        self.session_ids = replicas[0].requests.session_ids if replicas else None
+
+    def choose(self, i: int, t: float) -> int:
+        key = self.session_ids[i] if self.session_ids is not None else None
+        if key is not None and key in self.sessions:
+            return self.sessions[key]
+        k = super().choose(i, t)
+        if key is not None:
+            self.sessions[key] = k
+        return k
+
+
+class PrefixAffinityRouter(_HistoryMixin, PowerOfTwoRouter):
+    """`prefix-affinity`: the longest prefix in the router's history wins, load unseen; pow2 on ties."""
+
+    name = "prefix-affinity"
+
+    def __init__(self, replicas, seed: int = 0) -> None:
+        super().__init__(replicas, seed)
+        self.init_history(_history_capacity(replicas))
+
+    def choose(self, i: int, t: float) -> int:
+        cached = self.history_cached(i)
+        best = max(cached)
+        tied = [k for k, c in enumerate(cached) if c == best]
+        k = tied[0] if len(tied) == 1 else self._pow2_among(tied, t)
+        self.remember(k, i)
+        return k
+
+    def _pow2_among(self, ks: list[int], t: float) -> int:
+        if len(ks) == len(self.replicas):
+            return PowerOfTwoRouter.choose(self, -1, t)
+        a, b = self.rng.choice(ks, 2, replace=False).tolist()
+        ra, rb = self.replicas[a], self.replicas[b]
+        ra.advance_to(t)
+        rb.advance_to(t)
+        return b if rb.num_ongoing < ra.num_ongoing else a
+
+
+class RayPrefixRouter(PrefixAffinityRouter):
+    """`ray-prefix`, a labelled baseline: the rule of Ray Serve's PrefixCacheAffinityRouter
+    (lenserve.scheduler.routing.ray_prefix_candidates with its defaults: no imbalance threshold,
+    10% match rate), its prefix tree as the router's history without eviction (its default), then
+    power of two choices among the candidates. The live router is Ray's own class."""
+
+    name = "ray-prefix"
+
+    def __init__(self, replicas, seed: int = 0) -> None:
+        super().__init__(replicas, seed)
+        self.init_history(math.inf)
+
+    def choose(self, i: int, t: float) -> int:
+        cached = self.history_cached(i)
+        prompt = max(int(self.replicas[0].requests.prompt_tokens[i]), 1)
+        ongoing = [rep.num_ongoing for rep in self.replicas]  # Ray's cached queue lengths (not advanced)
+        ks = ray_prefix_candidates([c / prompt for c in cached], [len(h) for h in self.history], ongoing)
+        k = ks[0] if len(ks) == 1 else self._pow2_among(ks, t)
+        self.remember(k, i)
+        return k
+
+
 def work_hints(requests: SimRequests, predictions: Predictions | None, prompt_weight: float) -> list[float]:
     """What a router knows of each request before sending it: its prompt and predicted length,
     as predicted work in response tokens."""
@@ -315,7 +513,8 @@ def work_hints(requests: SimRequests, predictions: Predictions | None, prompt_we
 
 
 def make_router(name: str, replicas: list[ReplicaSim], *, seed: int = 0, hints: list[float] | None = None,
-                report_interval_s: float = 1.0, true_work: list[float] | None = None) -> Router:
+                report_interval_s: float = 1.0, true_work: list[float] | None = None,
+                policy: CacheAwarePolicy | None = None) -> Router:
     if name == "least-work":
         return LeastWorkRouter(replicas, seed, report_interval_s, hints)
     if name == "pow2":
@@ -326,7 +525,20 @@ def make_router(name: str, replicas: list[ReplicaSim], *, seed: int = 0, hints: 
         return JSQRouter(replicas, seed)
     if name == "min-delay":
         return MinDelayRouter(replicas, seed, true_work)
-    raise ValueError(f"router must be one of {', '.join(ROUTERS + REFERENCE_ROUTERS)}, got {name!r}")
+    if name == "cache-aware":
+        return CacheAwareRouter(replicas, seed, report_interval_s, hints, policy)
+    if name == "cache-aware-nolength":
+        base = policy or CacheAwarePolicy(prompt_weight=replicas[0].config.prompt_weight)
+        return CacheAwareRouter(replicas, seed, report_interval_s, hints, dataclasses.replace(base, length_weight=0.0))
+    if name == "cache-oracle":
+        return CacheOracleRouter(replicas, seed, true_work)
+    if name == "affinity":
+        return SessionAffinityRouter(replicas, seed)
+    if name == "prefix-affinity":
+        return PrefixAffinityRouter(replicas, seed)
+    if name == "ray-prefix":
+        return RayPrefixRouter(replicas, seed)
+    raise ValueError(f"router must be one of {', '.join(ROUTERS + ABLATION_ROUTERS + REFERENCE_ROUTERS)}, got {name!r}")
 
 
 # ---- the cluster simulation ---------------------------------------------------------------------------
@@ -394,6 +606,7 @@ def simulate_cluster(
     report_interval_s: float = 1.0,
     num_kv_blocks: int | None = None,
     block_size: int | None = None,
+    policy: CacheAwarePolicy | None = None,
 ) -> ClusterResult:
     """Every request of the trace, routed to one of `num_replicas` simulated engines at its arrival."""
     if num_replicas < 1:
@@ -417,7 +630,8 @@ def simulate_cluster(
     true_work = None
     if router == "min-delay" and n:  # the hints an exact predictor would give
         true_work = work_hints(requests, oracle_predictions(requests.output_tokens), config.prompt_weight)
-    chooser = make_router(router, replicas, seed=seed, hints=hints, report_interval_s=report_interval_s, true_work=true_work)
+    chooser = make_router(router, replicas, seed=seed, hints=hints, report_interval_s=report_interval_s, true_work=true_work,
+                          policy=policy)
     arrival = requests.arrival_s.tolist()
     for i in range(n):
         t = arrival[i]
@@ -436,8 +650,14 @@ def simulate_cluster(
         "max_concurrent": rep.max_concurrent,
         "preemptions": rep.sched.num_preemptions_total,
         "num_steps": rep.num_steps,
+        "prefix_hit_rate": rep.num_cached_tokens / rep.num_prompt_tokens if rep.num_prompt_tokens else 0.0,
     } for rep in replicas]
-    return ClusterResult(router, num_replicas, e2e, ttft, generated, where, makespan, per_replica, time.perf_counter() - wall0)
+    extra = {}
+    if requests.block_ids is not None:
+        prompt = sum(rep.num_prompt_tokens for rep in replicas)
+        extra["prefix_hit_rate"] = sum(rep.num_cached_tokens for rep in replicas) / prompt if prompt else 0.0
+        extra["busy_frac_mean"] = float(np.mean([p["busy_frac"] for p in per_replica]))
+    return ClusterResult(router, num_replicas, e2e, ttft, generated, where, makespan, per_replica, time.perf_counter() - wall0, extra)
 
 
 def simulate_routers(requests: SimRequests, num_replicas: int, routers: Iterable[str], config: SchedulerConfig, cost: CostModel,

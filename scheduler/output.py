@@ -46,6 +46,9 @@ class SchedulerStats:
     kv_cache_usage: float = 0.0
     num_preemptions_total: int = 0
     prefix_cache_hit_rate: float = 0.0
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache (vLLM's semantics)
+    prefix_cache_hits_total: int = 0  # of those, tokens found cached
+    num_cached_blocks: int = 0  # blocks holding a registered prefix hash (in use or free)
     num_reserved_blocks: int = 0  # free blocks promised to running sequences (KV admission)
     num_reestimations_total: int = 0  # running sequences that outlived their predicted p90
     num_refinements_total: int = 0  # predictions replaced at the end of the prefill (length probe)

@@ -464,7 +464,8 @@ class Scheduler:
         them for a static batch; the rest of a continuous selection goes back to the queue)."""
         bm = self.block_manager
         takes = prepack(
-            [seq.num_tokens - len(matched) * bm.block_size for seq, matched in selected],
+            # (a sequence may arrive with a computed prefix: the simulator's cached tokens)
+            [seq.num_tokens - max(len(matched) * bm.block_size, seq.num_computed_tokens) for seq, matched in selected],
             budget,
             self.config.enable_chunked_prefill,
         )
@@ -476,6 +477,7 @@ class Scheduler:
             if matched:
                 seq.num_computed_tokens = bm.take_prefix(seq, matched)
                 seq.num_cached_tokens = seq.num_computed_tokens
+            bm.record_lookup(seq.num_tokens, len(matched) * bm.block_size)
             num_new = min(num_new, seq.num_tokens - seq.num_computed_tokens)
             if num_new:
                 bm.allocate(seq, seq.num_computed_tokens + num_new)
@@ -703,6 +705,9 @@ class Scheduler:
             kv_cache_usage=bm.usage,
             num_preemptions_total=self.num_preemptions_total,
             prefix_cache_hit_rate=hit,
+            prefix_cache_queries_total=bm.num_prefix_query_tokens,
+            prefix_cache_hits_total=bm.num_prefix_hit_tokens,
+            num_cached_blocks=bm.num_cached_blocks,
             num_reserved_blocks=self.num_reserved_blocks,
             num_reestimations_total=self.num_reestimations_total,
             num_refinements_total=self.num_refinements_total,

@@ -70,6 +70,11 @@ class SimRequests:
     output_tokens: np.ndarray  # int64 [n], true response lengths (>= 1)
     max_tokens: np.ndarray  # int64 [n], the client's limit (>= output_tokens)
     num_clipped: int = 0  # requests shortened to fit max_model_len
+    # Prefix structure, when the trace has it: per request, the ids of its prompt's blocks of
+    # `block_tokens` tokens (cut to the clipped prompt); equal leading ids = a shared prefix.
+    block_ids: list[tuple[int, ...] | None] | None = None
+    block_tokens: int = 0
+    session_ids: list[str | None] | None = None  # per request, when the trace has sessions
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -84,15 +89,20 @@ class SimRequests:
         time_scale: float = 1.0,
         max_model_len: int = 8192,
         max_tokens: int = 2048,
+        block_ids: list[tuple[int, ...] | None] | None = None,
+        block_tokens: int = 0,
+        session_ids: list[str | None] | None = None,
     ) -> SimRequests:
         """Drops failed rows (no response), scales time (2 = twice as fast) and clips lengths so
         prompt + response fits max_model_len; max_tokens is max(the limit, the true length)."""
         if not time_scale > 0:
             raise ValueError(f"time scale must be > 0, got {time_scale}")
+        if block_ids is not None and block_tokens < 1:
+            raise ValueError(f"block ids need block_tokens >= 1, got {block_tokens}")
         arrival_s = np.asarray(arrival_s, np.float64)
         prompt = np.maximum(np.asarray(prompt_tokens, np.int64), 1)
         output = np.asarray(output_tokens, np.int64)
-        keep = output > 0
+        keep = np.flatnonzero(output > 0)
         arrival_s, prompt, output = arrival_s[keep], prompt[keep], output[keep]
         order = np.argsort(arrival_s, kind="stable")
         arrival_s, prompt, output = arrival_s[order], prompt[order], output[order]
@@ -102,12 +112,23 @@ class SimRequests:
         clipped_output = np.minimum(output, max_model_len - clipped_prompt)
         num_clipped = int(np.sum((clipped_prompt != prompt) | (clipped_output != output)))
         limit = np.minimum(np.maximum(max_tokens, clipped_output), max_model_len - clipped_prompt)
-        return cls(arrival_s, clipped_prompt, clipped_output, limit, num_clipped)
+        rows = keep[order].tolist()
+        ids = None
+        if block_ids is not None:
+            ids = [None if block_ids[j] is None else tuple(block_ids[j][: -(-p // block_tokens)])
+                   for j, p in zip(rows, clipped_prompt.tolist())]
+        sessions = [session_ids[j] for j in rows] if session_ids is not None else None
+        return cls(arrival_s, clipped_prompt, clipped_output, limit, num_clipped, ids, block_tokens if ids is not None else 0, sessions)
 
     @classmethod
     def from_trace(cls, trace, **kwargs) -> SimRequests:
+        """The trace's requests; with its prefix blocks (hash_ids, meta["block_tokens"]) when it has them."""
         c = trace.columns
         output = np.where(c.failed, 0, c.output_tokens)
+        if c.hash_ids is not None and "block_ids" not in kwargs:
+            kwargs.update(block_ids=c.hash_ids.tolist(), block_tokens=int(trace.meta.get("block_tokens", 512)))
+        if c.session_id is not None and "session_ids" not in kwargs:
+            kwargs["session_ids"] = c.sessions()
         return cls.from_arrays(c.arrival_s, c.prompt_tokens, output, **kwargs)
 
 

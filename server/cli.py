@@ -33,9 +33,13 @@ def register(sub) -> None:
     r.add_argument("--min-replicas", type=int, default=None, help="autoscale on ongoing requests between --min-replicas and --max-replicas")
     r.add_argument("--max-replicas", type=int, default=None)
     r.add_argument("--target-ongoing-requests", type=float, default=8.0, help="autoscaling: ongoing requests per replica to aim for")
-    r.add_argument("--router", default="least-work", choices=["least-work", "pow2", "round-robin"],
-                   help="least-work: least predicted outstanding work; pow2: Ray Serve's power of two choices on queue length")
+    r.add_argument("--router", default="least-work", choices=["least-work", "pow2", "round-robin", "cache-aware", "ray-prefix"],
+                   help="least-work: least predicted outstanding work; pow2: Ray Serve's power of two choices on queue length; "
+                        "cache-aware: prefill left after the prefix a replica likely caches + its predicted work, under an "
+                        "imbalance guard; ray-prefix: Ray Serve's PrefixCacheAffinityRouter")
     r.add_argument("--session-affinity", action="store_true", help="keep requests of one session_id (else user) on one replica")
+    r.add_argument("--max-replicas-per-node", type=int, default=None,
+                   help="at most N engine replicas on one Ray node (1: spread the replicas over the cluster's machines)")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -72,6 +76,7 @@ def scale_out_config_from_args(args: argparse.Namespace, config):
         router=args.router,
         session_affinity=args.session_affinity,
         ray_address=args.ray_address,
+        max_replicas_per_node=args.max_replicas_per_node,
     )
 
 

@@ -44,6 +44,11 @@ class Metrics:
         self.kv_cache_total_blocks = gauge("kv_cache_total_blocks", "KV-cache blocks in all")
         self.batch_padding_ratio = gauge("batch_padding_ratio", "Padded rows / rows in the last forward (0 when packed)")
         self.num_preemptions = counter("num_preemptions_total", "Sequences preempted (recomputed later)")
+        self.prefix_cache_queries = counter("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache")
+        self.prefix_cache_hits = counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache")
+        self.num_cached_blocks = gauge("prefix_cache_blocks", "KV-cache blocks holding a cached prefix (in use or free)")
+        self._l(self.prefix_cache_queries)  # scraped as 0 before the first lookup
+        self._l(self.prefix_cache_hits)
         self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens computed")
         self.generation_tokens = counter("generation_tokens_total", "Tokens generated")
         self.request_success = counter("request_success_total", "Requests finished, by finish reason", ["finished_reason"])
@@ -86,6 +91,8 @@ class Metrics:
         )
         self._last_preemptions_total = 0
         self._last_refinements_total = 0
+        self._last_prefix_queries_total = 0
+        self._last_prefix_hits_total = 0
 
     def _l(self, metric, **extra):
         return metric.labels(**self.labels, **extra)
@@ -101,6 +108,13 @@ class Metrics:
         if s.num_preemptions_total > self._last_preemptions_total:
             self._l(self.num_preemptions).inc(s.num_preemptions_total - self._last_preemptions_total)
             self._last_preemptions_total = s.num_preemptions_total
+        if s.prefix_cache_queries_total > self._last_prefix_queries_total:
+            self._l(self.prefix_cache_queries).inc(s.prefix_cache_queries_total - self._last_prefix_queries_total)
+            self._last_prefix_queries_total = s.prefix_cache_queries_total
+        if s.prefix_cache_hits_total > self._last_prefix_hits_total:
+            self._l(self.prefix_cache_hits).inc(s.prefix_cache_hits_total - self._last_prefix_hits_total)
+            self._last_prefix_hits_total = s.prefix_cache_hits_total
+        self._l(self.num_cached_blocks).set(s.num_cached_blocks)
         if s.num_refinements_total > self._last_refinements_total:
             self._l(self.num_refinements).inc(s.num_refinements_total - self._last_refinements_total)
             self._last_refinements_total = s.num_refinements_total

@@ -12,6 +12,14 @@ in the process that holds the deployment handle, the ingress; never by the singl
 - `RoundRobinRouter`: in turn.
 - `AffinePowerOfTwoRouter`: Ray Serve's default (power of two choices on queue length) with
   session affinity.
+- `CacheAwareRouter` (`cache-aware`): least-work's view of each replica's predicted work, plus the
+  prefix of the prompt that replica most likely holds in its prefix cache, from an approximate
+  index of the prompts this router sent it (SGLang's approximate tree; LRU as large as the KV
+  capacity the replica reports): lenserve.scheduler.routing.cache_aware_rank ranks them, the same
+  function the simulator routes with. Prompts are indexed by 64-character chunks of their text (a
+  router sees text, not tokens); tokens are estimated at 4 characters each.
+- `PrefixAwareRouter` (`ray-prefix`): Ray Serve's own PrefixCacheAffinityRouter (ray.llm, no vLLM
+  needed), reading the prompt from the body the ingress forwards; a baseline.
 
 All three keep a session (`session_id`, else `user`, in the request body) on the replica that took
 its first request when `session_affinity` is set in the router kwargs, as long as that replica lives.
@@ -19,6 +27,7 @@ The simulator's routers (lenserve.scheduler.cluster) are the same policies.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import time
@@ -28,11 +37,35 @@ from typing import Any
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
+from lenserve.scheduler.routing import CacheAwarePolicy, PrefixIndex, cache_aware_rank, text_block_ids
+from lenserve.server import router_metrics  # by reference: see its docstring
+
 DEFAULT_REQUEST_WORK = 256.0  # predicted work of one request (response tokens) before any replica has reported
 MAX_SESSIONS = 100_000
 MAX_COMPLETIONS = 10_000  # completions remembered to discount stale reports
 COMPLETIONS_KEPT_S = 60.0  # a report older than this is long stale (they come every 0.5 s)
 PROVISIONAL_KEPT_S = 30.0  # a choice not routed by then was cancelled
+CHUNK_CHARS = 64  # prefix index granularity of the cache-aware router
+CHARS_PER_TOKEN = 4.0  # its estimate of a prompt's tokens from its text
+DEFAULT_KV_TOKENS = 65536  # a replica's KV capacity before its first report
+
+
+
+def prompt_text(body: dict) -> str:
+    """The text a prompt's prefix is indexed by: a completion's prompt, or a chat's message contents."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        return "".join(p for p in prompt if isinstance(p, str))
+    parts = []
+    for m in body.get("messages") or ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(c.get("text", "") for c in content if isinstance(c, dict) and isinstance(c.get("text"), str))
+    return "".join(parts)
 
 
 def request_body(pending: PendingRequest | None) -> dict:
@@ -150,6 +183,92 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         self._completed = deque((c for c in self._completed if c[0] != replica_id), maxlen=MAX_COMPLETIONS)
 
 
+class CacheAwareRouter(LeastWorkRouter):
+    def initialize_state(self, session_affinity: bool = False, prompt_weight: float = 0.3, length_weight: float = 0.1,
+                         balance_abs: float = 16.0, balance_rel: float = 1.5, **kwargs: Any) -> None:
+        super().initialize_state(session_affinity=session_affinity)
+        self.policy = CacheAwarePolicy(prompt_weight=prompt_weight, length_weight=length_weight,
+                                       balance_abs=balance_abs, balance_rel=balance_rel)
+        self._history: dict[str, PrefixIndex] = {}  # by replica unique_id
+        self._pending_ids: dict[str, tuple[int, ...]] = {}  # internal id -> the prompt's chunk ids, until routed
+
+    def history_of(self, replica: RunningReplica) -> PrefixIndex:
+        kv_tokens = float((replica.routing_stats or {}).get("kv_tokens") or DEFAULT_KV_TOKENS)
+        index = self._history.get(replica.replica_id.unique_id)
+        if index is None:
+            index = self._history[replica.replica_id.unique_id] = PrefixIndex()
+        index.capacity_blocks = max(kv_tokens * CHARS_PER_TOKEN / CHUNK_CHARS, 1)
+        return index
+
+    def ongoing(self, replica: RunningReplica) -> int:
+        rid = replica.replica_id
+        return (sum(1 for r, _ in self._inflight.values() if r == rid)
+                + sum(1 for r, _ in self._provisional.values() if r == rid))
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None):
+        t0 = time.perf_counter()
+        now = time.time()
+        if self._provisional:
+            self._provisional = {k: v for k, v in self._provisional.items() if v[1] > now - PROVISIONAL_KEPT_S}
+        text = prompt_text(request_body(pending_request))
+        ids = text_block_ids(text, CHUNK_CHARS)
+        num_prompt = max(int(len(text) / CHARS_PER_TOKEN), 1)
+        cached = [min(int(self.history_of(r).match(ids) * CHUNK_CHARS / CHARS_PER_TOKEN), num_prompt - 1) for r in candidate_replicas]
+        work = [self.work_of(r) for r in candidate_replicas]
+        ongoing = [self.ongoing(r) for r in candidate_replicas]
+        order = cache_aware_rank(num_prompt, cached, work, ongoing, self.policy, [random.random() for _ in candidate_replicas])
+        ranks = self.with_affinity([[candidate_replicas[k]] for k in order], candidate_replicas, pending_request)
+        if ranks and pending_request is not None:
+            rid = pending_request.metadata.internal_request_id
+            self._provisional[rid] = (ranks[0][0].replica_id, now)
+            self._pending_ids[rid] = ids
+            if len(self._pending_ids) > MAX_COMPLETIONS:  # choices never routed (cancelled)
+                self._pending_ids.pop(next(iter(self._pending_ids)))
+        router_metrics.observe_decision("cache-aware", time.perf_counter() - t0)
+        return ranks
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
+        super().on_request_routed(pending_request, replica_id, result)
+        ids = self._pending_ids.pop(pending_request.metadata.internal_request_id, None)
+        if ids:
+            index = self._history.get(replica_id.unique_id)
+            if index is None:
+                index = self._history[replica_id.unique_id] = PrefixIndex()
+            index.insert(ids)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID):
+        super().on_replica_actor_died(replica_id)
+        self._history.pop(replica_id.unique_id, None)
+
+
+@functools.cache
+def _prefix_aware_router_class():
+    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import PrefixCacheAffinityRouter
+
+    class PrefixAwareRouter(PrefixCacheAffinityRouter):
+        """Ray Serve's prefix-aware router, reading the prompt from the body the ingress forwards
+        (it looks for a `prompt` or `messages` attribute on the request's arguments)."""
+
+        def _extract_text_from_request(self, pending_request: PendingRequest) -> str:
+            return prompt_text(request_body(pending_request))
+
+        async def choose_replicas(self, candidate_replicas, pending_request=None):
+            t0 = time.perf_counter()
+            try:
+                return await super().choose_replicas(candidate_replicas, pending_request)
+            finally:
+                router_metrics.observe_decision("ray-prefix", time.perf_counter() - t0)
+
+    return PrefixAwareRouter
+
+
+def __getattr__(name: str):
+    # Ray Serve imports the router class by path; ray.llm is loaded only when it is chosen
+    if name == "PrefixAwareRouter":
+        return _prefix_aware_router_class()
+    raise AttributeError(name)
+
+
 class RoundRobinRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
     def initialize_state(self, session_affinity: bool = False, **kwargs: Any) -> None:
         super().initialize_state(session_affinity=session_affinity)
@@ -180,4 +299,6 @@ ROUTER_CLASSES = {
     "least-work": "lenserve.server.ray_router.LeastWorkRouter",
     "pow2": "lenserve.server.ray_router.AffinePowerOfTwoRouter",
     "round-robin": "lenserve.server.ray_router.RoundRobinRouter",
+    "cache-aware": "lenserve.server.ray_router.CacheAwareRouter",
+    "ray-prefix": "lenserve.server.ray_router.PrefixAwareRouter",
 }

@@ -2,7 +2,7 @@
 deployment behind one OpenAI-compatible ingress.
 
     HTTP ─> Ray Serve proxy ─> LenserveIngress (FastAPI: auth, body limit, validation, /metrics)
-                                 └ DeploymentHandle + request router (least-work | pow2 | round-robin)
+                                 └ DeploymentHandle + request router (least-work | pow2 | round-robin | cache-aware | ray-prefix)
                                      └ EngineReplica x N (AsyncEngine + OpenAIServing, as the single server)
 
 The ingress validates each request with the single server's pydantic models (same 400s), then
@@ -63,6 +63,7 @@ class ScaleOutConfig:
     replica_num_cpus: float | None = None  # Ray CPUs per replica (default: the engine's threads)
     routing_stats_period_s: float = 0.5
     max_ongoing_requests: int = 1000  # per replica; the engine's --max-queue answers 429 before this
+    max_replicas_per_node: int | None = None  # 1: one replica per Ray node (spread over machines)
 
     def __post_init__(self) -> None:
         from lenserve.server.ray_router import ROUTER_CLASSES
@@ -71,6 +72,8 @@ class ScaleOutConfig:
             raise ValueError(f"--router must be one of {', '.join(ROUTER_CLASSES)}, got {self.router!r}")
         if self.num_replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {self.num_replicas}")
+        if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
+            raise ValueError(f"--max-replicas-per-node must be >= 1, got {self.max_replicas_per_node}")
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("--min-replicas and --max-replicas go together")
         if self.min_replicas is not None:
@@ -100,8 +103,14 @@ class MetricsHub:
         return self.latest
 
 
+# The ingress, its HTTP proxy and the metrics hub stay on the head node: a worker node (and the
+# engine replicas on it) can then go away without taking the way in with it.
+HEAD_NODE = {"node:__internal_head__": 0.001}
+
+
 def get_hub():
-    return MetricsHub.options(name=HUB_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+    return MetricsHub.options(name=HUB_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+                              resources=HEAD_NODE).remote()
 
 
 # ---- the engine replica ---------------------------------------------------------------------------------
@@ -137,6 +146,8 @@ class EngineReplica:
             self.engine.fault_hook = file_fault_hook(os.environ["LENSERVE_FAULT_FILE"])
         self._work = (0.0, time.time(), 0)  # (predicted outstanding work, when, unfinished requests)
         self._mean_request_work: float | None = None
+        bm = eng.block_manager
+        self._prefix: dict = {"kv_tokens": bm.num_blocks * bm.block_size}  # and the prefix cache's counters, after each step
         predictor = load_length_models(config, eng)
         self.engine.start(asyncio.get_running_loop())
         self.serving = OpenAIServing(self.engine, names, self.metrics, predictor, config.request_timeout_s)
@@ -154,6 +165,10 @@ class EngineReplica:
         seqs = list(sched.requests.values())
         work = sum(predicted_work(s, weight) for s in seqs)
         self._work = (work, time.time(), len(seqs))
+        s = stats.scheduler
+        bm = self.engine.engine.block_manager
+        self._prefix = {"kv_tokens": bm.num_blocks * bm.block_size, "prefix_cache_queries": s.prefix_cache_queries_total,
+                        "prefix_cache_hits": s.prefix_cache_hits_total, "prefix_cache_blocks": s.num_cached_blocks}
         fresh = [predicted_work(s, weight) for s in seqs if s.num_computed_tokens == 0]
         if fresh:
             mean = sum(fresh) / len(fresh)
@@ -162,7 +177,7 @@ class EngineReplica:
 
     def record_routing_stats(self) -> dict:
         work, at, unfinished = self._work
-        return {"work": work, "time": at, "unfinished": unfinished, "mean_request_work": self._mean_request_work}
+        return {"work": work, "time": at, "unfinished": unfinished, "mean_request_work": self._mean_request_work, **self._prefix}
 
     async def _push_metrics(self) -> None:
         while True:
@@ -380,7 +395,9 @@ def build_ingress_app(config: ServerConfig):
                 families.extend(fams)
         merged = CollectorRegistry()
         merged.register(_Merged(families))
-        text = generate_latest(merged) + generate_latest(registry)
+        from lenserve.server.router_metrics import REGISTRY as ROUTER_REGISTRY
+
+        text = generate_latest(merged) + generate_latest(registry) + generate_latest(ROUTER_REGISTRY)
         return Response(text, media_type=CONTENT_TYPE)
 
     return app
@@ -453,6 +470,16 @@ def default_threads(num_replicas: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(num_replicas, 1))
 
 
+def router_kwargs(cfg: ScaleOutConfig, server: ServerConfig) -> dict:
+    """The request router's initialize_state kwargs (Ray's own prefix-aware router takes its defaults)."""
+    if cfg.router == "ray-prefix":
+        return {}
+    kwargs = {"session_affinity": cfg.session_affinity}
+    if cfg.router == "cache-aware":
+        kwargs["prompt_weight"] = server.engine.scheduler.prompt_weight
+    return kwargs
+
+
 def build_application(cfg: ScaleOutConfig):
     """The Serve application: the ingress bound to the engine deployment."""
     from fastapi import FastAPI
@@ -474,11 +501,13 @@ def build_application(cfg: ScaleOutConfig):
         graceful_shutdown_timeout_s=max(server.shutdown_grace_s, 1.0),
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_CLASSES[cfg.router],
-            request_router_kwargs={"session_affinity": cfg.session_affinity},
+            request_router_kwargs=router_kwargs(cfg, server),
             request_routing_stats_period_s=cfg.routing_stats_period_s,
             request_routing_stats_timeout_s=max(cfg.routing_stats_period_s * 4, 5.0),
         ),
     )
+    if cfg.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = cfg.max_replicas_per_node
     if cfg.min_replicas is not None:
         options["autoscaling_config"] = {
             "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas, "initial_replicas": cfg.num_replicas,
@@ -490,7 +519,8 @@ def build_application(cfg: ScaleOutConfig):
 
     fastapi_app: FastAPI = build_ingress_app(server)
 
-    @serve.deployment(name="LenserveIngress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000)
+    @serve.deployment(name="LenserveIngress", num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": HEAD_NODE},
+                      max_ongoing_requests=100_000)
     @serve.ingress(fastapi_app)
     class LenserveIngress:
         def __init__(self, engine_handle) -> None:
@@ -528,11 +558,13 @@ def start(cfg: ScaleOutConfig, *, blocking: bool = True) -> None:
     own_ray = cfg.ray_address is None
     if not ray.is_initialized():
         if own_ray:
-            ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
+            # address="local": a new Ray of our own, never one that happens to run on this machine
+            # (ray.init would otherwise join the latest one it finds under /tmp/ray)
+            ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
                      num_cpus=max(os.cpu_count() or 1, cfg.max_replicas or cfg.num_replicas))
         else:
             ray.init(address=cfg.ray_address, namespace=NAMESPACE, log_to_driver=False)
-    serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port}, detached=not own_ray)
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.server.host, "port": cfg.server.port}, detached=not own_ray)
     serve.run(build_application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     logger.info("serving on http://%s:%d with %d replicas (router %s)", cfg.server.host, cfg.server.port, cfg.num_replicas, cfg.router)
     if not blocking:

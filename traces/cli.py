@@ -20,12 +20,15 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--start", type=float, default=None, metavar="S", help="window start, seconds after the trace's first request")
     g.add_argument("--duration", type=float, default=None, metavar="D", help="window length in trace seconds")
     g.add_argument("--max-requests", type=int, default=None, metavar="N", help="replay at most the first N requests of the window")
+    g.add_argument("--session-blocks", type=int, default=None, metavar="TOKENS",
+                   help="traces with session ids and no block ids (BurstGPT v3): derive prefix blocks of TOKENS tokens from the "
+                        "sessions (a turn continues its session's conversation when its prompt holds the previous prompt and answer)")
 
 
 def load_from_args(args: argparse.Namespace):
     from lenserve.traces.loaders import load_trace
 
-    return load_trace(
+    trace = load_trace(
         args.trace,
         args.format,
         models=args.trace_model,
@@ -35,6 +38,11 @@ def load_from_args(args: argparse.Namespace):
         duration_s=args.duration,
         max_requests=args.max_requests,
     )
+    if getattr(args, "session_blocks", None):
+        from lenserve.traces.sessions import session_block_ids
+
+        trace = session_block_ids(trace, args.session_blocks)
+    return trace
 
 
 def add_replay_args(p: argparse.ArgumentParser, with_url: bool = True) -> None:
@@ -57,6 +65,9 @@ def add_replay_args(p: argparse.ArgumentParser, with_url: bool = True) -> None:
     g.add_argument("--request-timeout-s", type=float, default=600.0)
     g.add_argument("--metrics-interval-s", type=float, default=1.0, help="how often to scrape /metrics (0: never)")
     g.add_argument("--seed", type=int, default=0, help="prompt choice")
+    g.add_argument("--prefix-block-tokens", type=int, default=None, metavar="N",
+                   help="exact mode, traces with prefix blocks (Mooncake hash_ids, multi-turn sessions): each trace block becomes "
+                        "N deterministic tokens (equal ids, equal tokens), so shared prefixes hit the server's prefix cache")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
@@ -79,6 +90,7 @@ def replay_config_from_args(args: argparse.Namespace, url: str = ""):
         metrics_interval_s=args.metrics_interval_s,
         tokenizer=args.tokenizer,
         seed=args.seed,
+        prefix_block_tokens=args.prefix_block_tokens,
         show_progress=not args.no_progress,
     )
 

@@ -451,6 +451,9 @@ def load_azure(path: str | os.PathLike, *, start_s: float | None = None, duratio
 # Mooncake
 
 
+MOONCAKE_BLOCK_TOKENS = 512  # tokens per hash_ids block
+
+
 def load_mooncake(path: str | os.PathLike, *, start_s: float | None = None, duration_s: float | None = None) -> Trace:
     """Mooncake JSONL: one object per line with timestamp (ms), input_length, output_length, optional hash_ids."""
     _check_window(start_s, duration_s)
@@ -507,7 +510,7 @@ def load_mooncake(path: str | os.PathLike, *, start_s: float | None = None, dura
     mask = _window_mask(arrival, start_s, duration_s)
     if mask is not None:
         columns = columns.select(mask)
-    meta = {"format": "mooncake", "time_offset_s": t0_ms / 1000.0}
+    meta = {"format": "mooncake", "time_offset_s": t0_ms / 1000.0, "block_tokens": MOONCAKE_BLOCK_TOKENS}
     if start_s is not None:
         meta["window_start_s"] = float(start_s)
     return Trace.from_columns(columns, name=os.path.basename(str(path)), source=str(path), meta=meta)

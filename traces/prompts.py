@@ -223,6 +223,26 @@ class ExactPromptBuilder:
             words += rng.choices(singles, k=gap)
         return " " + " ".join(words), self.base_tokens + content
 
+    def build_blocks(self, block_ids: Sequence[int], num_tokens: int, block_tokens: int) -> tuple[str, int]:
+        """(prompt text, its token count) made of one block of `block_tokens` single-token words per
+        id, cut to `num_tokens` tokens: equal ids give equal blocks, so prompts whose leading ids
+        agree share a token prefix that long and the server's prefix cache really hits. Prompts
+        longer than their blocks are padded with words drawn for the last id."""
+        if block_tokens < 1:
+            raise ValueError(f"block tokens must be >= 1, got {block_tokens}")
+        singles = self.single_token_words
+        content = max(num_tokens - self.base_tokens, 1)
+        words: list[str] = []
+        for b in block_ids:
+            if len(words) >= content:
+                break
+            words += random.Random(f"{self.seed}:block:{b}").choices(singles, k=block_tokens)
+        if len(words) < content:
+            tail = block_ids[-1] if len(block_ids) else None
+            words += random.Random(f"{self.seed}:tail:{tail}").choices(singles, k=content - len(words))
+        del words[content:]
+        return " " + " ".join(words), self.base_tokens + content
+
     async def verify(self, counter: TokenCounter, sizes: Sequence[int] = (1, 7, 64, 513, 3000)) -> None:
         targets = [max(s, self.min_tokens()) for s in sizes]
         built = [self.build((1 << 40) + i, n) for i, n in enumerate(targets)]  # indices no request uses

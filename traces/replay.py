@@ -55,6 +55,11 @@ class ReplayConfig:
     prompts_path: str = str(DEFAULT_PROMPTS)
     seed: int = 0
     show_progress: bool = True
+    # exact mode with a trace that has prefix blocks (hash_ids): tokens per block in the prompts
+    # sent, each trace block becoming one deterministic block (lengths scaled by this over the
+    # trace's block size); None: prompts share no prefix
+    prefix_block_tokens: int | None = None
+    send_session: bool = True  # a request's session id goes as the body's `user` (session affinity)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,6 +70,8 @@ class ReplayConfig:
             raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
         if not self.time_scale > 0:
             raise ValueError(f"time scale must be > 0, got {self.time_scale}")
+        if self.prefix_block_tokens is not None and self.prefix_block_tokens < 1:
+            raise ValueError(f"prefix block tokens must be >= 1, got {self.prefix_block_tokens}")
         if self.max_tokens_cap < 1:
             raise ValueError(f"max tokens cap must be >= 1, got {self.max_tokens_cap}")
         if not (self.slo_ttft_s > 0 and self.slo_tpot_s > 0):
@@ -139,11 +146,19 @@ class Replayer:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def _payload(self, index: int, prompt_tokens: int, output_tokens: int, prompts) -> tuple[dict, int, int]:
+    def _payload(self, index: int, prompt_tokens: int, output_tokens: int, prompts, block_ids=None,
+                 session: str | None = None) -> tuple[dict, int, int]:
         """(request body, prompt token count, max_tokens) for trace request `index`."""
         cfg = self.config
         body: dict = {"model": self.model, "stream": True, "stream_options": {"include_usage": True}}
-        if cfg.mode == "exact":
+        if session is not None and cfg.send_session:
+            body["user"] = session
+        if cfg.mode == "exact" and block_ids and cfg.prefix_block_tokens:
+            scale = cfg.prefix_block_tokens / float(self.trace.meta.get("block_tokens", 512))
+            text, num_prompt = prompts.build_blocks(block_ids, max(round(prompt_tokens * scale), 1), cfg.prefix_block_tokens)
+            max_tokens = max(int(output_tokens), 1)
+            body["ignore_eos"] = True
+        elif cfg.mode == "exact":
             text, num_prompt = prompts.build(index, prompt_tokens)
             # A failed BurstGPT row (0 response tokens) still arrived: send it for one token.
             max_tokens = max(int(output_tokens), 1)
@@ -269,6 +284,8 @@ class Replayer:
             arrivals = columns.arrival_s.tolist()
             prompt_tokens = columns.prompt_tokens.tolist()
             output_tokens = columns.output_tokens.tolist()
+            block_ids = columns.hash_ids.tolist() if columns.hash_ids is not None else [None] * len(send_times)
+            sessions = columns.sessions()
             progress = _progress_bar(len(send_times), cfg.show_progress)
             streams = SSEClient(cfg.url, headers, connect_timeout_s=30.0)
             stop_scraping = asyncio.Event()
@@ -284,7 +301,7 @@ class Replayer:
                 scraper = asyncio.create_task(self._scrape(client, stop_scraping))
             try:
                 for i, due in enumerate(send_times):
-                    body, num_prompt, max_tokens = self._payload(i, prompt_tokens[i], output_tokens[i], prompts)
+                    body, num_prompt, max_tokens = self._payload(i, prompt_tokens[i], output_tokens[i], prompts, block_ids[i], sessions[i])
                     record = RequestRecord(i, arrivals[i], due, num_prompt, max_tokens)
                     self.records.append(record)
                     delay = due - self._now()
@@ -327,6 +344,7 @@ class Replayer:
             "max_tokens_cap": cfg.max_tokens_cap if cfg.mode == "natural" else None,
             "tokenizer": cfg.tokenizer or ("server /tokenize" if cfg.mode == "exact" else None),
             "seed": cfg.seed,
+            "prefix_block_tokens": cfg.prefix_block_tokens,
             "started_at": self.started_at,
             "wall_duration_s": self.wall_duration_s,
             "client_host": platform.node(),

@@ -100,3 +100,62 @@ def test_concurrent_choices_do_not_herd():
     router.on_request_routed(_request(rid="r0"), by_id[firsts[0]], None)
     assert len(router._provisional) == 3 and len(router._inflight) == 1
     assert router.work_of(reps[0]) == router.work_of(reps[1]) == 200
+
+
+def test_cache_aware_follows_the_prefix_it_sent_and_yields_to_load():
+    """The replica a prompt's prefix was sent to gets its continuation; a replica whose predicted
+    work outweighs the prefill saved does not; chat messages are indexed like prompts."""
+    from lenserve.server.ray_router import CacheAwareRouter, prompt_text
+
+    now = time.time()
+    reps = [_replica("a", work=0, at=now, mean=50), _replica("b", work=0, at=now, mean=50)]
+    for r in reps:
+        r.routing_stats["kv_tokens"] = 100_000
+    router = _router(CacheAwareRouter, prompt_weight=0.3)
+    history = "a long shared conversation so far. " * 60  # ~2,100 characters, ~520 tokens
+    first = _request({"prompt": history}, rid="t1")
+    chosen = _choose(router, reps, first)[0]
+    by_id = {r.replica_id.unique_id: r for r in reps}
+    router.on_request_routed(first, by_id[chosen].replica_id, None)
+    router.on_request_completed(by_id[chosen].replica_id, "t1")
+    other = "b" if chosen == "a" else "a"
+    for i in range(5):
+        assert _choose(router, reps, _request({"prompt": history + f" turn {i}"}, rid=f"c{i}"))[0] == chosen
+        router._provisional.clear()
+    by_id[chosen].routing_stats["work"] = 10_000  # far more than 0.3 x 520 tokens of prefill
+    assert _choose(router, reps, _request({"prompt": history + " later"}, rid="late"))[0] == other
+    assert prompt_text({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]}) == "hiyo"
+
+
+def test_ray_prefix_router_class_imports_without_vllm():
+    import sys
+
+    from lenserve.server import ray_router
+
+    cls = ray_router.PrefixAwareRouter
+    assert cls.__name__ == "PrefixAwareRouter" and "vllm" not in sys.modules
+    assert set(ray_router.ROUTER_CLASSES) >= {"cache-aware", "ray-prefix", "pow2", "least-work", "round-robin"}
+
+
+def test_ray_serve_can_ship_every_router_class():
+    """Ray Serve pickles a router class by value with its module's globals: none may hold a lock."""
+    from ray.serve.config import RequestRouterConfig
+
+    from lenserve.server.ray_router import ROUTER_CLASSES
+
+    for name, path in ROUTER_CLASSES.items():
+        assert RequestRouterConfig(request_router_class=path).get_request_router_class() is not None, name
+
+
+def test_cache_aware_times_its_decisions():
+    from lenserve.server import router_metrics
+    from lenserve.server.ray_router import CacheAwareRouter
+
+    def count() -> float:
+        return sum(s.value for m in router_metrics.REGISTRY.collect() for s in m.samples
+                   if s.name.endswith("_count") and s.labels.get("router") == "cache-aware")
+
+    before = count()
+    router = _router(CacheAwareRouter)
+    _choose(router, [_replica("a"), _replica("b")], _request({"prompt": "hello " * 50}, rid="d1"))
+    assert count() == before + 1

@@ -73,3 +73,15 @@ def test_cost_model_grid_covers_the_batch_sizes_the_engine_runs():
     assert sorted({b for b, _ in decode_points(16, quick=True)}) == [1, 4, 16]
     assert max(b for b, _ in decode_points(64, quick=True)) == 64
     assert len({c for _, c in decode_points(64)}) == 2  # a short and a long context at each size
+
+
+@pytest.mark.parametrize("trace,extra", [("mooncake.jsonl", []), ("burstgpt_v3.csv", ["--session-blocks", "16"])])
+def test_simulate_routes_by_prefix(trace, extra, capsys):
+    """Mooncake's hash_ids, or blocks derived from BurstGPT v3 sessions, reach the cache-aware router."""
+    rc = main(["simulate", "--trace", f"tests/data/traces/{trace}", "--policies", "fcfs", "--replicas", "2",
+               "--router", "cache-aware,pow2,cache-oracle", "--json", *extra])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"cache-aware", "pow2", "cache-oracle"}
+    for summary in out.values():
+        assert 0.0 <= summary["prefix_hit_rate"] <= 1.0 and summary["num_requests"] > 0

@@ -93,3 +93,17 @@ def test_body_too_large_is_413(server):
     with server.client() as c:
         big = json.dumps({"prompt": "x" * (5 * 2**20)})
         _is_openai_error(c.post("/v1/completions", content=big, headers={"content-type": "application/json"}), 413)
+
+
+def test_prefix_cache_counters_on_metrics(server):
+    """lenserve:prefix_cache_queries_total / hits_total count prompt tokens (vLLM's semantics):
+    the same prompt twice is looked up twice, and the second finds its whole blocks cached."""
+    prompt = " ".join(f"word{i}" for i in range(120))
+    with server.client() as c:
+        q0, h0 = server.metric("lenserve:prefix_cache_queries_total"), server.metric("lenserve:prefix_cache_hits_total")
+        first = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+        c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1})
+        q1, h1 = server.metric("lenserve:prefix_cache_queries_total"), server.metric("lenserve:prefix_cache_hits_total")
+    assert q1 - q0 == 2 * first
+    assert (first - 1) // 16 * 16 <= h1 - h0 <= first - 1  # every whole block but the one holding the last token
+    assert server.metric("lenserve:prefix_cache_blocks") >= first // 16

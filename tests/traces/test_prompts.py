@@ -87,3 +87,18 @@ def test_natural_prompts_cycle_in_a_seeded_order(tmp_path):
 def test_natural_prompts_default_to_the_shipped_set():
     prompts = NaturalPrompts()
     assert len(prompts.prompts) == 8762 and prompts.prompt(0)
+
+
+def test_block_prompts_share_exactly_their_common_leading_blocks():
+    """Equal block ids give equal tokens: two prompts agree token for token as far as their leading
+    ids agree (the server's prefix cache hits that far) and differ right after."""
+    builder = asyncio.run(ExactPromptBuilder.create(FakeCounter(), seed=3))
+    a, na = builder.build_blocks((7, 8, 9, 10), 1 + 64, 16)
+    b, nb = builder.build_blocks((7, 8, 11, 12, 13), 1 + 70, 16)
+    ta, tb = fake_tokenize(a), fake_tokenize(b)
+    assert (len(ta), na) == (65, 65) and (len(tb), nb) == (71, 71)
+    shared = next(i for i, (x, y) in enumerate(zip(ta, tb)) if x != y)
+    assert 1 + 32 <= shared < 1 + 32 + 4  # BOS + two blocks, then (almost surely) a difference
+    assert builder.build_blocks((7, 8), 1 + 20, 16)[0] == builder.build_blocks((7, 8), 1 + 20, 16)[0]
+    c, nc = builder.build_blocks((7,), 1 + 40, 16)  # longer than its blocks: padded
+    assert nc == 41 and len(fake_tokenize(c)) == 41 and fake_tokenize(c)[:17] == ta[:17]

@@ -191,3 +191,22 @@ def test_an_interrupted_replay_still_reports_what_it_sent(tmp_path):
     report = write_outputs(replayer, tmp_path)
     assert report["interrupted"] and report["failures_by_status"]["cancelled"] >= 1
     assert "interrupted" in (tmp_path / "report.md").read_text()
+
+
+def test_exact_replay_turns_prefix_blocks_into_shared_tokens():
+    """A trace with block ids (Mooncake's 512-token blocks) replayed with 16-token blocks: lengths
+    scale by 16/512, prompts whose ids agree share exactly those blocks' tokens, and a request's
+    session goes as `user`."""
+    from lenserve.traces.prompts import ExactPromptBuilder
+    from tests.traces.test_prompts import FakeCounter
+
+    reqs = [TraceRequest(0.0, 2048, 5, session_id="s1", hash_ids=(1, 2, 3, 4)), TraceRequest(1.0, 1536, 7, hash_ids=(1, 2, 9))]
+    trace = Trace(reqs, meta={"block_tokens": 512})
+    replayer = Replayer(trace, ReplayConfig(url="http://x", prefix_block_tokens=16, show_progress=False))
+    builder = asyncio.run(ExactPromptBuilder.create(FakeCounter()))
+    a, na, ma = replayer._payload(0, 2048, 5, builder, reqs[0].hash_ids, "s1")
+    b, nb, _ = replayer._payload(1, 1536, 7, builder, reqs[1].hash_ids, None)
+    assert (na, nb, ma) == (64, 48, 5) and a["ignore_eos"] and a["user"] == "s1" and "user" not in b
+    ta, tb = fake_tokenize(a["prompt"]), fake_tokenize(b["prompt"])
+    assert len(ta) == 64 and len(tb) == 48
+    assert ta[:33] == tb[:33] and ta[33:37] != tb[33:37]  # BOS + 2 blocks shared, then apart

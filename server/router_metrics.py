@@ -1,0 +1,15 @@
+"""Request routers' own metrics, in the process that routes (the ingress), served on its /metrics.
+
+A module apart from lenserve.server.ray_router on purpose: Ray Serve ships a router class to the
+routing process by value (cloudpickle, with its module's globals), and a Prometheus metric holds
+locks that cannot be pickled; a module imported by name travels by reference."""
+from prometheus_client import CollectorRegistry, Histogram
+
+REGISTRY = CollectorRegistry()
+DECISION_SECONDS = Histogram("lenserve:router_decision_seconds", "Time a request router takes to rank the replicas for one request",
+                             ["router"], registry=REGISTRY,
+                             buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 0.1))
+
+
+def observe_decision(router: str, seconds: float) -> None:
+    DECISION_SECONDS.labels(router).observe(seconds)
