@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lenserve.engine.sampler import Sampler
+from lenserve.engine.sampler import Sampler, filter_probs
 from lenserve.engine.sampling_params import SamplingParams
 
 
@@ -32,14 +32,58 @@ def test_candidates_match_a_full_sort(top_k, top_p, min_p):
     gen = torch.Generator().manual_seed(top_k * 100 + int(top_p * 10))
     for _ in range(5):
         probs = torch.softmax(torch.randn(137, generator=gen) * 2.5, dim=-1)
-        params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, min_p=min_p)
-        idx, vals = Sampler._candidates(probs, params)
-        got = {i: v for i, v in zip(range(len(vals)), vals.tolist())} if idx is None else dict(zip(idx.tolist(), vals.tolist()))
-        got = {i: v for i, v in got.items() if v > 0}
+        kept = filter_probs(probs[None], torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([min_p]))[0]
+        got = {i: v for i, v in enumerate(kept.tolist()) if v > 0}
         want = {i: v for i, v in reference_kept(probs, top_k, top_p, min_p).items() if v > 0}
         assert set(got) == set(want)
         for i in want:
             assert got[i] == pytest.approx(want[i], rel=1e-6)
+
+
+def test_filter_probs_batches_rows_with_different_settings():
+    """One batched call equals each row filtered alone, rows with and without top-k mixed (the mix
+    forces a full sort) and rows with no filter at all kept whole."""
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(6, 211, generator=gen) * 2.0, dim=-1)
+    top_k = torch.tensor([0, 5, 40, 1, 0, 300])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 1.0, 1.0, 0.3])
+    min_p = torch.tensor([0.0, 0.0, 0.05, 0.0, 0.0, 0.0])
+    batched = filter_probs(probs, top_k, top_p, min_p)
+    for i in range(6):
+        alone = filter_probs(probs[i : i + 1], top_k[i : i + 1], top_p[i : i + 1], min_p[i : i + 1])[0]
+        assert torch.equal(batched[i], alone)
+        want = reference_kept(probs[i], int(top_k[i]), float(top_p[i]), float(min_p[i]))
+        assert set(torch.nonzero(batched[i]).flatten().tolist()) == set(want)
+    assert torch.equal(batched[4], probs[4])
+
+
+def test_batched_penalties_match_the_definitions():
+    """Repetition, presence and frequency penalties, logit bias and the min_tokens ban, applied to a
+    batch in one pass, equal the per-row definitions."""
+    vocab = 50
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(5))
+    p0 = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+    p1 = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={7: 2.0, 9: -1.5})
+    p2 = SamplingParams(temperature=0.0, min_tokens=3)
+    seqs = [
+        SimpleNamespace(params=p0, token_ids=[1, 2, 2, 30], output_token_ids=[30], num_output_tokens=1),
+        SimpleNamespace(params=p1, token_ids=[4, 5, 5, 5, 6], output_token_ids=[5, 5, 6], num_output_tokens=3),
+        SimpleNamespace(params=p2, token_ids=[8], output_token_ids=[], num_output_tokens=0, stop_token_ids={11},
+                        eos_token_id=2, ignore_eos=False),
+    ]
+    before = logits.clone()
+    got = Sampler._process(logits, seqs, [s.params for s in seqs], [0, 1, 2])
+    want = logits.clone()
+    for t in {1, 2, 30}:
+        v = want[0, t]
+        want[0, t] = v / 1.3 if v > 0 else v * 1.3
+    counts = torch.bincount(torch.tensor([5, 5, 6]), minlength=vocab).float()
+    want[1] -= 0.25 * counts + 0.5 * (counts > 0).float()
+    want[1, 7] += 2.0
+    want[1, 9] -= 1.5
+    want[2, [2, 11]] = float("-inf")
+    assert torch.allclose(got, want)
+    assert torch.equal(logits, before)  # the input is left alone
 
 
 def test_samples_follow_the_kept_distribution():
