@@ -29,25 +29,26 @@ class SamplerOutput:
     logprobs: list[SampleLogprobs | None]
 
 
-def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """min-p, then top-k and top-p over a batch: probs [rows, vocab] (each row sums to 1), top_k
-    int64 [rows] (<= 0 or >= vocab: off), top_p and min_p float [rows]. Returns probs with the
-    dropped tokens zeroed (not renormalised). top-p keeps the smallest prefix of the sorted probs
-    whose mass reaches top_p of the row's mass after min-p; the first token always stays. When every
-    row limits top-k, a top-k selection of the largest k replaces a sort of the whole vocabulary
-    (7 ms -> 0.4 ms a row at 49k tokens on CPU)."""
-    vocab = probs.shape[-1]
-    if bool((min_p > 0).any()):
-        probs = torch.where(probs < min_p[:, None] * probs.amax(-1, keepdim=True), torch.zeros_like(probs), probs)
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
-    k_max = int(k.max())
+def filter_probs(probs: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
+    """min-p, then top-k and top-p over a batch: probs [rows, vocab] (each row sums to 1) and one
+    setting a row (top_k <= 0 or >= vocab: off). Returns probs with the dropped tokens zeroed (not
+    renormalised). top-p keeps the smallest prefix of the sorted probs whose mass reaches top_p of
+    the row's mass after min-p; the first token always stays. When every row limits top-k, a top-k
+    selection of the largest k replaces a sort of the whole vocabulary (7 ms -> 0.4 ms a row at 49k
+    tokens on CPU). The settings come as lists so that the choices here need no device read-back."""
+    vocab, dev = probs.shape[-1], probs.device
+    if any(m > 0 for m in min_p):
+        mp = torch.tensor(min_p, dtype=probs.dtype, device=dev)
+        probs = torch.where(probs < mp[:, None] * probs.amax(-1, keepdim=True), torch.zeros_like(probs), probs)
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    k_max = max(ks)
     if k_max < vocab:
         vals, idx = probs.topk(k_max, dim=-1)  # sorted, largest first
     else:
         vals, idx = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(vals.shape[-1], device=probs.device)
-    keep = rank[None, :] < k[:, None]
-    keep &= (vals.cumsum(-1) - vals) < top_p[:, None] * probs.sum(-1, keepdim=True)
+    rank = torch.arange(vals.shape[-1], device=dev)
+    keep = rank[None, :] < torch.tensor(ks, device=dev)[:, None]
+    keep &= (vals.cumsum(-1) - vals) < torch.tensor(top_p, dtype=probs.dtype, device=dev)[:, None] * probs.sum(-1, keepdim=True)
     keep[:, 0] = True  # also when top_p * total underflows (top_p 5e-324 makes it 0 in float32)
     return torch.zeros_like(probs).scatter_(-1, idx, torch.where(keep, vals, torch.zeros_like(vals)))
 
@@ -105,10 +106,10 @@ class Sampler:
                 ban_toks.extend(banned)
 
         def index(r: list[int], t: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            rt = torch.tensor(r, dtype=torch.int64, device=dev)
-            tt = torch.tensor(t, dtype=torch.int64, device=dev)
-            ok = (tt >= 0) & (tt < vocab)
-            return rt[ok], tt[ok]
+            # Out-of-vocabulary ids are dropped here, on the host (a mask on the device would sync).
+            pairs = [(i, tok) for i, tok in zip(r, t) if 0 <= tok < vocab]
+            return (torch.tensor([i for i, _ in pairs], dtype=torch.int64, device=dev),
+                    torch.tensor([tok for _, tok in pairs], dtype=torch.int64, device=dev))
 
         if rep_rows:
             seen = torch.zeros((n, vocab), dtype=torch.bool, device=dev)
@@ -138,12 +139,7 @@ class Sampler:
         temps = torch.tensor([p.temperature for p in params_list], dtype=logits.dtype, device=dev)
         probs = torch.softmax(logits / temps[:, None], dim=-1)
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params_list):
-            probs = filter_probs(
-                probs,
-                torch.tensor([p.top_k for p in params_list], dtype=torch.int64, device=dev),
-                torch.tensor([p.top_p for p in params_list], dtype=probs.dtype, device=dev),
-                torch.tensor([p.min_p for p in params_list], dtype=probs.dtype, device=dev),
-            )
+            probs = filter_probs(probs, [p.top_k for p in params_list], [p.top_p for p in params_list], [p.min_p for p in params_list])
         noise = torch.empty_like(probs).exponential_()
         for j, (seq, params) in enumerate(zip(seqs, params_list)):
             if params.seed is not None:

@@ -32,7 +32,7 @@ def test_candidates_match_a_full_sort(top_k, top_p, min_p):
     gen = torch.Generator().manual_seed(top_k * 100 + int(top_p * 10))
     for _ in range(5):
         probs = torch.softmax(torch.randn(137, generator=gen) * 2.5, dim=-1)
-        kept = filter_probs(probs[None], torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([min_p]))[0]
+        kept = filter_probs(probs[None], [top_k], [top_p], [min_p])[0]
         got = {i: v for i, v in enumerate(kept.tolist()) if v > 0}
         want = {i: v for i, v in reference_kept(probs, top_k, top_p, min_p).items() if v > 0}
         assert set(got) == set(want)
@@ -45,14 +45,14 @@ def test_filter_probs_batches_rows_with_different_settings():
     forces a full sort) and rows with no filter at all kept whole."""
     gen = torch.Generator().manual_seed(3)
     probs = torch.softmax(torch.randn(6, 211, generator=gen) * 2.0, dim=-1)
-    top_k = torch.tensor([0, 5, 40, 1, 0, 300])
-    top_p = torch.tensor([0.9, 1.0, 0.5, 1.0, 1.0, 0.3])
-    min_p = torch.tensor([0.0, 0.0, 0.05, 0.0, 0.0, 0.0])
+    top_k = [0, 5, 40, 1, 0, 300]
+    top_p = [0.9, 1.0, 0.5, 1.0, 1.0, 0.3]
+    min_p = [0.0, 0.0, 0.05, 0.0, 0.0, 0.0]
     batched = filter_probs(probs, top_k, top_p, min_p)
     for i in range(6):
         alone = filter_probs(probs[i : i + 1], top_k[i : i + 1], top_p[i : i + 1], min_p[i : i + 1])[0]
         assert torch.equal(batched[i], alone)
-        want = reference_kept(probs[i], int(top_k[i]), float(top_p[i]), float(min_p[i]))
+        want = reference_kept(probs[i], top_k[i], top_p[i], min_p[i])
         assert set(torch.nonzero(batched[i]).flatten().tolist()) == set(want)
     assert torch.equal(batched[4], probs[4])
 
