@@ -59,31 +59,52 @@ def parse_spec(model: str) -> ModelArchConfig:
     return cfg
 
 
-def random_weights(cfg: ModelArchConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named weights, drawn in float32 on the CPU from one seeded generator and then moved to
-    `device` in `dtype`: a spec gives the same weights on every device (a CUDA bf16 run and a CPU
-    fp32 run of one spec compare the same model)."""
+# The last spec's float32 weights (CPU), when it has at most this many parameters: a check that
+# builds several models and engines of one spec (CPU fp32 reference, GPU bf16, graphs vs eager)
+# draws them once; drawing 1.5e9 normals takes tens of seconds on one core.
+_CACHE_MAX_PARAMS = 2_000_000_000
+_cache: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+
+
+def _draw(cfg: ModelArchConfig, seed: int) -> list[tuple[str, torch.Tensor]]:
+    key = (cfg.name, cfg.num_layers, cfg.vocab_size, cfg.hidden_size, seed)
+    if key in _cache:
+        return _cache[key]
     gen = torch.Generator().manual_seed(seed)
 
     def draw(*shape: int, std: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen, dtype=torch.float32) * std).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).mul_(std)
 
     h, qs, kvs, ffn = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    yield "model.embed_tokens.weight", draw(cfg.vocab_size, h, std=1.0)
+    weights = [("model.embed_tokens.weight", draw(cfg.vocab_size, h, std=1.0))]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        yield p + "input_layernorm.weight", torch.ones(h, device=device, dtype=dtype)
-        yield p + "post_attention_layernorm.weight", torch.ones(h, device=device, dtype=dtype)
-        yield p + "self_attn.q_proj.weight", draw(qs, h, std=h**-0.5)
-        yield p + "self_attn.k_proj.weight", draw(kvs, h, std=h**-0.5)
-        yield p + "self_attn.v_proj.weight", draw(kvs, h, std=h**-0.5)
-        yield p + "self_attn.o_proj.weight", draw(h, qs, std=qs**-0.5)
-        yield p + "mlp.gate_proj.weight", draw(ffn, h, std=h**-0.5)
-        yield p + "mlp.up_proj.weight", draw(ffn, h, std=h**-0.5)
-        yield p + "mlp.down_proj.weight", draw(h, ffn, std=ffn**-0.5)
-    yield "model.norm.weight", torch.ones(h, device=device, dtype=dtype)
+        weights += [
+            (p + "input_layernorm.weight", torch.ones(h)),
+            (p + "post_attention_layernorm.weight", torch.ones(h)),
+            (p + "self_attn.q_proj.weight", draw(qs, h, std=h**-0.5)),
+            (p + "self_attn.k_proj.weight", draw(kvs, h, std=h**-0.5)),
+            (p + "self_attn.v_proj.weight", draw(kvs, h, std=h**-0.5)),
+            (p + "self_attn.o_proj.weight", draw(h, qs, std=qs**-0.5)),
+            (p + "mlp.gate_proj.weight", draw(ffn, h, std=h**-0.5)),
+            (p + "mlp.up_proj.weight", draw(ffn, h, std=h**-0.5)),
+            (p + "mlp.down_proj.weight", draw(h, ffn, std=ffn**-0.5)),
+        ]
+    weights.append(("model.norm.weight", torch.ones(h)))
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", draw(cfg.vocab_size, h, std=h**-0.5)
+        weights.append(("lm_head.weight", draw(cfg.vocab_size, h, std=h**-0.5)))
+    _cache.clear()
+    if cfg.num_params() <= _CACHE_MAX_PARAMS:
+        _cache[key] = weights
+    return weights
+
+
+def random_weights(cfg: ModelArchConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named weights, drawn in float32 on the CPU from one seeded generator and then moved to
+    `device` in `dtype` (always a copy): a spec gives the same weights on every device, so a CUDA
+    bf16 run and a CPU fp32 run of one spec compare the same model."""
+    for name, w in _draw(cfg, seed):
+        yield name, w.to(device=device, dtype=dtype, copy=True)
 
 
 def word_tokenizer(vocab_size: int) -> Tokenizer:
