@@ -211,3 +211,19 @@ def test_gpu_path_imports_without_server_packages():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@needs_ext
+def test_one_kv_head_views_with_any_stride_on_cpu():
+    """num_kv_heads = 1: a [tokens, 1, head_dim] view whose size-1 dim has stride 1 is legal (the CUDA
+    binding's check_token_rows accepts it too; tests/csrc/test_cuda_kernels.py checks it there)."""
+    torch.manual_seed(0)
+    lens = [3, 9]
+    cu = torch.tensor([0, 3, 12], dtype=torch.int32)
+    q = torch.randn(12, 4, 64)
+    k, v = torch.randn(12, 64), torch.randn(12, 64)
+    k_odd, v_odd = k.view(12, 64, 1).transpose(1, 2), v.view(12, 64, 1).transpose(1, 2)
+    assert k_odd.stride(1) == 1
+    out = torch.ops.lenserve.varlen_attention(q, k_odd, v_odd, cu, cu, max(lens), max(lens), 0.125, True)
+    expected = attention.reference_varlen_attention(q, k[:, None], v[:, None], cu, cu, 9, 9, 0.125, True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
