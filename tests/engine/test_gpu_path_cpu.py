@@ -191,10 +191,11 @@ def test_engine_on_cpu_has_no_graphs_and_enforce_eager_is_a_flag():
 
 def test_gpu_path_imports_without_server_packages():
     """The device machine has torch, tokenizers and jinja2 but no fastapi, uvicorn, pydantic, gguf,
-    safetensors, numpy or tqdm: the engine and the device-check helpers must import without them."""
+    safetensors, numpy, scipy or tqdm: the engine and the device-check helpers must import and run
+    (40 steps: past the online cost model's first refit) without them."""
     code = (
         "import sys\n"
-        "for m in ('fastapi', 'uvicorn', 'pydantic', 'gguf', 'safetensors', 'numpy', 'tqdm', 'transformers', 'xgrammar', 'lightgbm', 'sklearn'):\n"
+        "for m in ('fastapi', 'uvicorn', 'pydantic', 'gguf', 'safetensors', 'numpy', 'scipy', 'tqdm', 'transformers', 'xgrammar', 'lightgbm', 'sklearn'):\n"
         "    sys.modules[m] = None\n"
         "import torch\n"
         "from lenserve.engine.llm_engine import LLMEngine\n"
@@ -202,7 +203,7 @@ def test_gpu_path_imports_without_server_packages():
         "import benchmarks.gpu.e2e, benchmarks.gpu.kernels, benchmarks.gpu.smoke, benchmarks.gpu.common\n"
         "eng = LLMEngine(EngineConfig(model='random:tiny', device='cpu', max_model_len=256, kv_cache_memory_gb=0.01))\n"
         "from lenserve.engine.sampling_params import SamplingParams\n"
-        "eng.add_request('r', [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))\n"
+        "eng.add_request('r', [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))\n"  # past the cost model's first refit
         "eng.generate_all()\n"
         "print('ok')\n"
     )
