@@ -3,7 +3,22 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "cuda/kernels.h"
 #include "ops.h"
+
+namespace {
+// The CUDA decode kernel's split-K plan (cuda/kernels.h), callable on any build so that CPU tests
+// check the very function the CUDA binding uses: [num_splits, partition_size].
+std::vector<int64_t> paged_decode_split(int64_t max_context_len, int64_t num_seqs, int64_t num_kv_heads,
+                                        int64_t group, int64_t num_sms) {
+  TORCH_CHECK(num_seqs >= 0 && num_kv_heads > 0 && group > 0 && num_sms > 0,
+              "paged_decode_split: num_seqs >= 0, num_kv_heads, group and num_sms > 0");
+  const auto split = lenserve::cuda::paged_decode_split(max_context_len, num_seqs, num_kv_heads, group, num_sms);
+  return {split.num_splits, split.partition_size};
+}
+}  // namespace
 
 TORCH_LIBRARY(lenserve, m) {
   m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
@@ -23,6 +38,8 @@ TORCH_LIBRARY(lenserve, m) {
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
   m.def("quant_linear(Tensor x, Tensor weight, int weight_type, int out_features, Tensor? bias) -> Tensor");
   m.def("quant_embedding(Tensor ids, Tensor weight, int weight_type, int dim) -> Tensor");
+  m.def("paged_decode_split(int max_context_len, int num_seqs, int num_kv_heads, int group, int num_sms) -> int[]",
+        &paged_decode_split);
 }
 
 TORCH_LIBRARY_IMPL(lenserve, CPU, m) {

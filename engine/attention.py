@@ -52,6 +52,35 @@ class AttentionMetadata:
         return self.num_seqs - self.num_prefill_seqs
 
 
+def check_cu_seqlens(cu_seqlens: list[int], total: int, name: str) -> int:
+    """Host-side check of a cu_seqlens list before it goes to the device (the CUDA op never reads it
+    back: that would sync the device twice a layer). Returns the longest run."""
+    if not cu_seqlens or cu_seqlens[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {cu_seqlens[:1]}")
+    longest = 0
+    for i in range(len(cu_seqlens) - 1):
+        run = cu_seqlens[i + 1] - cu_seqlens[i]
+        if run < 0:
+            raise ValueError(f"{name} must be non-decreasing, but {name}[{i + 1}] = {cu_seqlens[i + 1]} < {name}[{i}] = {cu_seqlens[i]}")
+        longest = max(longest, run)
+    if cu_seqlens[-1] != total:
+        raise ValueError(f"{name}[-1] ({cu_seqlens[-1]}) must equal the number of tokens ({total})")
+    return longest
+
+
+def check_varlen_metadata(cu_seqlens_q: list[int], cu_seqlens_k: list[int], max_seqlen_q: int, max_seqlen_k: int,
+                          total_q: int, total_k: int) -> None:
+    """What varlen_attention's kernels assume of their metadata, checked on the host lists it came from."""
+    if len(cu_seqlens_q) != len(cu_seqlens_k):
+        raise ValueError(f"cu_seqlens_q ({len(cu_seqlens_q)}) and cu_seqlens_k ({len(cu_seqlens_k)}) must have num_seqs + 1 entries both")
+    longest_q = check_cu_seqlens(cu_seqlens_q, total_q, "cu_seqlens_q")
+    longest_k = check_cu_seqlens(cu_seqlens_k, total_k, "cu_seqlens_k")
+    if max_seqlen_q < longest_q:
+        raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is below the longest query run ({longest_q})")
+    if max_seqlen_k < longest_k:
+        raise ValueError(f"max_seqlen_k ({max_seqlen_k}) is below the longest key run ({longest_k})")
+
+
 # ---- fp32 references (what the kernels are tested against) -----------------------------------------
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
@@ -224,18 +253,23 @@ _CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_KERNEL_HEAD_DIMS = (64, 128)
 
 
-def _backend_for(backend: str, q: torch.Tensor) -> str:
+def backend_for(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """resolve_backend, then under 'auto' on CUDA the torch path for dtypes and head sizes our
-    CUDA kernels are not built for (fp32, head_dim 80/96, ...)."""
-    resolved = resolve_backend(backend, q.device)
+    CUDA kernels are not built for (fp32, head_dim 80/96, ...). The KV cache's dtype does not
+    matter: the decode op reads a cache of any float dtype (it converts q to it)."""
+    resolved = resolve_backend(backend, device)
     if (
         backend == "auto"
         and resolved == "kernels"
-        and q.device.type == "cuda"
-        and (q.dtype not in _CUDA_KERNEL_DTYPES or q.shape[-1] not in _CUDA_KERNEL_HEAD_DIMS)
+        and device.type == "cuda"
+        and (dtype not in _CUDA_KERNEL_DTYPES or head_dim not in _CUDA_KERNEL_HEAD_DIMS)
     ):
         return "torch"
     return resolved
+
+
+def _backend_for(backend: str, q: torch.Tensor) -> str:
+    return backend_for(backend, q.device, q.dtype, q.shape[-1])
 
 
 def varlen_attention(

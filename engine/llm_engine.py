@@ -18,10 +18,13 @@ import torch
 
 from lenserve.config import EngineConfig, resolve_target_itl_s
 from lenserve.engine._ext import has_op
+from lenserve.engine.attention import backend_for
 from lenserve.engine.cpu_threads import run_in_fresh_thread
+from lenserve.engine.cuda_graph import graph_batch_sizes
 from lenserve.engine.detokenizer import IncrementalDetokenizer
 from lenserve.engine.kv_cache import KVCache, kv_bytes_per_block
 from lenserve.engine.loader_hf import load_model_files
+from lenserve.engine.memory import KVBudget, num_kv_blocks, profile_decode_peak, profile_forward_peak
 from lenserve.engine.model import LlamaModel
 from lenserve.engine.model_runner import ModelRunner
 from lenserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -107,7 +110,9 @@ class LLMEngine:
 
         self.weights_dtype = _resolve_weights_dtype(config, on_cpu)
         t0 = time.monotonic()
-        arch, weights, self.tokenizer, self.model_path = load_model_files(config.model, self.weights_dtype == "native")
+        arch, weights, self.tokenizer, self.model_path = load_model_files(
+            config.model, self.weights_dtype == "native", self.device, self.dtype
+        )
         self.arch = arch
         self.model = LlamaModel.from_weights(
             arch, weights, self.dtype, self.device, config.attention_backend, weights_dtype=self.weights_dtype
@@ -117,14 +122,19 @@ class LLMEngine:
         config.scheduler.max_model_len = self.max_model_len
 
         per_block = kv_bytes_per_block(arch, config.block_size, kv_dtype)
+        # CUDA graphs replay decode steps on our kernels (the torch decode path reads the context
+        # lengths back on the host, which a graph cannot hold).
+        decode_backend = backend_for(config.attention_backend, self.device, self.dtype, arch.head_dim)
+        self.use_cuda_graphs = (
+            not on_cpu and not config.enforce_eager and config.attention == "packed" and decode_backend in ("kernels", "flash-attn")
+        )
+        self.kv_budget: KVBudget | None = None
         if on_cpu:
-            kv_bytes = int((config.kv_cache_memory_gb or DEFAULT_CPU_KV_GB) * 2**30)
+            num_blocks = max(int((config.kv_cache_memory_gb or DEFAULT_CPU_KV_GB) * 2**30) // per_block, 1)
         elif config.kv_cache_memory_gb is not None:
-            kv_bytes = int(config.kv_cache_memory_gb * 2**30)
+            num_blocks = max(int(config.kv_cache_memory_gb * 2**30) // per_block, 1)
         else:
-            free, total = torch.cuda.mem_get_info(self.device)
-            kv_bytes = int(free - (1 - config.gpu_memory_utilization) * total)
-        num_blocks = max(kv_bytes // per_block, 1)
+            num_blocks = self._cuda_kv_blocks(per_block, kv_dtype)
         self.kv_cache = KVCache(arch, num_blocks, config.block_size, kv_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         config.scheduler.target_itl_s = resolve_target_itl_s(config.target_itl_ms, self.device.type)
@@ -133,6 +143,8 @@ class LLMEngine:
         self.cost_model = OnlineCostModel(prior=load_default() if on_cpu else None)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, cost_model=self.cost_model)
         self.runner = ModelRunner(self.model, self.kv_cache, padded=config.attention == "padded")
+        if self.use_cuda_graphs:
+            self.runner.enable_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(arch.vocab_size)
         self.structured_output = XgrammarBackend(self.tokenizer, arch.vocab_size)
         # One grammar matcher per constrained sequence. Preemption recomputes the KV cache but keeps
@@ -151,6 +163,25 @@ class LLMEngine:
             self.model_name, arch.num_layers, self.model.num_bytes() / 1e6, self.dtype, self.weights_dtype, self.device,
             time.monotonic() - t0, num_blocks, config.block_size, self.kv_cache.num_bytes / 2**30, kv_dtype,
         )
+
+    def _cuda_kv_blocks(self, per_block: int, kv_dtype: torch.dtype) -> int:
+        """Profile first (a forward at max_num_batched_tokens; an eager decode at the largest graph
+        size), then size the cache from what gpu_memory_utilization leaves."""
+        cfg, sched = self.config, self.config.scheduler
+        dev = self.device
+        torch.cuda.empty_cache()
+        peak = profile_forward_peak(self.model, sched.max_num_batched_tokens, self.max_model_len, sched.max_num_seqs,
+                                    cfg.block_size, kv_dtype)
+        graph_bytes = 0
+        if self.use_cuda_graphs:
+            graph_bytes = profile_decode_peak(self.model, graph_batch_sizes(sched.max_num_seqs)[-1], self.max_model_len,
+                                              cfg.block_size, kv_dtype)
+        free, total = torch.cuda.mem_get_info(dev)
+        self.kv_budget = KVBudget(total, free, cfg.gpu_memory_utilization, peak, graph_bytes)
+        max_useful = sched.max_num_seqs * -(-self.max_model_len // cfg.block_size)
+        num_blocks = num_kv_blocks(self.kv_budget, per_block, max_useful)
+        logger.info("KV cache on %s: %d blocks (%s)", dev, num_blocks, self.kv_budget.describe())
+        return num_blocks
 
     def set_length_probe(self, probe) -> None:
         """Refine each sequence's length prediction from the served model's own state when its

@@ -73,10 +73,17 @@ def load_hf(path: str) -> tuple[ModelArchConfig, Iterator[tuple[str, torch.Tenso
 
 
 def load_model_files(
-    model: str | None, keep_quantized: bool = False
+    model: str | None, keep_quantized: bool = False, device: torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[ModelArchConfig, Iterator[tuple[str, torch.Tensor]], Tokenizer, str]:
-    """Resolves --model: None → the embedded SmolLM2 GGUF; a .gguf file; or an HF checkpoint directory.
+    """Resolves --model: None → the embedded SmolLM2 GGUF; a .gguf file; an HF checkpoint directory;
+    or random:NAME[:NUM_LAYERS] (engine/random_weights.py, drawn on `device` in `dtype`).
     keep_quantized: a GGUF's matrices come as QuantWeights (engine/quant.py)."""
+    from lenserve.engine.random_weights import is_random_spec, load_random
+
+    if is_random_spec(model):
+        cfg, weights, tok = load_random(model, device or torch.device("cpu"), dtype)
+        return cfg, weights, tok, model
+    # The GGUF reader (and numpy) only when a GGUF is loaded: a random or HF model needs neither.
     from lenserve.engine.loader_gguf import EMBEDDED_MODEL_NAME, find_embedded_gguf, load_gguf
 
     if model is None:

@@ -1,7 +1,8 @@
 """Turns a SchedulerOutput into packed tensors and runs the model.
 
 All packing metadata (positions, slot mapping, cu_seqlens, block tables) is built once per step
-and reused by every layer.
+on the host, sent to the device in one copy (engine/step_buffer.py) and reused by every layer.
+Decode-only steps replay a captured CUDA graph when one fits (engine/cuda_graph.py).
 """
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import itertools
 
 import torch
 
-from lenserve.engine.attention import AttentionMetadata
+from lenserve.engine.attention import AttentionMetadata, check_varlen_metadata
+from lenserve.engine.cuda_graph import DecodeGraphRunner
 from lenserve.engine.kv_cache import KVCache
 from lenserve.engine.model import LlamaModel
+from lenserve.engine.step_buffer import StepBuffer
 from lenserve.scheduler.output import SchedulerOutput
 
 
@@ -24,6 +27,18 @@ class ModelRunner:
         self.padded = padded
         self.last_padding_ratio = 0.0
         self.last_states: torch.Tensor | None = None
+        self.step_buffer = StepBuffer(self.device)
+        self.decode_graphs: DecodeGraphRunner | None = None
+        self.last_used_graph = False
+
+    def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> DecodeGraphRunner:
+        """Static buffers for decode batches up to max_num_seqs (padded to the captured sizes) and,
+        with `capture` (CUDA), one CUDA graph per size. Without capture the same padded static
+        forward runs eagerly: how CPU tests exercise this path."""
+        self.decode_graphs = DecodeGraphRunner(self.model, self.kv_cache, max_num_seqs, max_model_len)
+        if capture:
+            self.decode_graphs.capture()
+        return self.decode_graphs
 
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[int]]:
         """Returns input_ids, positions, metadata, logits row indices, and which sequences sample."""
@@ -61,39 +76,61 @@ class ModelRunner:
                 sampling.append(i)
         num_prefill = out.num_prefill_seqs
         max_blocks = max(len(s.block_ids) for s in seqs)
-        block_tables = torch.zeros((len(seqs), max_blocks), dtype=torch.int32)
-        for i, seq in enumerate(seqs):
-            block_tables[i, : len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
-        prefill_kv_slots = None
+        table: list[int] = []
+        for seq in seqs:
+            table.extend(seq.block_ids)
+            table.extend(itertools.repeat(0, max_blocks - len(seq.block_ids)))
+        ctx_slots: list[int] = []
         if need_gather:
-            ctx_slots: list[int] = []
             for seq, end in zip(seqs[:num_prefill], context_lens[:num_prefill]):
                 ctx_slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in range(end))
-            prefill_kv_slots = torch.tensor(ctx_slots, dtype=torch.int64, device=self.device)
-        dev = self.device
+        prefill_max_q = max(num_new[:num_prefill], default=0)
+        prefill_max_k = max(context_lens[:num_prefill], default=0)
+        if num_prefill and not pad_to:
+            # The CUDA op takes these on trust (reading them back would sync): check them here.
+            check_varlen_metadata(cu_q[: num_prefill + 1], cu_k[: num_prefill + 1], prefill_max_q, prefill_max_k,
+                                  cu_q[num_prefill], cu_k[num_prefill])
+        i64, i32 = torch.int64, torch.int32
+        t = self.step_buffer.stage([
+            ("input_ids", i64, (len(input_ids),), input_ids),
+            ("positions", i64, (len(positions),), positions),
+            ("slot_mapping", i64, (len(slots),), slots),
+            ("logits_rows", i64, (len(logits_rows),), logits_rows),
+            ("prefill_kv_slots", i64, (len(ctx_slots),), ctx_slots),
+            ("cu_seqlens_q", i32, (len(cu_q),), cu_q),
+            ("cu_seqlens_k", i32, (len(cu_k),), cu_k),
+            ("context_lens", i32, (len(context_lens),), context_lens),
+            ("block_tables", i32, (len(seqs), max_blocks), table),
+        ])
         meta = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=dev),
-            cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=dev),
+            cu_seqlens_q=t["cu_seqlens_q"],
+            cu_seqlens_k=t["cu_seqlens_k"],
             max_seqlen_q=max(num_new),
             max_seqlen_k=max(context_lens),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=block_tables.to(dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            slot_mapping=t["slot_mapping"],
+            block_tables=t["block_tables"],
+            context_lens=t["context_lens"],
             num_prefill_tokens=cu_q[num_prefill] if not pad_to else 0,
             num_prefill_seqs=num_prefill,
-            prefill_max_seqlen_q=max(num_new[:num_prefill], default=0),
-            prefill_max_seqlen_k=max(context_lens[:num_prefill], default=0),
-            prefill_kv_slots=prefill_kv_slots,
+            prefill_max_seqlen_q=prefill_max_q,
+            prefill_max_seqlen_k=prefill_max_k,
+            prefill_kv_slots=t["prefill_kv_slots"] if need_gather else None,
             padded_len_q=pad_to,
         )
         real = cu_q[-1]
         self.last_padding_ratio = 1.0 - real / len(input_ids) if input_ids else 0.0
+        return t["input_ids"], t["positions"], meta, t["logits_rows"], sampling
+
+    def _graph_fits(self, out: SchedulerOutput, sampling: list[int], capture_layers: tuple[int, ...] | None) -> bool:
+        graphs = self.decode_graphs
         return (
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            meta,
-            torch.tensor(logits_rows, dtype=torch.int64, device=dev),
-            sampling,
+            graphs is not None
+            and capture_layers is None
+            and len(sampling) == len(out.seqs)
+            and not self.padded
+            and out.num_prefill_seqs == 0
+            and graphs.fits(len(out.seqs), max(len(s.block_ids) for s in out.seqs))
+            and all(n == 1 for n in out.num_new_tokens)
         )
 
     def execute(self, out: SchedulerOutput, capture_layers: tuple[int, ...] | None = None) -> tuple[torch.Tensor, list[int]]:
@@ -103,6 +140,11 @@ class ModelRunner:
         input_ids, positions, meta, logits_rows, sampling = self.prepare(out)
         if capture_layers is not None and not any(out.seqs[i].num_output_tokens == 0 for i in sampling):
             capture_layers = None  # no prompt completes this step: nothing to read
+        self.last_used_graph = self._graph_fits(out, sampling, capture_layers)
+        if self.last_used_graph:
+            # Every decoding sequence samples, in order: logits row i is sequence i.
+            self.last_states = None
+            return self.decode_graphs.run(input_ids, positions, meta), sampling
         result = self.model.forward(input_ids, positions, meta, self.kv_cache.layers, logits_rows, capture_layers)
         logits, self.last_states = result if capture_layers is not None else (result, None)
         return logits, sampling

@@ -7,9 +7,12 @@ gate/up) move whole rows, so they work on the bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
+
+if TYPE_CHECKING:  # numpy only where a GGUF is read: the engine path imports without it
+    import numpy as np
 
 # ggml types the kernels read as they are (gguf.GGMLQuantizationType values).
 F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 13, 14, 30
@@ -69,7 +72,7 @@ class QuantWeight:
         """float32 [out_features, in_features] through gguf's own dequantize (the reference)."""
         from gguf.quants import dequantize
 
-        return torch.from_numpy(dequantize(self.data.numpy(), self.weight_type).astype(np.float32)).reshape(self.shape)
+        return torch.from_numpy(dequantize(self.data.numpy(), self.weight_type)).float().reshape(self.shape)
 
     @property
     def num_bytes(self) -> int:

@@ -35,6 +35,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-prefill-chunk", type=int, default=16, help="the fewest prompt tokens a step takes under --target-itl-ms")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "kernels", "torch", "flash-attn"])
     g.add_argument("--attention", default="packed", choices=["packed", "padded"], help="padded: the baseline only")
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--num-threads", type=int, default=None)
 
@@ -54,6 +55,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         attention_backend=args.attention_backend,
         attention=args.attention,
+        enforce_eager=args.enforce_eager,
         enable_prefix_caching=not args.no_prefix_caching,
         num_threads=args.num_threads,
         target_itl_ms=args.target_itl_ms,

@@ -18,7 +18,9 @@ WEIGHTS_DTYPES = ("auto", "fp32", "fp16", "native")
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct; else a .gguf file or an HF directory
+    # None: the embedded SmolLM2-135M-Instruct; else a .gguf file, an HF directory, or
+    # random:NAME[:NUM_LAYERS] (random weights of a known shape, engine/random_weights.py)
+    model: str | None = None
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     # CPU weight storage: fp32 (dtype), fp16 rows, or native (a GGUF's own encoding, nothing
@@ -31,6 +33,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length
     attention_backend: str = "auto"  # auto | kernels | torch | flash-attn
     attention: str = "packed"  # packed | padded (the baseline)
+    # CUDA: decode steps replay CUDA graphs (batch sizes 1-256); True runs every step eagerly.
+    enforce_eager: bool = False
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads on CPU; default: all cores
     # Inter-token latency target (ms) that sizes each step's prompt chunks (stall-free batching):
@@ -58,7 +62,7 @@ class EngineConfig:
             raise ValueError(f"target_itl_ms must be 'auto', a number of milliseconds or None, got {self.target_itl_ms!r}")
         if isinstance(self.target_itl_ms, (int, float)) and not self.target_itl_ms >= 0:
             raise ValueError(f"target_itl_ms must be >= 0 (0: a fixed token budget), got {self.target_itl_ms}")
-        if self.model is not None and not os.path.exists(self.model):
+        if self.model is not None and not self.model.startswith("random:") and not os.path.exists(self.model):
             raise ValueError(f"model path does not exist: {self.model}")
 
 

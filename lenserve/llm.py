@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
 
 from lenserve.config import EngineConfig
 from lenserve.engine.llm_engine import LLMEngine
@@ -75,12 +74,19 @@ class LLM:
                 engine.add_request(rid, prompt, params, prompt_token_ids=ids)
                 order.append(rid)
             results: dict[str, RequestOutput] = {}
-            with tqdm(total=len(order), disable=not use_tqdm, desc="generating") as bar:
-                while engine.has_unfinished_requests():
-                    for out in engine.step():
-                        if out.finished:
-                            results[out.request_id] = out
+            bar = None
+            if use_tqdm:  # imported only when asked for: a bare GPU machine has no tqdm
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(order), desc="generating")
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar is not None:
                             bar.update(1)
+            if bar is not None:
+                bar.close()
         except BaseException:
             for rid in order:
                 engine.abort_request(rid)

@@ -174,8 +174,14 @@ class OnlineCostModel:
         from collections import deque
 
         # The fit's solver is imported here, at engine start, not at the first refit: importing
-        # scipy.optimize takes ~1 s, which in a step is a 1 s gap in every stream.
-        import scipy.optimize  # noqa: F401
+        # scipy.optimize takes ~1 s, which in a step is a 1 s gap in every stream. Without numpy
+        # and scipy (a bare GPU machine) nothing is refitted: the prior, if any, stays the model.
+        try:
+            import scipy.optimize  # noqa: F401
+
+            self.can_refit = True
+        except ImportError:
+            self.can_refit = False
 
         self.prior = prior
         self.model: CostModel | None = prior
@@ -203,7 +209,7 @@ class OnlineCostModel:
         (self._prefill if features["prefill_pairs"] else self._decode).append(row)
         self.num_observed += 1
         self._since_refit += 1
-        if self._since_refit >= self._refit_every and len(self._prefill) + len(self._decode) >= self.MIN_SAMPLES:
+        if self.can_refit and self._since_refit >= self._refit_every and len(self._prefill) + len(self._decode) >= self.MIN_SAMPLES:
             self.refit()
 
     def refit(self) -> CostModel:

@@ -3,16 +3,18 @@
 // launcher in cuda/kernels.h. No CUDA header is needed here: the stream comes through c10's
 // device-generic guard interface, so this file also compiles against a CPU build of torch.
 //
-// Values that live on the device are checked only where that is cheap next to the op: the
-// cu_seqlens of varlen_attention are copied to the host (a few hundred bytes per prefill call),
-// while the per-step decode ops (slot_mapping, block tables, context lengths, positions) are not
-// read back; their kernels skip or clamp out-of-range entries instead of faulting.
+// Values that live on the device are never read back here: a read-back is a device sync, and
+// varlen_attention runs once a layer. The engine validates the step's metadata on the host where
+// it builds it (engine/attention.py's check_cu_seqlens), and the kernels clamp or skip
+// out-of-range entries (cu_seqlens, slot_mapping, block tables, context lengths, positions)
+// instead of faulting. max_seqlen_q is an upper bound that sizes the varlen grid.
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -34,6 +36,7 @@ namespace {
               (x).sizes())
 
 constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
+constexpr int64_t kMaxReduceSharedBytes = 48 * 1024;  // the split-K reduce keeps a float per partition
 
 cuda::DType to_kernel_dtype(at::ScalarType t) {
   switch (t) {
@@ -66,27 +69,34 @@ int32_t checked_int(int64_t v, const char* what) {
 }
 
 // [tokens, heads, head_dim] read with 16-byte vector loads: last dim contiguous, the other strides
-// multiples of 8 elements, the start 16-byte aligned.
+// multiples of 8 elements, the start 16-byte aligned. The stride of a dimension of size 1 is never
+// used (its only index is 0), so any value is legal there (torch gives num_kv_heads = 1 views
+// strides such as 1).
+bool row_stride_ok(const at::Tensor& x, int64_t dim) { return x.size(dim) <= 1 || x.stride(dim) % 8 == 0; }
+
 void check_token_rows(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.stride(2) == 1, name, " must be contiguous in its last dimension");
-  TORCH_CHECK(x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0, name, " strides ", x.strides(),
+  TORCH_CHECK(x.size(2) <= 1 || x.stride(2) == 1, name, " must be contiguous in its last dimension");
+  TORCH_CHECK(row_stride_ok(x, 0) && row_stride_ok(x, 1), name, " strides ", x.strides(),
               " must be multiples of 8 elements");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, name, " must start 16-byte aligned");
 }
 
-// cu_seqlens (on the host): 0 first, non-decreasing, `total` last. Returns the longest run.
-int64_t check_cu_seqlens(const at::Tensor& cu_seqlens_host, int64_t total, const char* name) {
-  const int32_t* cu = cu_seqlens_host.data_ptr<int32_t>();
-  const int64_t n = cu_seqlens_host.size(0);
-  TORCH_CHECK(cu[0] == 0, name, "[0] must be 0, got ", cu[0]);
-  int64_t longest = 0;
-  for (int64_t i = 0; i + 1 < n; ++i) {
-    TORCH_CHECK(cu[i + 1] >= cu[i], name, " must be non-decreasing, but ", name, "[", i + 1, "] = ", cu[i + 1],
-                " < ", name, "[", i, "] = ", cu[i]);
-    longest = std::max<int64_t>(longest, cu[i + 1] - cu[i]);
+// A stride the kernels take: that of a size-1 dimension is unused, so pass 0 rather than a stray value.
+int64_t used_stride(const at::Tensor& x, int64_t dim) { return x.size(dim) <= 1 ? 0 : x.stride(dim); }
+
+// Streaming multiprocessors of a device, asked once per device.
+int64_t multiprocessor_count(const at::Device& device) {
+  static std::atomic<int> counts[64] = {};
+  const int index = device.has_index() ? device.index() : 0;
+  TORCH_CHECK(index >= 0 && index < 64, "CUDA device index ", index, " out of range");
+  int n = counts[index].load(std::memory_order_relaxed);
+  if (n <= 0) {
+    const char* error = nullptr;
+    n = cuda::device_multiprocessor_count(index, &error);
+    TORCH_CHECK(error == nullptr, "cudaDeviceGetAttribute(MultiProcessorCount) failed: ", error);
+    counts[index].store(n, std::memory_order_relaxed);
   }
-  TORCH_CHECK(cu[n - 1] == total, name, "[-1] (", cu[n - 1], ") must equal the number of tokens (", total, ")");
-  return longest;
+  return n;
 }
 
 // q [total_q, num_heads, head_dim], k/v [total_k, num_kv_heads, head_dim] -> [total_q, num_heads, head_dim]
@@ -132,12 +142,10 @@ at::Tensor varlen_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   checked_int(total_k, "total_k");
   TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
 
-  const int64_t longest_q = check_cu_seqlens(cu_seqlens_q.cpu(), total_q, "cu_seqlens_q");
-  const int64_t longest_k = check_cu_seqlens(cu_seqlens_k.cpu(), total_k, "cu_seqlens_k");
-  TORCH_CHECK(max_seqlen_q >= longest_q, "max_seqlen_q (", max_seqlen_q, ") is below the longest query run (",
-              longest_q, ")");
-  TORCH_CHECK(max_seqlen_k >= longest_k, "max_seqlen_k (", max_seqlen_k, ") is below the longest key run (",
-              longest_k, ")");
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q (", max_seqlen_q, ") and max_seqlen_k (",
+              max_seqlen_k, ") must be >= 0");
+  // The grid covers max_seqlen_q rows of every sequence; it need not exceed the tokens there are.
+  const int64_t grid_rows = std::min(max_seqlen_q, total_q);
 
   at::Tensor out = at::empty({total_q, num_heads, head_dim}, q.options());
   if (total_q == 0) return out;
@@ -149,17 +157,19 @@ at::Tensor varlen_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   p.out = out.data_ptr();
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  p.q_token_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
-  p.k_token_stride = k.stride(0);
-  p.k_head_stride = k.stride(1);
-  p.v_token_stride = v.stride(0);
-  p.v_head_stride = v.stride(1);
+  p.q_token_stride = used_stride(q, 0);
+  p.q_head_stride = used_stride(q, 1);
+  p.k_token_stride = used_stride(k, 0);
+  p.k_head_stride = used_stride(k, 1);
+  p.v_token_stride = used_stride(v, 0);
+  p.v_head_stride = used_stride(v, 1);
   p.num_seqs = static_cast<int>(num_seqs);
   p.num_heads = static_cast<int>(num_heads);
   p.num_kv_heads = static_cast<int>(num_kv_heads);
   p.head_dim = static_cast<int>(head_dim);
-  p.max_seqlen_q = static_cast<int>(longest_q);  // the true longest run sizes the grid tightly
+  p.total_q = static_cast<int>(total_q);
+  p.total_k = static_cast<int>(total_k);
+  p.max_seqlen_q = static_cast<int>(grid_rows);
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
   p.dtype = to_kernel_dtype(q.scalar_type());
@@ -178,8 +188,8 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_
   LS_CHECK_SAME_DEVICE(q, context_lens);
   TORCH_CHECK(is_float_type(q.scalar_type()), "paged_decode_attention on CUDA takes float32, float16 or bfloat16 q, got ",
               q.scalar_type());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "paged_decode_attention on CUDA reads the caches in q's dtype (", q.scalar_type(), "), got k_cache ",
+  TORCH_CHECK(is_float_type(k_cache.scalar_type()) && v_cache.scalar_type() == k_cache.scalar_type(),
+              "paged_decode_attention on CUDA takes k_cache and v_cache of one float dtype, got k_cache ",
               k_cache.scalar_type(), " and v_cache ", v_cache.scalar_type());
   LS_CHECK_DIM(q, 3);
   LS_CHECK_DIM(k_cache, 4);
@@ -216,9 +226,24 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_
   checked_int(num_blocks * block_size, "the number of cache slots");
   TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
 
+  // The kernel reads q and the caches in one dtype: a cache stored in another (--kv-cache-dtype
+  // float16 under bfloat16 weights) takes q converted to it, and the output converted back. q is one
+  // row per sequence, so that costs two tiny casts, not a pass over the cache.
+  const at::ScalarType cache_type = k_cache.scalar_type();
+  if (q.scalar_type() != cache_type) {
+    return paged_decode_attention_cuda(q.to(cache_type), k_cache, v_cache, block_tables, context_lens, softmax_scale)
+        .to(q.scalar_type());
+  }
+
   at::Tensor out = at::empty({num_seqs, num_heads, head_dim}, q.options());
   if (num_seqs == 0) return out;
-  const int num_splits = cuda::paged_decode_num_splits(max_blocks_per_seq * block_size);
+  const cuda::DecodeSplit split = cuda::paged_decode_split(max_blocks_per_seq * block_size, num_seqs, num_kv_heads,
+                                                           num_heads / num_kv_heads, multiprocessor_count(q.device()));
+  TORCH_CHECK(split.num_splits <= kMaxGridYZ && split.num_splits * 4 <= kMaxReduceSharedBytes,
+              "paged_decode_attention: block tables of ", max_blocks_per_seq, " blocks x ", block_size,
+              " tokens need ", split.num_splits, " split-K partitions, more than the kernels take (",
+              kMaxReduceSharedBytes / 4, ")");
+  const int num_splits = static_cast<int>(split.num_splits);
   at::Tensor partial_out, partial_lse;
   if (num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);
@@ -235,8 +260,8 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_
   p.context_lens = context_lens.data_ptr<int32_t>();
   p.partial_out = num_splits > 1 ? partial_out.data_ptr<float>() : nullptr;
   p.partial_lse = num_splits > 1 ? partial_lse.data_ptr<float>() : nullptr;
-  p.q_seq_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
+  p.q_seq_stride = used_stride(q, 0);
+  p.q_head_stride = used_stride(q, 1);
   p.num_seqs = static_cast<int>(num_seqs);
   p.num_heads = static_cast<int>(num_heads);
   p.num_kv_heads = static_cast<int>(num_kv_heads);
@@ -245,6 +270,7 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_
   p.block_size = static_cast<int>(block_size);
   p.max_blocks_per_seq = static_cast<int>(max_blocks_per_seq);
   p.num_splits = num_splits;
+  p.partition_size = static_cast<int>(split.partition_size);
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.dtype = to_kernel_dtype(q.scalar_type());
   check_launch(cuda::paged_decode_attention(p, current_stream(q.device())), "paged_decode_attention");

@@ -19,7 +19,8 @@ enum class DType : int { kFloat32, kFloat16, kBFloat16 };
 
 // q [total_q, num_heads, head_dim], k/v [total_k, num_kv_heads, head_dim] (strided views allowed:
 // 16-byte aligned pointers, strides multiples of 8), out [total_q, num_heads, head_dim] contiguous.
-// cu_seqlens_* int32 [num_seqs + 1] on the device, already validated (monotonic, last = total).
+// cu_seqlens_* int32 [num_seqs + 1] on the device; they are not read back on the host (that would
+// sync the device twice a layer): the engine validates them where it builds them, on the host.
 struct VarlenAttentionParams {
   const void* q;
   const void* k;
@@ -31,24 +32,58 @@ struct VarlenAttentionParams {
   int64_t k_token_stride, k_head_stride;
   int64_t v_token_stride, v_head_stride;
   int num_seqs, num_heads, num_kv_heads, head_dim;
-  int max_seqlen_q;  // the longest query run: sizes the grid
+  int total_q, total_k;  // cu_seqlens entries are clamped to these, so bad metadata cannot fault
+  int max_seqlen_q;      // an upper bound of the longest query run: sizes the grid (blocks past a run return)
   float softmax_scale;
   bool causal;  // aligned bottom-right: query i of a sequence sees keys j <= i + seqlen_k - seqlen_q
   DType dtype;  // kFloat16 or kBFloat16
 };
 const char* varlen_attention(const VarlenAttentionParams& p, Stream stream);
 
-// Keys of a split-K partition: one thread block per (KV head, sequence, partition).
-constexpr int kDecodePartitionSize = 512;
+// Split-K (flash-decoding) plan of paged_decode_attention. One thread block handles one (KV head,
+// chunk of up to 8 of its query heads, sequence, partition of the keys); a partition holds at most
+// kDecodeMaxPartitionSize keys (the kernel's shared score buffer). Without splitting, batch 1 of a
+// model with 8 KV heads launches 8 blocks on a GPU with 132 SMs, so the keys are split until the
+// grid covers the SMs about twice over, in partitions of no fewer than kDecodeMinPartitionSize keys.
+// Plain C++ (no CUDA header): the binding, the kernels and a CPU-side test share this one function.
+constexpr int kDecodeMaxPartitionSize = 512;
+constexpr int kDecodeMinPartitionSize = 64;
+constexpr int kDecodeBlocksPerSM = 2;
 
-inline int paged_decode_num_splits(int64_t max_context_len) {
-  return max_context_len <= kDecodePartitionSize
-             ? 1
-             : static_cast<int>((max_context_len + kDecodePartitionSize - 1) / kDecodePartitionSize);
+// Query heads of one GQA group that one block serves: the next power of two, at most 8.
+inline int paged_decode_group_tile(int64_t group) { return group <= 1 ? 1 : group == 2 ? 2 : group <= 4 ? 4 : 8; }
+
+struct DecodeSplit {
+  int64_t num_splits;      // gridDim.z; the binding checks it against CUDA's 65535
+  int64_t partition_size;  // keys per partition, a multiple of kDecodeMinPartitionSize, <= kDecodeMaxPartitionSize
+};
+
+// max_context_len: the longest context the block tables can describe (max_blocks_per_seq * block_size).
+inline DecodeSplit paged_decode_split(int64_t max_context_len, int64_t num_seqs, int64_t num_kv_heads, int64_t group,
+                                      int64_t num_sms) {
+  const int64_t max_part = kDecodeMaxPartitionSize, min_part = kDecodeMinPartitionSize;
+  if (max_context_len <= 0) return {1, max_part};
+  const int64_t tile = paged_decode_group_tile(group);
+  const int64_t blocks_per_split = num_kv_heads * ((group + tile - 1) / tile) * num_seqs;
+  int64_t splits = (max_context_len + max_part - 1) / max_part;  // what the score buffer requires
+  int64_t part = max_part;
+  const int64_t target = kDecodeBlocksPerSM * num_sms;
+  if (blocks_per_split > 0 && blocks_per_split * splits < target) {
+    const int64_t want = (target + blocks_per_split - 1) / blocks_per_split;
+    part = (max_context_len + want - 1) / want;
+    part = (part + min_part - 1) / min_part * min_part;
+    part = part < min_part ? min_part : (part > max_part ? max_part : part);
+    splits = (max_context_len + part - 1) / part;
+  }
+  if (splits <= 1) return {1, max_part};
+  return {splits, part};
 }
 
+// Streaming multiprocessors of a CUDA device (cached by the caller), or -1 with the error's message.
+int device_multiprocessor_count(int device, const char** error);
+
 // q [num_seqs, num_heads, head_dim] (strided), caches [num_blocks, block_size, num_kv_heads, head_dim]
-// contiguous in q's dtype, block_tables int32 [num_seqs, max_blocks_per_seq], context_lens int32
+// contiguous in q's dtype (the binding converts q to a cache of another dtype), block_tables int32 [num_seqs, max_blocks_per_seq], context_lens int32
 // [num_seqs], out [num_seqs, num_heads, head_dim] contiguous. With num_splits > 1 the partitions write
 // partial_out float [num_seqs, num_heads, num_splits, head_dim] and partial_lse float
 // [num_seqs, num_heads, num_splits], and a second kernel combines them.
@@ -64,7 +99,8 @@ struct PagedDecodeParams {
   int64_t q_seq_stride, q_head_stride;
   int num_seqs, num_heads, num_kv_heads, head_dim;
   int num_blocks, block_size, max_blocks_per_seq;
-  int num_splits;  // paged_decode_num_splits(max_blocks_per_seq * block_size)
+  int num_splits;      // paged_decode_split(...).num_splits
+  int partition_size;  // paged_decode_split(...).partition_size
   float softmax_scale;
   DType dtype;
 };

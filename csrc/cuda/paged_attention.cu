@@ -1,7 +1,7 @@
 // Single-token (decode) attention over the paged KV cache, split-K (flash-decoding) for long contexts.
 //
-// One thread block per (KV head, chunk of up to 8 of its query heads, sequence, partition of 512
-// keys): every K and V row the block loads serves all the query heads of its KV head (GQA). The
+// One thread block per (KV head, chunk of up to 8 of its query heads, sequence, partition of up to
+// 512 keys; kernels.h's paged_decode_split sizes the partitions from the SM count): every K and V row the block loads serves all the query heads of its KV head (GQA). The
 // block computes the partition's scores into shared memory, takes their softmax there, and
 // accumulates P V. With one partition the block writes the output; with several it writes the
 // partition's normalised output and log-sum-exp (base 2), and paged_decode_reduce_kernel combines
@@ -19,7 +19,7 @@ namespace {
 
 constexpr int kNumThreads = 128;
 constexpr int kNumWarps = kNumThreads / 32;
-constexpr int kPartition = kDecodePartitionSize;
+constexpr int kPartition = kDecodeMaxPartitionSize;  // the score buffer; p.partition_size <= it
 constexpr int kUnroll = 4;  // tokens per thread whose loads are in flight together
 constexpr int kMinBlocksPerSM = 4;  // caps registers at 128 a thread; also keeps ptxas from spilling at 64
 constexpr int kReduceThreads = 128;
@@ -41,8 +41,8 @@ __device__ __forceinline__ DecodeWork decode_work(const PagedDecodeParams& p, in
   w.split = blockIdx.z;
   // Lengths past the block table are clamped so that no read leaves the sequence's blocks.
   w.context_len = min(max(p.context_lens[w.seq], 0), p.max_blocks_per_seq * p.block_size);
-  w.tok_begin = w.split * kPartition;
-  w.tok_end = min(w.context_len, w.tok_begin + kPartition);
+  w.tok_begin = w.split * p.partition_size;
+  w.tok_end = min(w.context_len, w.tok_begin + p.partition_size);
   return w;
 }
 
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kReduceThreads) paged_decode_reduce_kernel(con
   __shared__ float s_scratch[32];
   const int head = blockIdx.x, seq = blockIdx.y, tid = threadIdx.x;
   const int context_len = min(max(p.context_lens[seq], 0), p.max_blocks_per_seq * p.block_size);
-  const int num_parts = ceil_div(context_len, kPartition);
+  const int num_parts = ceil_div(context_len, p.partition_size);
   const int64_t row = static_cast<int64_t>(seq) * p.num_heads + head;
   T* out = static_cast<T*>(p.out) + row * kHeadDim;
   if (num_parts == 0) {
@@ -265,17 +265,31 @@ const char* launch(const PagedDecodeParams& p, cudaStream_t stream) {
 // The group tile is the next power of two of the GQA group, at most 8 (larger groups take chunks).
 template <typename T, int kHeadDim>
 const char* launch_for_group(const PagedDecodeParams& p, cudaStream_t stream) {
-  const int group = p.num_heads / p.num_kv_heads;
-  if (group == 1) return launch<T, kHeadDim, 1>(p, stream);
-  if (group == 2) return launch<T, kHeadDim, 2>(p, stream);
-  if (group <= 4) return launch<T, kHeadDim, 4>(p, stream);
-  return launch<T, kHeadDim, 8>(p, stream);
+  switch (paged_decode_group_tile(p.num_heads / p.num_kv_heads)) {
+    case 1:
+      return launch<T, kHeadDim, 1>(p, stream);
+    case 2:
+      return launch<T, kHeadDim, 2>(p, stream);
+    case 4:
+      return launch<T, kHeadDim, 4>(p, stream);
+    default:
+      return launch<T, kHeadDim, 8>(p, stream);
+  }
 }
 
 }  // namespace
 
+int device_multiprocessor_count(int device, const char** error) {
+  int count = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  *error = err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return err == cudaSuccess ? count : -1;
+}
+
 const char* paged_decode_attention(const PagedDecodeParams& p, Stream stream) {
   if (p.num_seqs == 0) return nullptr;
+  if (p.partition_size <= 0 || p.partition_size > kPartition)
+    return "paged_decode_attention: partition_size must be in [1, 512]";
   if (p.head_dim != 64 && p.head_dim != 128) return "paged_decode_attention: head_dim must be 64 or 128";
   return dispatch_float_types(p.dtype, [&](auto zero) -> const char* {
     using T = decltype(zero);

@@ -123,10 +123,13 @@ __global__ void __launch_bounds__(kNumThreads) varlen_attention_kernel(const Var
   const int seq = blockIdx.z, head = blockIdx.y;
   // Highest query tiles first: under causal masking they have the most keys to visit.
   const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int q_begin = p.cu_seqlens_q[seq], seqlen_q = p.cu_seqlens_q[seq + 1] - q_begin;
+  // Entries are clamped into [0, total]: metadata is validated on the host, never read back here.
+  const int q_begin = min(max(p.cu_seqlens_q[seq], 0), p.total_q);
+  const int seqlen_q = min(max(p.cu_seqlens_q[seq + 1], q_begin), p.total_q) - q_begin;
   const int m_start = m_block * kBlockM;
   if (m_start >= seqlen_q) return;
-  const int k_begin = p.cu_seqlens_k[seq], seqlen_k = p.cu_seqlens_k[seq + 1] - k_begin;
+  const int k_begin = min(max(p.cu_seqlens_k[seq], 0), p.total_k);
+  const int seqlen_k = min(max(p.cu_seqlens_k[seq + 1], k_begin), p.total_k) - k_begin;
   const int kv_head = head / (p.num_heads / p.num_kv_heads);
   const int rows_in_tile = min(kBlockM, seqlen_q - m_start);
   const int diag = seqlen_k - seqlen_q;  // causal: row i sees keys j <= i + diag
