@@ -148,3 +148,29 @@ class ModelRunner:
         result = self.model.forward(input_ids, positions, meta, self.kv_cache.layers, logits_rows, capture_layers)
         logits, self.last_states = result if capture_layers is not None else (result, None)
         return logits, sampling
+
+
+def packed_prefill_logits(model: LlamaModel, prompts: list[list[int]], kv_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Logits at every position of each prompt, all prompts packed into one forward through a
+    fresh KV cache (no scheduler, no sampling): the reference the tests and the device check compare
+    engines, backends and devices with. One-token prompts go last, as decode rows do in a step."""
+    from lenserve.scheduler import BlockManager, Sequence
+
+    block_size = 16
+    num_blocks = sum(len(p) // block_size + 1 for p in prompts) + 1
+    kv = KVCache(model.cfg, num_blocks, block_size, kv_dtype, model.device)
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+    seqs = []
+    for i, p in enumerate(prompts):
+        s = Sequence(f"p{i}", p, max_tokens=1)
+        bm.allocate(s, len(p))
+        seqs.append(s)
+    n = [len(p) for p in prompts]
+    order = [i for i, x in enumerate(n) if x > 1] + [i for i, x in enumerate(n) if x == 1]
+    out = SchedulerOutput([seqs[i] for i in order], [n[i] for i in order], sum(1 for x in n if x > 1))
+    input_ids, positions, meta, _, _ = ModelRunner(model, kv).prepare(out)
+    logits = model.forward(input_ids, positions, meta, kv.layers, None)
+    result: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    for i, r in zip(order, torch.split(logits, [n[i] for i in order])):
+        result[i] = r
+    return result

@@ -24,13 +24,11 @@ import torch
 
 from benchmarks.gpu.common import sync, write_json
 from lenserve.config import EngineConfig
-from lenserve.engine.kv_cache import KVCache
 from lenserve.engine.llm_engine import LLMEngine
 from lenserve.engine.model import LlamaModel
-from lenserve.engine.model_runner import ModelRunner
+from lenserve.engine.model_runner import packed_prefill_logits
 from lenserve.engine.random_weights import parse_spec, random_weights
 from lenserve.engine.sampling_params import SamplingParams
-from lenserve.scheduler import BlockManager, SchedulerOutput, Sequence
 
 CHECK_SPECS = ["random:smollm2-135m:4", "random:llama3-8b:2"]
 THROUGHPUT_SPEC = "random:smollm2-135m"
@@ -92,18 +90,7 @@ def prompt_ids(vocab: int, lens: list[int], seed: int = 0) -> list[list[int]]:
 
 def packed_logits(model: LlamaModel, prompts: list[list[int]], kv_dtype: torch.dtype) -> torch.Tensor:
     """Logits at every position of every prompt, all prompts in one packed prefill."""
-    block_size = 16
-    num_blocks = sum(len(p) // block_size + 1 for p in prompts) + 1
-    kv = KVCache(model.cfg, num_blocks, block_size, kv_dtype, model.device)
-    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-    seqs = []
-    for i, p in enumerate(prompts):
-        s = Sequence(f"p{i}", p, max_tokens=1)
-        bm.allocate(s, len(p))
-        seqs.append(s)
-    out = SchedulerOutput(seqs, [len(p) for p in prompts], len(prompts))
-    input_ids, positions, meta, _, _ = ModelRunner(model, kv).prepare(out)
-    return model.forward(input_ids, positions, meta, kv.layers, None)
+    return torch.cat(packed_prefill_logits(model, prompts, kv_dtype))
 
 
 def engine(spec: str, device: str, dtype: str, **kwargs) -> LLMEngine:

@@ -1,35 +1,7 @@
 """Test helpers: run a model's packed forward directly, and compare greedy runs the vLLM way."""
 from __future__ import annotations
 
-import torch
-
-from lenserve.engine.kv_cache import KVCache
-from lenserve.engine.model_runner import ModelRunner
-from lenserve.scheduler import BlockManager, SchedulerOutput, Sequence
-
-
-def full_logits(model, prompts: list[list[int]], kv_dtype=torch.float32) -> list[torch.Tensor]:
-    """Logits at every position of each prompt, all prompts packed into one forward."""
-    block_size = 16
-    num_blocks = sum(len(p) // block_size + 1 for p in prompts) + 1
-    kv = KVCache(model.cfg, num_blocks, block_size, kv_dtype, model.device)
-    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-    seqs = []
-    for i, p in enumerate(prompts):
-        s = Sequence(f"p{i}", p, max_tokens=1)
-        bm.allocate(s, len(p))
-        seqs.append(s)
-    n = [len(p) for p in prompts]
-    out = SchedulerOutput(seqs, n, sum(1 for x in n if x > 1))
-    order = [i for i, x in enumerate(n) if x > 1] + [i for i, x in enumerate(n) if x == 1]
-    out = SchedulerOutput([seqs[i] for i in order], [n[i] for i in order], sum(1 for x in n if x > 1))
-    input_ids, positions, meta, _, _ = ModelRunner(model, kv).prepare(out)
-    logits = model.forward(input_ids, positions, meta, kv.layers, None)
-    rows = torch.split(logits, [n[i] for i in order])
-    result = [None] * len(prompts)
-    for i, r in zip(order, rows):
-        result[i] = r
-    return result
+from lenserve.engine.model_runner import packed_prefill_logits as full_logits  # noqa: F401  (the tests' name)
 
 
 def check_logprobs_close(a_tokens, a_logprobs, b_tokens, b_logprobs, name_a="a", name_b="b", max_gap=0.02):
