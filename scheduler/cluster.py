@@ -291,13 +291,18 @@ class LeastWorkRouter(Router):
         self.sent_since = [0.0] * len(replicas)
         self.hint = hints or []
 
-    def choose(self, i: int, t: float) -> int:
+    def refresh_reports(self, t: float) -> None:
+        """Every report_interval_s the replicas report their outstanding work (between reports the
+        router adds what it sent since)."""
         if t >= self.next_report_s:
             for k, rep in enumerate(self.replicas):
                 rep.advance_to(t)
                 self.reported[k] = rep.outstanding_work()
                 self.sent_since[k] = 0.0
             self.next_report_s = t + self.report_interval_s
+
+    def choose(self, i: int, t: float) -> int:
+        self.refresh_reports(t)
         best, best_work = 0, math.inf
         for k in range(len(self.replicas)):
             w = self.reported[k] + self.sent_since[k]
@@ -391,12 +396,7 @@ class CacheAwareRouter(_HistoryMixin, LeastWorkRouter):
         self.init_history(_history_capacity(replicas))
 
     def choose(self, i: int, t: float) -> int:
-        if t >= self.next_report_s:
-            for k, rep in enumerate(self.replicas):
-                rep.advance_to(t)
-                self.reported[k] = rep.outstanding_work()
-                self.sent_since[k] = 0.0
-            self.next_report_s = t + self.report_interval_s
+        self.refresh_reports(t)
         ongoing = []
         for rep in self.replicas:  # a router's own count of requests in flight on each replica
             rep.advance_to(t)
