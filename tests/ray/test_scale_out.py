@@ -48,6 +48,23 @@ async def _stream(client, body: dict, on_chunk=None) -> dict:
     return out
 
 
+async def _long_streams_under_way(client, stream, wait_s: float) -> list[asyncio.Task]:
+    """Six 200-token streams (`stream(client, body, on_chunk)`), returned as tasks once 12 chunks
+    have arrived between them: the replicas are mid-decode."""
+    counts = Counter()
+    started = asyncio.Event()
+
+    def on_chunk():
+        counts["chunks"] += 1
+        if counts["chunks"] >= 12:
+            started.set()
+
+    body = {"prompt": "Tell a long story:", "max_tokens": 200, "ignore_eos": True}
+    streams = [asyncio.create_task(stream(client, {**body, "prompt": f"Story {i}:"}, on_chunk)) for i in range(6)]
+    await asyncio.wait_for(started.wait(), wait_s)
+    return streams
+
+
 def _client(server) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=server.url, timeout=120, headers=_headers(server))
 
@@ -192,17 +209,7 @@ def test_killing_a_replica_mid_run(ray_server):
 
     async def run():
         async with _client(ray_server) as c:
-            counts = Counter()
-            started = asyncio.Event()
-
-            def on_chunk():
-                counts["chunks"] += 1
-                if counts["chunks"] >= 12:
-                    started.set()
-
-            body = {"prompt": "Tell a long story:", "max_tokens": 200, "ignore_eos": True}
-            streams = [asyncio.create_task(_stream(c, {**body, "prompt": f"Story {i}:"}, on_chunk)) for i in range(6)]
-            await asyncio.wait_for(started.wait(), 60)
+            streams = await _long_streams_under_way(c, _stream, 60)
             os.kill(pids[0], signal.SIGKILL)
             t_kill = time.monotonic()
             results = await asyncio.wait_for(asyncio.gather(*streams), 120)

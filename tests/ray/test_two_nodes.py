@@ -14,14 +14,13 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
 
 import httpx
 import pytest
 
 from lenserve.server.process import ServerProcess, free_port, session_pids
 from tests.ray.conftest import API_KEY, RayServer
-from tests.ray.test_scale_out import _complete
+from tests.ray.test_scale_out import _complete, _long_streams_under_way
 from tests.server.conftest import launch_server
 
 pytestmark = [
@@ -127,17 +126,7 @@ def _kill_worker_mid_run(server, worker: RayNode) -> None:
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=120, headers=headers) as c:
-            counts = Counter()
-            started = asyncio.Event()
-
-            def on_chunk():
-                counts["chunks"] += 1
-                if counts["chunks"] >= 12:
-                    started.set()
-
-            body = {"prompt": "Tell a long story:", "max_tokens": 200, "ignore_eos": True}
-            streams = [asyncio.create_task(_stream_or_error(c, {**body, "prompt": f"Story {i}:"}, on_chunk)) for i in range(6)]
-            await asyncio.wait_for(started.wait(), 120)
+            streams = await _long_streams_under_way(c, _stream_or_error, 120)
             for pid in session_pids(worker.proc.pid):  # the whole worker node: its raylet, workers, replica
                 try:
                     os.kill(pid, signal.SIGKILL)
