@@ -10,7 +10,7 @@
 #   kernels  varlen attention: ours vs FA2 varlen (aten._flash_attention_forward) vs padded SDPA vs
 #            naive padded MHA on the Azure conversation mix and a uniform 1-2048 mix
 #   e2e      offline decode at batch 1/32/256 (prompt 256, 128 new) beside HF `generate`
-#   memcheck, racecheck   compute-sanitizer on the smoke stage
+#   memcheck, racecheck   compute-sanitizer on the smoke stage, run beside tests and check
 # then a one-screen summary. Every result is JSON under $OUT (device, date, torch and CUDA
 # versions inside); each stage's log is $OUT/logs/STAGE.log; stage verdicts in $OUT/stages.tsv.
 #
@@ -153,9 +153,22 @@ run_stage() {  # stage
   fi
 }
 
-for s in "${STAGES[@]}"; do
-  wanted "$s" && run_stage "$s"
+run_if() { wanted "$1" && run_stage "$1"; }
+run_if build
+run_if smoke
+# The sanitizers time nothing: they run beside the correctness stages (tests, check) and are
+# waited for before the timed stages (kernels, e2e) start, so no timing shares the GPU.
+bg=()
+for s in memcheck racecheck; do
+  if wanted "$s"; then run_stage "$s" & bg+=($!); fi
 done
+run_if tests
+run_if check
+[ ${#bg[@]} -gt 0 ] && wait "${bg[@]}"
+run_if kernels
+run_if e2e
+# background stages record into stages.tsv from subshells: the verdict is read from there
+grep -qE $'\t(failed|timeout)\t' "$out_dir/stages.tsv" && failed=1
 
 "$PY" -m benchmarks.gpu.summary "$out_dir" | tee "$out_dir/summary.txt"
 echo "device_check: done in $(( $(date +%s) - start ))s; results in $out_dir"
