@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import sys
 
@@ -71,6 +72,21 @@ def naive_padded(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, scale: fl
     return torch.cat(outs)
 
 
+def with_env(name: str, value: str, fn):
+    """fn run with the environment variable set (the extension reads it at each call)."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+    return run
+
+
 def bench_mix(mix: str, shape: str, heads: tuple[int, int, int], device: str, tiny: bool, iters: int) -> list[dict]:
     num_heads, num_kv_heads, head_dim = heads
     lens = length_mix(mix, tiny)
@@ -85,6 +101,10 @@ def bench_mix(mix: str, shape: str, heads: tuple[int, int, int], device: str, ti
     qp, kp, vp = pad(q, lens), pad(k, lens), pad(v, lens)
 
     impls = {"lenserve": lambda: torch.ops.lenserve.varlen_attention(q, k, v, cu, cu, max_len, max_len, scale, True)}
+    if device.startswith("cuda") and head_dim == 128:
+        # The kernel's other tiling at head_dim 128 (one m-tile per warp, 64-key tiles), timed beside
+        # the default so the choice between them is a measurement of this run.
+        impls["lenserve_64x64"] = with_env("LENSERVE_VARLEN_TILES", "64x64", impls["lenserve"])
     if device.startswith("cuda"):
         impls["fa2_varlen"] = lambda: torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)[0]

@@ -239,7 +239,7 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_
   if (num_seqs == 0) return out;
   const cuda::DecodeSplit split = cuda::paged_decode_split(max_blocks_per_seq * block_size, num_seqs, num_kv_heads,
                                                            num_heads / num_kv_heads, multiprocessor_count(q.device()));
-  TORCH_CHECK(split.num_splits <= kMaxGridYZ && split.num_splits * 4 <= kMaxReduceSharedBytes,
+  TORCH_CHECK(split.num_splits <= kMaxGridYZ && (split.num_splits + 3) / 4 * 16 <= kMaxReduceSharedBytes,
               "paged_decode_attention: block tables of ", max_blocks_per_seq, " blocks x ", block_size,
               " tokens need ", split.num_splits, " split-K partitions, more than the kernels take (",
               kMaxReduceSharedBytes / 4, ")");
