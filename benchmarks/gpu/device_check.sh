@@ -4,6 +4,7 @@
 #            (pip install --no-deps --no-build-isolation -e .)
 #   smoke    every op once, a device sync after each (an illegal address is pinned to one op)
 #   tests    the `gpu` tests (tests/csrc/test_cuda_kernels.py, tests/engine/test_cuda_engine.py)
+#            (-rfE: failing names in the log; with pytest-xdist, -n 4: a crash kills one worker only)
 #   check    end to end on random weights: SmolLM2 (9/3 heads, hd 64) and Llama-3-8B-like (32/8,
 #            hd 128) shapes: CUDA bf16 vs CPU fp32 logits, kernels vs torch backend, CUDA graphs
 #            vs eager, chunked prefill
@@ -42,7 +43,7 @@ while [ $# -gt 0 ]; do
     --only) only=$2; shift 2 ;;
     --skip-build) skip_build=1; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "device_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -61,11 +62,16 @@ wanted() {  # stage name -> 0 when it is to run
   [ -z "$only" ] || [[ ",$only," == *",$1,"* ]]
 }
 
+xdist_args() {  # with pytest-xdist: 4 workers, so a test that crashes (segfault) takes down only its
+  # worker (reported as failed) and the rest, tests/engine/test_cuda_engine.py among them, still run
+  "$PY" -c 'import xdist' 2>/dev/null && echo "-n 4 "
+}
+
 stage_cmd() {  # the command of a stage
   case "$1" in
     build) echo "TORCH_CUDA_ARCH_LIST=\$ARCH LENSERVE_CUDA=1 MAX_JOBS=\$(nproc) $PY -m pip install --no-deps --no-build-isolation --no-index -e ." ;;
     smoke) echo "$PY -m benchmarks.gpu.smoke --out $out_dir" ;;
-    tests) echo "$PY -m pytest -q -m gpu tests/csrc/test_cuda_kernels.py tests/engine/test_cuda_engine.py --junitxml=$out_dir/gpu_tests.xml -p no:cacheprovider" ;;
+    tests) echo "$PY -m pytest -q -rfE $(xdist_args)-m gpu tests/csrc/test_cuda_kernels.py tests/engine/test_cuda_engine.py --junitxml=$out_dir/gpu_tests.xml -p no:cacheprovider" ;;
     check) echo "$PY -m benchmarks.gpu.e2e check --out $out_dir" ;;
     kernels) echo "$PY -m benchmarks.gpu.kernels --out $out_dir" ;;
     e2e) echo "$PY -m benchmarks.gpu.e2e throughput --out $out_dir" ;;

@@ -11,7 +11,9 @@ import sys
 import pytest
 import torch
 
-from benchmarks.gpu import e2e, kernels, smoke, summary
+from benchmarks.gpu import e2e, kernels, smoke, summary, ties
+from lenserve.engine.sampler import SampleLogprobs
+from tests.engine.helpers import check_logprobs_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu", "device_check.sh")
@@ -102,10 +104,57 @@ def test_compare_logits_and_tokens():
     assert e2e.compare_tokens([[1, 2], [3]], [[1, 2], [3]])["identical"]
     diff = e2e.compare_tokens([[1, 2], [3, 4]], [[1, 2], [3, 5]])
     assert not diff["identical"] and diff["first_difference"] == {"sequence": 1, "position": 1}
-    assert not e2e.compare_tokens([[1, 2]], [[1]])["identical"]
+    assert not diff["ok"] and diff["mismatches"][0]["sequence"] == 1  # no logprobs: no way to call it a tie
+    assert not e2e.compare_tokens([[1, 2]], [[1]])["ok"]
     rows = e2e.throughput_rows({1: 100.0, 32: 3000.0}, {1: 10.0})
     assert rows == [{"batch": 1, "lenserve_tok_s": 100.0, "hf_tok_s": 10.0, "speedup_vs_hf": 10.0},
                     {"batch": 32, "lenserve_tok_s": 3000.0}]
+
+
+def _lps(*tops: dict) -> list[SampleLogprobs]:
+    """One SampleLogprobs a position from {token: logprob} (its greedy token the most likely)."""
+    return [SampleLogprobs(token_id=max(t, key=t.get), logprob=max(t.values()),
+                           top=sorted(t.items(), key=lambda kv: -kv[1])) for t in tops]
+
+
+def test_greedy_comparison_identical():
+    lp = _lps({1: -0.5, 2: -1.5}, {3: -0.2, 4: -2.0})
+    res = e2e.compare_tokens([[1, 3], [1]], [[1, 3], [1]], [lp, lp[:1]], [lp, lp[:1]])
+    assert res["identical"] and res["ok"] and res["identical_sequences"] == 2
+    assert res["near_ties"] == [] and res["mismatches"] == [] and res["first_difference"] is None
+    assert ties.first_divergence([1, 3], lp, [1, 3], lp) is None
+
+
+def test_greedy_comparison_accepts_a_near_tie():
+    """The candidate takes 8 where the reference took 7, 0.03 nats apart on both sides: a near
+    tie; what follows the divergence is not compared (the continuations differ)."""
+    ref_tokens, ref_lp = [5, 7, 9], _lps({5: -0.1, 6: -3.0}, {7: -0.70, 8: -0.73, 1: -3.0}, {9: -0.1})
+    cand_tokens, cand_lp = [5, 8, 2], _lps({5: -0.1, 6: -3.0}, {8: -0.69, 7: -0.72, 1: -3.0}, {2: -0.1})
+    res = e2e.compare_tokens([cand_tokens, [4]], [ref_tokens, [4]], [cand_lp, _lps({4: 0.0})], [ref_lp, _lps({4: 0.0})])
+    assert res["ok"] and not res["identical"] and res["identical_sequences"] == 1
+    assert res["near_ties"] == [{"sequence": 0, "position": 1, "gap": 0.03, "candidate_gap": 0.03}]
+    assert res["mismatches"] == [] and res["first_difference"] == {"sequence": 0, "position": 1}
+    # the tests' helper (tests/engine/helpers.py) applies the same rule
+    assert check_logprobs_close(cand_tokens, cand_lp, ref_tokens, ref_lp, max_gap=ties.BF16_MAX_GAP) == 1
+
+
+@pytest.mark.parametrize("cand_top, ref_top, why", [
+    ({8: -0.5, 1: -0.6}, {7: -0.70, 8: -0.73}, "not in candidate's top"),  # reference's 7 not in the candidate's top-k
+    ({8: -0.69, 7: -0.72}, {7: -0.70, 1: -0.71}, "not in reference's top"),  # candidate's 8 not in the reference's top-k
+    ({8: -0.69, 7: -0.72}, {7: -0.2, 8: -2.2}, "no near tie"),  # the reference prefers 7 by 2 nats
+    ({8: -0.2, 7: -2.2}, {7: -0.70, 8: -0.73}, "no near tie"),  # the candidate prefers 8 by 2 nats
+])
+def test_greedy_comparison_rejects_a_real_mismatch(cand_top, ref_top, why):
+    ref_tokens, cand_tokens = [5, 7], [5, 8]
+    ref_lp, cand_lp = _lps({5: -0.1}, ref_top), _lps({5: -0.1}, cand_top)
+    res = e2e.compare_tokens([cand_tokens, [3]], [ref_tokens, [3]], [cand_lp, _lps({3: 0.0})], [ref_lp, _lps({3: 0.0})])
+    assert not res["ok"] and res["near_ties"] == [] and res["identical_sequences"] == 1
+    assert len(res["mismatches"]) == 1 and res["mismatches"][0]["position"] == 1 and why in res["mismatches"][0]["reason"]
+    with pytest.raises(AssertionError, match=why):
+        check_logprobs_close(cand_tokens, cand_lp, ref_tokens, ref_lp, "candidate", "reference", max_gap=ties.BF16_MAX_GAP)
+    # a gap just over the tolerance is no tie either
+    gap = ties.BF16_MAX_GAP + 0.01
+    assert not ties.first_divergence([8], _lps({8: -0.5, 7: -0.5 - gap}), [7], _lps({7: -0.5, 8: -0.5 - gap}))["near_tie"]
 
 
 def test_e2e_stages_on_a_tiny_model(tmp_path):
@@ -114,6 +163,9 @@ def test_e2e_stages_on_a_tiny_model(tmp_path):
     shape = check["shapes"][0]
     assert shape["graphs_vs_eager"]["identical"] and shape["graphs_vs_eager"]["static_runs"] > 0
     assert shape["chunked_prefill_vs_one_pass"]["identical"] and shape["device_vs_cpu_fp32"]["ok"]
+    for name in ("graphs_vs_eager", "chunked_prefill_vs_one_pass"):  # fp32 on CPU: no tie flips
+        assert shape[name]["ok"] and shape[name]["mismatches"] == [] and shape[name]["near_ties"] == []
+        assert shape[name]["identical_sequences"] == shape[name]["sequences"]
     assert e2e.main(["throughput", "--device", "cpu", "--tiny", "--out", str(tmp_path)]) == 0
     thr = json.loads((tmp_path / "e2e_throughput.json").read_text())
     assert [r["batch"] for r in thr["rows"]] == [1, 4] and all(r["lenserve_tok_s"] > 0 for r in thr["rows"])

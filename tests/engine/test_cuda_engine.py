@@ -8,10 +8,11 @@ import gc
 import pytest
 import torch
 
+from benchmarks.gpu.ties import BF16_MAX_GAP, TOP_K, compare_greedy
 from lenserve import LLM, SamplingParams
 from lenserve.engine.model import LlamaModel
 from lenserve.engine.random_weights import parse_spec, random_weights
-from tests.engine.helpers import check_logprobs_close, full_logits
+from tests.engine.helpers import full_logits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -34,14 +35,17 @@ def _llm(spec: str, **kwargs) -> LLM:
 
 
 def _greedy(llm: LLM, prompts, max_tokens: int = 24):
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=5)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_K)
     outs = llm.generate(prompts, params)
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
 
 def _same_greedy(a, b, name_a, name_b):
-    for (ta, la), (tb, lb) in zip(a, b):
-        check_logprobs_close(ta, la, tb, lb, name_a, name_b, max_gap=0.1)
+    """Greedy outputs of two bf16 runs that differ in batch shape: every sequence identical, or its
+    first divergence a near tie (the device check's rule, benchmarks/gpu/ties.py); b the reference."""
+    res = compare_greedy([t for t, _ in a], [t for t, _ in b], [lp for _, lp in a], [lp for _, lp in b], BF16_MAX_GAP)
+    assert res["ok"], f"{name_a} vs {name_b}: {res['mismatches']} (near ties: {res['near_ties']})"
+    return res
 
 
 def _free(*llms) -> None:
@@ -94,7 +98,8 @@ def test_chunked_prefill_matches_one_pass():
 
 @pytest.mark.parametrize("spec", SHAPES)
 def test_cuda_graphs_give_the_eager_tokens(spec):
-    """5 and 19 sequences pad to graphs of 8 and 32: greedy tokens identical to eager."""
+    """5 and 19 sequences pad to graphs of 8 and 32: greedy tokens those of eager, up to near ties
+    (the padded GEMM rounds bf16 differently)."""
     for n in (5, 19):
         prompts = _prompts(parse_spec(spec).vocab_size, [10 + 7 * i for i in range(n)], seed=n)
         graphs = _llm(spec)
@@ -102,7 +107,7 @@ def test_cuda_graphs_give_the_eager_tokens(spec):
         assert graphs.engine.runner.decode_graphs is not None and eager.engine.runner.decode_graphs is None
         a, b = _greedy(graphs, prompts, 32), _greedy(eager, prompts, 32)
         assert graphs.engine.runner.decode_graphs.num_replays > 0
-        assert [t for t, _ in a] == [t for t, _ in b]
+        _same_greedy(a, b, "graphs", "eager")
         _free(graphs, eager)
 
 
