@@ -140,7 +140,7 @@ run_stage() {  # stage
       if [ ! -x "$SAN" ]; then record "$s" skipped 0 "compute-sanitizer not found"; return; fi
       timeout --kill-after=10 "$cap" bash -c "exec $(stage_cmd "$s")" > "$out_dir/logs/$s.log" 2>&1
       rc=$?
-      note=$(grep -o 'ERROR SUMMARY: [0-9]* error[s]*' "$out_dir/logs/$s.log" | tail -1)
+      note=$(grep -o -E 'ERROR SUMMARY: [0-9]* errors?|RACECHECK SUMMARY: .*' "$out_dir/logs/$s.log" | tail -1)
       ;;
     *)
       timeout --kill-after=10 "$cap" bash -c "exec $(stage_cmd "$s")" > "$out_dir/logs/$s.log" 2>&1

@@ -59,7 +59,8 @@ def sanitizer(out: str, tool: str) -> dict | None:
         return None
     with open(path, errors="replace") as f:
         text = f.read()
-    m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    # memcheck ends "ERROR SUMMARY: N errors"; racecheck "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)"
+    m = re.findall(r"ERROR SUMMARY: (\d+) error", text) or re.findall(r"RACECHECK SUMMARY: .*?\((\d+) error", text)
     return {"errors": int(m[-1]) if m else None, "clean": bool(m) and int(m[-1]) == 0}
 
 

@@ -35,7 +35,7 @@ torch::Tensor silu_and_mul_cpu(const torch::Tensor& x) {
   LS_CHECK_CPU(x);
   LS_CHECK_DIM(x, 2);
   LS_CHECK_CONTIGUOUS(x);
-  TORCH_CHECK(x.size(1) % 2 == 0, "silu_and_mul: last dimension must be even, got ", x.size(1));
+  LS_CHECK(x.size(1) % 2 == 0, "silu_and_mul: last dimension must be even, got ", x.size(1));
   const int64_t n = x.size(0), d = x.size(1) / 2;
   auto out = torch::empty({n, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul_cpu", [&] {

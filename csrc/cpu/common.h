@@ -3,13 +3,14 @@
 
 #include <torch/all.h>
 
-#include <algorithm>
-#include <sstream>
+#include "check.h"
 
-#define LS_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
-#define LS_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
-#define LS_CHECK_DIM(x, d) TORCH_CHECK((x).dim() == (d), #x " must have ", d, " dimensions, got ", (x).dim())
-#define LS_CHECK_DTYPE(x, t) TORCH_CHECK((x).scalar_type() == (t), #x " must be ", t, ", got ", (x).scalar_type())
+#include <algorithm>
+
+#define LS_CHECK_CPU(x) LS_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
+#define LS_CHECK_CONTIGUOUS(x) LS_CHECK((x).is_contiguous(), #x " must be contiguous")
+#define LS_CHECK_DIM(x, d) LS_CHECK((x).dim() == (d), #x " must have ", d, " dimensions, got ", (x).dim())
+#define LS_CHECK_DTYPE(x, t) LS_CHECK((x).scalar_type() == (t), #x " must be ", t, ", got ", (x).scalar_type())
 
 namespace lenserve {
 
@@ -36,7 +37,7 @@ void dispatch_float_types(at::ScalarType t, const char* what, Fn&& fn) {
     case at::kFloat: fn(float{}); break;
     case at::kBFloat16: fn(c10::BFloat16{}); break;
     case at::kHalf: fn(c10::Half{}); break;
-    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
+    default: LS_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
   }
 }
 

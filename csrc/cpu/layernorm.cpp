@@ -25,10 +25,10 @@ void check_norm_inputs(const torch::Tensor& input, const torch::Tensor& weight) 
   LS_CHECK_CPU(weight);
   LS_CHECK_DIM(input, 2);
   LS_CHECK_DIM(weight, 1);
-  TORCH_CHECK(input.stride(1) == 1, "input rows must be contiguous");
+  LS_CHECK(input.stride(1) == 1, "input rows must be contiguous");
   LS_CHECK_CONTIGUOUS(weight);
-  TORCH_CHECK(input.size(1) == weight.size(0), "input hidden size ", input.size(1), " != weight size ", weight.size(0));
-  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "input and weight dtypes differ");
+  LS_CHECK(input.size(1) == weight.size(0), "input hidden size ", input.size(1), " != weight size ", weight.size(0));
+  LS_CHECK(input.scalar_type() == weight.scalar_type(), "input and weight dtypes differ");
 }
 
 template <typename T>
@@ -60,8 +60,8 @@ void fused_add_rms_norm_cpu(torch::Tensor& input, torch::Tensor& residual, const
   LS_CHECK_CPU(residual);
   LS_CHECK_CONTIGUOUS(input);
   LS_CHECK_CONTIGUOUS(residual);
-  TORCH_CHECK(input.sizes() == residual.sizes(), "input and residual shapes differ");
-  TORCH_CHECK(input.scalar_type() == residual.scalar_type(), "input and residual dtypes differ");
+  LS_CHECK(input.sizes() == residual.sizes(), "input and residual shapes differ");
+  LS_CHECK(input.scalar_type() == residual.scalar_type(), "input and residual dtypes differ");
   const int64_t n = input.size(0), d = input.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_add_rms_norm_cpu", [&] {
     scalar_t* x = input.data_ptr<scalar_t>();

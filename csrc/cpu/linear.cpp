@@ -30,7 +30,7 @@ torch::Tensor alloc_weights(at::IntArrayRef sizes) {
   constexpr size_t kHuge = size_t{2} << 20;
   if (bytes < kHuge) return torch::zeros(sizes, torch::kFloat);
   void* ptr = nullptr;
-  TORCH_CHECK(posix_memalign(&ptr, kHuge, bytes) == 0, "pack_linear_weight: out of memory (", bytes, " bytes)");
+  LS_CHECK(posix_memalign(&ptr, kHuge, bytes) == 0, "pack_linear_weight: out of memory (", bytes, " bytes)");
 #ifdef MADV_HUGEPAGE
   madvise(ptr, bytes / kHuge * kHuge, MADV_HUGEPAGE);  // advice only: without THP, ordinary pages
 #endif
@@ -45,7 +45,7 @@ torch::Tensor pack_linear_weight_cpu(const torch::Tensor& weight) {
   LS_CHECK_DIM(weight, 2);
   LS_CHECK_DTYPE(weight, at::kFloat);
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(N > 0 && K > 0, "pack_linear_weight: empty weight ", weight.sizes());
+  LS_CHECK(N > 0 && K > 0, "pack_linear_weight: empty weight ", weight.sizes());
   const int64_t P = ceil_div(N, kPanel);
   auto w = weight.contiguous();
   auto packed = alloc_weights({P, K, kPanel});
@@ -72,16 +72,16 @@ torch::Tensor packed_linear_cpu(const torch::Tensor& x, const torch::Tensor& pac
   LS_CHECK_DIM(packed, 3);
   LS_CHECK_CONTIGUOUS(packed);
   const int64_t M = x.size(0), K = x.size(1), N = out_features, P = packed.size(0);
-  TORCH_CHECK(packed.size(2) == kPanel, "packed_linear: weight must come from pack_linear_weight (panels of 16)");
-  TORCH_CHECK(packed.size(1) == K, "packed_linear: x has ", K, " features, the weight ", packed.size(1));
-  TORCH_CHECK(N > (P - 1) * kPanel && N <= P * kPanel, "packed_linear: out_features ", N, " does not match ", P, " panels");
-  TORCH_CHECK(x.stride(1) == 1 || K == 1, "packed_linear: x rows must be contiguous");
+  LS_CHECK(packed.size(2) == kPanel, "packed_linear: weight must come from pack_linear_weight (panels of 16)");
+  LS_CHECK(packed.size(1) == K, "packed_linear: x has ", K, " features, the weight ", packed.size(1));
+  LS_CHECK(N > (P - 1) * kPanel && N <= P * kPanel, "packed_linear: out_features ", N, " does not match ", P, " panels");
+  LS_CHECK(x.stride(1) == 1 || K == 1, "packed_linear: x rows must be contiguous");
   const float* b = nullptr;
   if (bias.has_value()) {
     LS_CHECK_CPU(*bias);
     LS_CHECK_DTYPE(*bias, at::kFloat);
     LS_CHECK_CONTIGUOUS(*bias);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "packed_linear: bias must be [", N, "]");
+    LS_CHECK(bias->dim() == 1 && bias->size(0) == N, "packed_linear: bias must be [", N, "]");
     b = bias->data_ptr<float>();
   }
   auto out = torch::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));

@@ -114,8 +114,8 @@ float dot_f32(const float* a, const float* b, int64_t K) {
 // Bytes of one row of K elements; raises on a type or K the kernels do not take.
 int64_t row_bytes_of(int64_t type, int64_t K, const char* what) {
   const int64_t be = block_elems(type);
-  TORCH_CHECK(be > 0, what, ": weight type ", type, " is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)");
-  TORCH_CHECK(K % be == 0, what, ": ", K, " features is not a multiple of the type's block of ", be);
+  LS_CHECK(be > 0, what, ": weight type ", type, " is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+  LS_CHECK(K % be == 0, what, ": ", K, " features is not a multiple of the type's block of ", be);
   return K / be * block_bytes(type);
 }
 
@@ -246,15 +246,15 @@ torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
   LS_CHECK_CONTIGUOUS(weight);
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   const int64_t row_bytes = row_bytes_of(weight_type, K, "quant_linear");
-  TORCH_CHECK(weight.size(0) == N && weight.size(1) == row_bytes, "quant_linear: weight must be [", N, ", ", row_bytes,
+  LS_CHECK(weight.size(0) == N && weight.size(1) == row_bytes, "quant_linear: weight must be [", N, ", ", row_bytes,
               "] bytes for ", N, " rows of ", K, " features of type ", weight_type, ", got ", weight.sizes());
-  TORCH_CHECK(x.stride(1) == 1 || K == 1, "quant_linear: x rows must be contiguous");
+  LS_CHECK(x.stride(1) == 1 || K == 1, "quant_linear: x rows must be contiguous");
   const float* b = nullptr;
   if (bias.has_value()) {
     LS_CHECK_CPU(*bias);
     LS_CHECK_DTYPE(*bias, at::kFloat);
     LS_CHECK_CONTIGUOUS(*bias);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "quant_linear: bias must be [", N, "]");
+    LS_CHECK(bias->dim() == 1 && bias->size(0) == N, "quant_linear: bias must be [", N, "]");
     b = bias->data_ptr<float>();
   }
   auto out = torch::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -282,11 +282,11 @@ torch::Tensor quant_embedding_cpu(const torch::Tensor& ids, const torch::Tensor&
   LS_CHECK_DIM(weight, 2);
   LS_CHECK_CONTIGUOUS(weight);
   const int64_t row_bytes = row_bytes_of(weight_type, dim, "quant_embedding");
-  TORCH_CHECK(weight.size(1) == row_bytes, "quant_embedding: weight rows must be ", row_bytes, " bytes, got ", weight.size(1));
+  LS_CHECK(weight.size(1) == row_bytes, "quant_embedding: weight rows must be ", row_bytes, " bytes, got ", weight.size(1));
   const int64_t T = ids.size(0), V = weight.size(0);
   auto ids_c = ids.contiguous();
   const int64_t* id = ids_c.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < V, "quant_embedding: id ", id[t], " out of [0, ", V, ")");
+  for (int64_t t = 0; t < T; ++t) LS_CHECK(id[t] >= 0 && id[t] < V, "quant_embedding: id ", id[t], " out of [0, ", V, ")");
   auto out = torch::empty({T, dim}, torch::kFloat);
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();

@@ -146,28 +146,28 @@ void attend(const Problem& p, const WorkItem& w, const T* q, const T* k, const T
 
 void check_rows(const torch::Tensor& x, const char* name) {
   LS_CHECK_CPU(x);
-  TORCH_CHECK(x.dim() == 3, "varlen_attention: ", name, " must be [tokens, heads, head_dim], got ", x.dim(), " dimensions");
-  TORCH_CHECK(x.stride(2) == 1 && (x.size(1) <= 1 || x.stride(1) == x.size(2)),
+  LS_CHECK(x.dim() == 3, "varlen_attention: ", name, " must be [tokens, heads, head_dim], got ", x.dim(), " dimensions");
+  LS_CHECK(x.stride(2) == 1 && (x.size(1) <= 1 || x.stride(1) == x.size(2)),
               "varlen_attention: ", name, " must have contiguous [heads, head_dim] rows (the token stride may be larger)");
-  TORCH_CHECK(x.size(0) <= 1 || x.stride(0) >= x.size(1) * x.size(2), "varlen_attention: ", name, "'s token stride ",
+  LS_CHECK(x.size(0) <= 1 || x.stride(0) >= x.size(1) * x.size(2), "varlen_attention: ", name, "'s token stride ",
               x.stride(0), " overlaps its rows");
 }
 
 // cu_seqlens int32 [num_seqs + 1]: 0, non-decreasing, last == total. Returns the longest sequence.
 int64_t check_cu_seqlens(const torch::Tensor& cu, const char* name, int64_t total) {
   LS_CHECK_CPU(cu);
-  TORCH_CHECK(cu.scalar_type() == at::kInt, "varlen_attention: ", name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "varlen_attention: ", name, " must be 1-D [num_seqs + 1]");
-  TORCH_CHECK(cu.is_contiguous(), "varlen_attention: ", name, " must be contiguous");
+  LS_CHECK(cu.scalar_type() == at::kInt, "varlen_attention: ", name, " must be int32, got ", cu.scalar_type());
+  LS_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "varlen_attention: ", name, " must be 1-D [num_seqs + 1]");
+  LS_CHECK(cu.is_contiguous(), "varlen_attention: ", name, " must be contiguous");
   const int32_t* c = cu.data_ptr<int32_t>();
-  TORCH_CHECK(c[0] == 0, "varlen_attention: ", name, "[0] must be 0, got ", c[0]);
+  LS_CHECK(c[0] == 0, "varlen_attention: ", name, "[0] must be 0, got ", c[0]);
   int64_t longest = 0;
   for (int64_t i = 0; i + 1 < cu.size(0); ++i) {
-    TORCH_CHECK(c[i + 1] >= c[i], "varlen_attention: ", name, " must be non-decreasing, but ", name, "[", i + 1,
+    LS_CHECK(c[i + 1] >= c[i], "varlen_attention: ", name, " must be non-decreasing, but ", name, "[", i + 1,
                 "] = ", c[i + 1], " < ", c[i]);
     longest = std::max<int64_t>(longest, c[i + 1] - c[i]);
   }
-  TORCH_CHECK(c[cu.size(0) - 1] == total, "varlen_attention: the last entry of ", name, " (", c[cu.size(0) - 1],
+  LS_CHECK(c[cu.size(0) - 1] == total, "varlen_attention: the last entry of ", name, " (", c[cu.size(0) - 1],
               ") must equal the number of tokens (", total, ")");
   return longest;
 }
@@ -180,25 +180,25 @@ torch::Tensor varlen_attention_cpu(const torch::Tensor& q, const torch::Tensor& 
   check_rows(q, "q");
   check_rows(k, "k");
   check_rows(v, "v");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+  LS_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "varlen_attention: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
-  TORCH_CHECK(k.sizes() == v.sizes(), "varlen_attention: k ", k.sizes(), " and v ", v.sizes(), " shapes differ");
+  LS_CHECK(k.sizes() == v.sizes(), "varlen_attention: k ", k.sizes(), " and v ", v.sizes(), " shapes differ");
   const int64_t total_q = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t total_k = k.size(0), num_kv_heads = k.size(1);
-  TORCH_CHECK(k.size(2) == head_dim, "varlen_attention: q head_dim ", head_dim, " != k head_dim ", k.size(2));
-  TORCH_CHECK(head_dim % kGemmNR == 0 && head_dim > 0 && head_dim <= kMaxHeadDim,
+  LS_CHECK(k.size(2) == head_dim, "varlen_attention: q head_dim ", head_dim, " != k head_dim ", k.size(2));
+  LS_CHECK(head_dim % kGemmNR == 0 && head_dim > 0 && head_dim <= kMaxHeadDim,
               "varlen_attention: head_dim must be a multiple of ", kGemmNR, " up to ", kMaxHeadDim,
               " (64, 80, 96, 128, ...), got ", head_dim);
-  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "varlen_attention: num_heads (", num_heads,
+  LS_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "varlen_attention: num_heads (", num_heads,
               ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
-  TORCH_CHECK(cu_seqlens_q.sizes() == cu_seqlens_k.sizes(), "varlen_attention: cu_seqlens_q ", cu_seqlens_q.sizes(),
+  LS_CHECK(cu_seqlens_q.sizes() == cu_seqlens_k.sizes(), "varlen_attention: cu_seqlens_q ", cu_seqlens_q.sizes(),
               " and cu_seqlens_k ", cu_seqlens_k.sizes(), " must both be [num_seqs + 1]");
   const int64_t longest_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q);
   const int64_t longest_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", total_k);
-  TORCH_CHECK(longest_q <= max_seqlen_q, "varlen_attention: max_seqlen_q (", max_seqlen_q,
+  LS_CHECK(longest_q <= max_seqlen_q, "varlen_attention: max_seqlen_q (", max_seqlen_q,
               ") is shorter than the longest query sequence (", longest_q, ")");
-  TORCH_CHECK(longest_k <= max_seqlen_k, "varlen_attention: max_seqlen_k (", max_seqlen_k,
+  LS_CHECK(longest_k <= max_seqlen_k, "varlen_attention: max_seqlen_k (", max_seqlen_k,
               ") is shorter than the longest key sequence (", longest_k, ")");
 
   auto out = torch::empty({total_q, num_heads, head_dim}, q.options().memory_format(at::MemoryFormat::Contiguous));

@@ -195,3 +195,15 @@ def test_summary_verdicts(tmp_path):
     assert "NVIDIA H200" in text and "racecheck: 2 errors" in text and "FAILED tests.csrc.x::test_b" in text
     assert len(text.splitlines()) <= 30  # one screen
     assert summary.main([str(tmp_path)]) == 0 and (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("line, clean, errors", [
+    ("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)", True, 0),  # as on the H200
+    ("========= RACECHECK SUMMARY: 3 hazards displayed (2 errors, 1 warnings)", False, 2),
+    ("========= ERROR SUMMARY: 0 errors", True, 0),
+    ("smoke: rms_norm ok", False, None),  # no summary line: the tool did not finish
+])
+def test_sanitizer_summaries(tmp_path, line, clean, errors):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "racecheck.log").write_text(f"========= COMPUTE-SANITIZER\n{line}\n")
+    assert summary.sanitizer(str(tmp_path), "racecheck") == {"errors": errors, "clean": clean}
