@@ -25,7 +25,7 @@ import time
 import torch
 
 from benchmarks.gpu.common import sync, write_json
-from benchmarks.gpu.ties import BF16_MAX_GAP, TOP_K, compare_greedy
+from benchmarks.gpu.ties import TOP_K, compare_greedy
 from lenserve.config import EngineConfig
 from lenserve.engine.llm_engine import LLMEngine
 from lenserve.engine.model import LlamaModel
@@ -58,14 +58,6 @@ def compare_logits(candidate: torch.Tensor, reference: torch.Tensor, clear_margi
         "argmax_agreement": round(agreement, 4),
         "ok": bool(cos.min() >= MIN_COSINE and agreement >= MIN_ARGMAX_AGREEMENT),
     }
-
-
-def compare_tokens(a: list[list[int]], b: list[list[int]], a_logprobs: list[list] | None = None,
-                   b_logprobs: list[list] | None = None, max_gap: float = BF16_MAX_GAP) -> dict:
-    """Greedy token lists of the same prompts (b the reference), with their top logprobs when known:
-    identical sequences, near-tie divergences (position, the reference's gap in nats) and real
-    mismatches; ok when there is no real mismatch (see benchmarks/gpu/ties.py)."""
-    return compare_greedy(a, b, a_logprobs, b_logprobs, max_gap)
 
 
 def throughput_rows(lenserve: dict[int, float], hf: dict[int, float] | None) -> list[dict]:
@@ -106,10 +98,10 @@ def engine(spec: str, device: str, dtype: str, **kwargs) -> LLMEngine:
 
 
 def greedy(eng: LLMEngine, prompts: list[list[int]], max_tokens: int, logprobs: bool = False):
-    """Greedy tokens of every prompt (ignore_eos) and the wall time of the whole run; with
-    logprobs=True also each token's top-TOP_K logprobs (SampleLogprobs, per sequence), returned as
-    (tokens, logprobs, seconds). The timed throughput runs leave logprobs off: the extra log_softmax,
-    top-k and transfer would be timed too."""
+    """(tokens, logprobs, seconds): greedy tokens of every prompt (ignore_eos), with logprobs=True
+    each token's top-TOP_K logprobs per sequence (else None), and the wall time of the whole run.
+    The timed throughput runs leave logprobs off: the extra log_softmax, top-k and transfer would
+    be timed too."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_K if logprobs else None)
     for i, p in enumerate(prompts):
         eng.add_request(f"r{i}", p, params)
@@ -121,10 +113,8 @@ def greedy(eng: LLMEngine, prompts: list[list[int]], max_tokens: int, logprobs: 
                 done[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].logprobs)
     sync(str(eng.device))
     seconds = time.perf_counter() - t0
-    tokens = [done[f"r{i}"][0] for i in range(len(prompts))]
-    if logprobs:
-        return tokens, [done[f"r{i}"][1] for i in range(len(prompts))], seconds
-    return tokens, seconds
+    runs = [done[f"r{i}"] for i in range(len(prompts))]
+    return [t for t, _ in runs], [lp for _, lp in runs] if logprobs else None, seconds
 
 
 def _free() -> None:
@@ -167,13 +157,13 @@ def run_check(device: str, tiny: bool) -> dict:
         if graphs.runner.decode_graphs is None:
             graphs.runner.enable_decode_graphs(32, 512, capture=False)
         got, got_lp, _ = greedy(graphs, gen_prompts, 16, logprobs=True)
-        res["graphs_vs_eager"] = {**compare_tokens(got, want, got_lp, want_lp), "graph_replays": graphs.runner.decode_graphs.num_replays,
+        res["graphs_vs_eager"] = {**compare_greedy(got, want, got_lp, want_lp), "graph_replays": graphs.runner.decode_graphs.num_replays,
                                   "static_runs": graphs.runner.decode_graphs.num_runs}
         del graphs
         _free()
         chunked = engine(spec, device, dtype_name, max_num_batched_tokens=32, **common)
         got, got_lp, _ = greedy(chunked, gen_prompts, 16, logprobs=True)
-        res["chunked_prefill_vs_one_pass"] = compare_tokens(got, want, got_lp, want_lp)
+        res["chunked_prefill_vs_one_pass"] = compare_greedy(got, want, got_lp, want_lp)
         del chunked
         _free()
         res["ok"] = (res["device_vs_cpu_fp32"]["ok"] and res["kernels_vs_torch_backend"]["ok"]
@@ -228,7 +218,7 @@ def run_throughput(device: str, tiny: bool) -> dict:
     greedy(eng, prompt_ids(cfg.vocab_size, [prompt_len] * 2), 4)  # warm-up
     ours = {}
     for batch in batches:
-        _, seconds = greedy(eng, prompt_ids(cfg.vocab_size, [prompt_len] * batch, seed=batch), new_tokens)
+        _, _, seconds = greedy(eng, prompt_ids(cfg.vocab_size, [prompt_len] * batch, seed=batch), new_tokens)
         ours[batch] = batch * new_tokens / seconds
         print(f"e2e throughput: lenserve batch {batch}: {ours[batch]:.1f} tok/s", flush=True)
     graphs = eng.runner.decode_graphs.num_replays if eng.runner.decode_graphs is not None else 0

@@ -101,11 +101,11 @@ def test_compare_logits_and_tokens():
     assert noisy["ok"]
     wrong = e2e.compare_logits(torch.randn(20, 100) * 5, ref)
     assert not wrong["ok"] and wrong["min_cosine"] < 0.9
-    assert e2e.compare_tokens([[1, 2], [3]], [[1, 2], [3]])["identical"]
-    diff = e2e.compare_tokens([[1, 2], [3, 4]], [[1, 2], [3, 5]])
+    assert ties.compare_greedy([[1, 2], [3]], [[1, 2], [3]])["identical"]
+    diff = ties.compare_greedy([[1, 2], [3, 4]], [[1, 2], [3, 5]])
     assert not diff["identical"] and diff["first_difference"] == {"sequence": 1, "position": 1}
     assert not diff["ok"] and diff["mismatches"][0]["sequence"] == 1  # no logprobs: no way to call it a tie
-    assert not e2e.compare_tokens([[1, 2]], [[1]])["ok"]
+    assert not ties.compare_greedy([[1, 2]], [[1]])["ok"]
     rows = e2e.throughput_rows({1: 100.0, 32: 3000.0}, {1: 10.0})
     assert rows == [{"batch": 1, "lenserve_tok_s": 100.0, "hf_tok_s": 10.0, "speedup_vs_hf": 10.0},
                     {"batch": 32, "lenserve_tok_s": 3000.0}]
@@ -119,7 +119,7 @@ def _lps(*tops: dict) -> list[SampleLogprobs]:
 
 def test_greedy_comparison_identical():
     lp = _lps({1: -0.5, 2: -1.5}, {3: -0.2, 4: -2.0})
-    res = e2e.compare_tokens([[1, 3], [1]], [[1, 3], [1]], [lp, lp[:1]], [lp, lp[:1]])
+    res = ties.compare_greedy([[1, 3], [1]], [[1, 3], [1]], [lp, lp[:1]], [lp, lp[:1]])
     assert res["identical"] and res["ok"] and res["identical_sequences"] == 2
     assert res["near_ties"] == [] and res["mismatches"] == [] and res["first_difference"] is None
     assert ties.first_divergence([1, 3], lp, [1, 3], lp) is None
@@ -130,7 +130,7 @@ def test_greedy_comparison_accepts_a_near_tie():
     tie; what follows the divergence is not compared (the continuations differ)."""
     ref_tokens, ref_lp = [5, 7, 9], _lps({5: -0.1, 6: -3.0}, {7: -0.70, 8: -0.73, 1: -3.0}, {9: -0.1})
     cand_tokens, cand_lp = [5, 8, 2], _lps({5: -0.1, 6: -3.0}, {8: -0.69, 7: -0.72, 1: -3.0}, {2: -0.1})
-    res = e2e.compare_tokens([cand_tokens, [4]], [ref_tokens, [4]], [cand_lp, _lps({4: 0.0})], [ref_lp, _lps({4: 0.0})])
+    res = ties.compare_greedy([cand_tokens, [4]], [ref_tokens, [4]], [cand_lp, _lps({4: 0.0})], [ref_lp, _lps({4: 0.0})])
     assert res["ok"] and not res["identical"] and res["identical_sequences"] == 1
     assert res["near_ties"] == [{"sequence": 0, "position": 1, "gap": 0.03, "candidate_gap": 0.03}]
     assert res["mismatches"] == [] and res["first_difference"] == {"sequence": 0, "position": 1}
@@ -147,7 +147,7 @@ def test_greedy_comparison_accepts_a_near_tie():
 def test_greedy_comparison_rejects_a_real_mismatch(cand_top, ref_top, why):
     ref_tokens, cand_tokens = [5, 7], [5, 8]
     ref_lp, cand_lp = _lps({5: -0.1}, ref_top), _lps({5: -0.1}, cand_top)
-    res = e2e.compare_tokens([cand_tokens, [3]], [ref_tokens, [3]], [cand_lp, _lps({3: 0.0})], [ref_lp, _lps({3: 0.0})])
+    res = ties.compare_greedy([cand_tokens, [3]], [ref_tokens, [3]], [cand_lp, _lps({3: 0.0})], [ref_lp, _lps({3: 0.0})])
     assert not res["ok"] and res["near_ties"] == [] and res["identical_sequences"] == 1
     assert len(res["mismatches"]) == 1 and res["mismatches"][0]["position"] == 1 and why in res["mismatches"][0]["reason"]
     with pytest.raises(AssertionError, match=why):
