@@ -15,7 +15,7 @@ namespace {
 std::vector<int64_t> paged_decode_split(int64_t max_context_len, int64_t num_seqs, int64_t num_kv_heads,
                                         int64_t group, int64_t num_sms) {
   LS_CHECK(num_seqs >= 0 && num_kv_heads > 0 && group > 0 && num_sms > 0,
-              "paged_decode_split: num_seqs >= 0, num_kv_heads, group and num_sms > 0");
+           "paged_decode_split: num_seqs >= 0, num_kv_heads, group and num_sms > 0");
   const auto split = lenserve::cuda::paged_decode_split(max_context_len, num_seqs, num_kv_heads, group, num_sms);
   return {split.num_splits, split.partition_size};
 }

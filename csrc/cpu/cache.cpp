@@ -34,12 +34,12 @@ void reshape_and_cache_cpu(const torch::Tensor& key, const torch::Tensor& value,
   LS_CHECK(key.scalar_type() == value.scalar_type(), "key and value dtypes differ");
   LS_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "key_cache and value_cache dtypes differ");
   LS_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 && value.stride(1) == value.size(2),
-              "key/value must be contiguous per token");
+           "key/value must be contiguous per token");
   const int64_t n = key.size(0), row = key.size(1) * key.size(2);
   LS_CHECK(slot_mapping.size(0) == n, "slot_mapping has ", slot_mapping.size(0), " entries for ", n, " tokens");
   LS_CHECK(key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2),
-              "cache [num_blocks, block_size, num_kv_heads, head_dim] does not match key [tokens, ", key.size(1), ", ",
-              key.size(2), "]");
+           "cache [num_blocks, block_size, num_kv_heads, head_dim] does not match key [tokens, ", key.size(1), ", ",
+           key.size(2), "]");
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) LS_CHECK(slots[i] < num_slots, "slot ", slots[i], " outside the cache of ", num_slots);

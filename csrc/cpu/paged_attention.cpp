@@ -184,30 +184,30 @@ torch::Tensor paged_decode_attention_cpu(const torch::Tensor& q, const torch::Te
   LS_CHECK_CPU(block_tables);
   LS_CHECK_CPU(context_lens);
   LS_CHECK(q.dim() == 3, "paged_decode_attention: q must be [num_seqs, num_heads, head_dim], got ", q.dim(),
-              " dimensions");
+           " dimensions");
   LS_CHECK(q.stride(2) == 1 && (q.size(1) <= 1 || q.stride(1) == q.size(2)),
-              "paged_decode_attention: q must have contiguous [num_heads, head_dim] rows");
+           "paged_decode_attention: q must have contiguous [num_heads, head_dim] rows");
   LS_CHECK(k_cache.dim() == 4, "paged_decode_attention: k_cache must be [num_blocks, block_size, num_kv_heads, head_dim]");
   LS_CHECK(k_cache.sizes() == v_cache.sizes(), "paged_decode_attention: k_cache ", k_cache.sizes(), " and v_cache ",
-              v_cache.sizes(), " shapes differ");
+           v_cache.sizes(), " shapes differ");
   LS_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_decode_attention: k_cache and v_cache dtypes differ");
   LS_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: k_cache and v_cache must be contiguous");
   LS_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.is_contiguous(),
-              "paged_decode_attention: block_tables must be a contiguous int32 [num_seqs, max_blocks] tensor");
+           "paged_decode_attention: block_tables must be a contiguous int32 [num_seqs, max_blocks] tensor");
   LS_CHECK(context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 && context_lens.is_contiguous(),
-              "paged_decode_attention: context_lens must be a contiguous int32 [num_seqs] tensor");
+           "paged_decode_attention: context_lens must be a contiguous int32 [num_seqs] tensor");
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   LS_CHECK(k_cache.size(3) == head_dim, "paged_decode_attention: cache head_dim ", k_cache.size(3),
-              " != q head_dim ", head_dim);
+           " != q head_dim ", head_dim);
   LS_CHECK(head_dim % kGemmNR == 0 && head_dim > 0 && head_dim <= kMaxHeadDim,
-              "paged_decode_attention: head_dim must be a multiple of ", kGemmNR, " up to ", kMaxHeadDim, ", got ",
-              head_dim);
+           "paged_decode_attention: head_dim must be a multiple of ", kGemmNR, " up to ", kMaxHeadDim, ", got ",
+           head_dim);
   LS_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "paged_decode_attention: num_heads (", num_heads,
-              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+           ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
   LS_CHECK(block_tables.size(0) == num_seqs && context_lens.size(0) == num_seqs,
-              "paged_decode_attention: block_tables and context_lens must have one row per sequence (", num_seqs,
-              "), got ", block_tables.size(0), " and ", context_lens.size(0));
+           "paged_decode_attention: block_tables and context_lens must have one row per sequence (", num_seqs,
+           "), got ", block_tables.size(0), " and ", context_lens.size(0));
   LS_CHECK(block_size > 0, "paged_decode_attention: block_size must be positive");
 
   const int64_t max_blocks = block_tables.size(1);
@@ -216,11 +216,11 @@ torch::Tensor paged_decode_attention_cpu(const torch::Tensor& q, const torch::Te
   int64_t max_len = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     LS_CHECK(lens[s] >= 0 && lens[s] <= max_blocks * block_size, "paged_decode_attention: context_lens[", s,
-                "] = ", lens[s], " outside [0, max_blocks * block_size = ", max_blocks * block_size, "]");
+             "] = ", lens[s], " outside [0, max_blocks * block_size = ", max_blocks * block_size, "]");
     for (int64_t b = 0; b < ceil_div(lens[s], block_size); ++b) {
       const int32_t block = tables[s * max_blocks + b];
       LS_CHECK(block >= 0 && block < num_blocks, "paged_decode_attention: block_tables[", s, ", ", b, "] = ", block,
-                  " outside the cache of ", num_blocks, " blocks");
+               " outside the cache of ", num_blocks, " blocks");
     }
     max_len = std::max<int64_t>(max_len, lens[s]);
   }

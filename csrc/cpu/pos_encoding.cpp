@@ -46,7 +46,7 @@ void rotary_embedding_cpu(const torch::Tensor& positions, torch::Tensor& query, 
   const int64_t n = positions.size(0);
   LS_CHECK(query.size(0) == n && key.size(0) == n, "query/key must have one row per position");
   LS_CHECK(head_dim > 0 && query.size(1) % head_dim == 0 && key.size(1) % head_dim == 0,
-              "query/key widths must be multiples of head_dim ", head_dim);
+           "query/key widths must be multiples of head_dim ", head_dim);
   const int64_t rot_dim = cos_sin_cache.size(1);
   LS_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim, "bad cos_sin_cache width ", rot_dim);
   const int64_t max_pos = cos_sin_cache.size(0);

@@ -247,7 +247,7 @@ torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   const int64_t row_bytes = row_bytes_of(weight_type, K, "quant_linear");
   LS_CHECK(weight.size(0) == N && weight.size(1) == row_bytes, "quant_linear: weight must be [", N, ", ", row_bytes,
-              "] bytes for ", N, " rows of ", K, " features of type ", weight_type, ", got ", weight.sizes());
+           "] bytes for ", N, " rows of ", K, " features of type ", weight_type, ", got ", weight.sizes());
   LS_CHECK(x.stride(1) == 1 || K == 1, "quant_linear: x rows must be contiguous");
   const float* b = nullptr;
   if (bias.has_value()) {

@@ -148,9 +148,9 @@ void check_rows(const torch::Tensor& x, const char* name) {
   LS_CHECK_CPU(x);
   LS_CHECK(x.dim() == 3, "varlen_attention: ", name, " must be [tokens, heads, head_dim], got ", x.dim(), " dimensions");
   LS_CHECK(x.stride(2) == 1 && (x.size(1) <= 1 || x.stride(1) == x.size(2)),
-              "varlen_attention: ", name, " must have contiguous [heads, head_dim] rows (the token stride may be larger)");
+           "varlen_attention: ", name, " must have contiguous [heads, head_dim] rows (the token stride may be larger)");
   LS_CHECK(x.size(0) <= 1 || x.stride(0) >= x.size(1) * x.size(2), "varlen_attention: ", name, "'s token stride ",
-              x.stride(0), " overlaps its rows");
+           x.stride(0), " overlaps its rows");
 }
 
 // cu_seqlens int32 [num_seqs + 1]: 0, non-decreasing, last == total. Returns the longest sequence.
@@ -164,11 +164,11 @@ int64_t check_cu_seqlens(const torch::Tensor& cu, const char* name, int64_t tota
   int64_t longest = 0;
   for (int64_t i = 0; i + 1 < cu.size(0); ++i) {
     LS_CHECK(c[i + 1] >= c[i], "varlen_attention: ", name, " must be non-decreasing, but ", name, "[", i + 1,
-                "] = ", c[i + 1], " < ", c[i]);
+             "] = ", c[i + 1], " < ", c[i]);
     longest = std::max<int64_t>(longest, c[i + 1] - c[i]);
   }
   LS_CHECK(c[cu.size(0) - 1] == total, "varlen_attention: the last entry of ", name, " (", c[cu.size(0) - 1],
-              ") must equal the number of tokens (", total, ")");
+           ") must equal the number of tokens (", total, ")");
   return longest;
 }
 
@@ -181,25 +181,25 @@ torch::Tensor varlen_attention_cpu(const torch::Tensor& q, const torch::Tensor& 
   check_rows(k, "k");
   check_rows(v, "v");
   LS_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "varlen_attention: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
+           "varlen_attention: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+           v.scalar_type());
   LS_CHECK(k.sizes() == v.sizes(), "varlen_attention: k ", k.sizes(), " and v ", v.sizes(), " shapes differ");
   const int64_t total_q = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t total_k = k.size(0), num_kv_heads = k.size(1);
   LS_CHECK(k.size(2) == head_dim, "varlen_attention: q head_dim ", head_dim, " != k head_dim ", k.size(2));
   LS_CHECK(head_dim % kGemmNR == 0 && head_dim > 0 && head_dim <= kMaxHeadDim,
-              "varlen_attention: head_dim must be a multiple of ", kGemmNR, " up to ", kMaxHeadDim,
-              " (64, 80, 96, 128, ...), got ", head_dim);
+           "varlen_attention: head_dim must be a multiple of ", kGemmNR, " up to ", kMaxHeadDim,
+           " (64, 80, 96, 128, ...), got ", head_dim);
   LS_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "varlen_attention: num_heads (", num_heads,
-              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+           ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
   LS_CHECK(cu_seqlens_q.sizes() == cu_seqlens_k.sizes(), "varlen_attention: cu_seqlens_q ", cu_seqlens_q.sizes(),
-              " and cu_seqlens_k ", cu_seqlens_k.sizes(), " must both be [num_seqs + 1]");
+           " and cu_seqlens_k ", cu_seqlens_k.sizes(), " must both be [num_seqs + 1]");
   const int64_t longest_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q);
   const int64_t longest_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", total_k);
   LS_CHECK(longest_q <= max_seqlen_q, "varlen_attention: max_seqlen_q (", max_seqlen_q,
-              ") is shorter than the longest query sequence (", longest_q, ")");
+           ") is shorter than the longest query sequence (", longest_q, ")");
   LS_CHECK(longest_k <= max_seqlen_k, "varlen_attention: max_seqlen_k (", max_seqlen_k,
-              ") is shorter than the longest key sequence (", longest_k, ")");
+           ") is shorter than the longest key sequence (", longest_k, ")");
 
   auto out = torch::empty({total_q, num_heads, head_dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t group = num_heads / num_kv_heads;

@@ -28,13 +28,13 @@ namespace {
 #define LS_CHECK_CUDA(x) LS_CHECK((x).device().is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
 #define LS_CHECK_SAME_DEVICE(x, y)                                                                              \
   LS_CHECK((x).device() == (y).device(), #x " (", (x).device(), ") and " #y " (", (y).device(), \
-              ") must be on the same device")
+           ") must be on the same device")
 #define LS_CHECK_DIM(x, d) LS_CHECK((x).dim() == (d), #x " must have ", d, " dimensions, got ", (x).dim())
 #define LS_CHECK_DTYPE(x, t) LS_CHECK((x).scalar_type() == (t), #x " must be ", t, ", got ", (x).scalar_type())
 #define LS_CHECK_CONTIGUOUS(x) LS_CHECK((x).is_contiguous(), #x " must be contiguous")
 #define LS_CHECK_SHAPE(x, ...)                                                                           \
   LS_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ "), got ", \
-              (x).sizes())
+           (x).sizes())
 
 constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
 constexpr int64_t kMaxReduceSharedBytes = 48 * 1024;  // the split-K reduce keeps a float per partition
@@ -78,7 +78,7 @@ bool row_stride_ok(const at::Tensor& x, int64_t dim) { return x.size(dim) <= 1 |
 void check_token_rows(const at::Tensor& x, const char* name) {
   LS_CHECK(x.size(2) <= 1 || x.stride(2) == 1, name, " must be contiguous in its last dimension");
   LS_CHECK(row_stride_ok(x, 0) && row_stride_ok(x, 1), name, " strides ", x.strides(),
-              " must be multiples of 8 elements");
+           " must be multiples of 8 elements");
   LS_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, name, " must start 16-byte aligned");
 }
 
@@ -110,20 +110,20 @@ at::Tensor varlen_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   LS_CHECK_SAME_DEVICE(q, cu_seqlens_q);
   LS_CHECK_SAME_DEVICE(q, cu_seqlens_k);
   LS_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "varlen_attention on CUDA takes float16 or bfloat16 q/k/v, got ", q.scalar_type());
+           "varlen_attention on CUDA takes float16 or bfloat16 q/k/v, got ", q.scalar_type());
   LS_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q (", q.scalar_type(),
-              "), k (", k.scalar_type(), ") and v (", v.scalar_type(), ") must have the same dtype");
+           "), k (", k.scalar_type(), ") and v (", v.scalar_type(), ") must have the same dtype");
   LS_CHECK_DIM(q, 3);
   LS_CHECK_DIM(k, 3);
   LS_CHECK_DIM(v, 3);
   const int64_t total_q = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t total_k = k.size(0), num_kv_heads = k.size(1);
   LS_CHECK(head_dim == 64 || head_dim == 128, "varlen_attention on CUDA supports head_dim 64 and 128, got ",
-              head_dim);
+           head_dim);
   LS_CHECK_SHAPE(k, total_k, num_kv_heads, head_dim);
   LS_CHECK_SHAPE(v, total_k, num_kv_heads, head_dim);
   LS_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
-              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+           ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
   LS_CHECK(num_heads <= kMaxGridYZ, "num_heads (", num_heads, ") exceeds ", kMaxGridYZ);
   check_token_rows(q, "q");
   check_token_rows(k, "k");
@@ -135,8 +135,8 @@ at::Tensor varlen_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   LS_CHECK_CONTIGUOUS(cu_seqlens_q);
   LS_CHECK_CONTIGUOUS(cu_seqlens_k);
   LS_CHECK(cu_seqlens_q.size(0) >= 1 && cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
-              "cu_seqlens_q and cu_seqlens_k must both have num_seqs + 1 entries, got ", cu_seqlens_q.size(0), " and ",
-              cu_seqlens_k.size(0));
+           "cu_seqlens_q and cu_seqlens_k must both have num_seqs + 1 entries, got ", cu_seqlens_q.size(0), " and ",
+           cu_seqlens_k.size(0));
   const int64_t num_seqs = cu_seqlens_q.size(0) - 1;
   LS_CHECK(num_seqs <= kMaxGridYZ, "varlen_attention takes at most ", kMaxGridYZ, " sequences, got ", num_seqs);
   checked_int(total_q, "total_q");
@@ -144,7 +144,7 @@ at::Tensor varlen_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   LS_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
 
   LS_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q (", max_seqlen_q, ") and max_seqlen_k (",
-              max_seqlen_k, ") must be >= 0");
+           max_seqlen_k, ") must be >= 0");
   // The grid covers max_seqlen_q rows of every sequence; it need not exceed the tokens there are.
   const int64_t grid_rows = std::min(max_seqlen_q, total_q);
 
@@ -188,28 +188,28 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_
   LS_CHECK_SAME_DEVICE(q, block_tables);
   LS_CHECK_SAME_DEVICE(q, context_lens);
   LS_CHECK(is_float_type(q.scalar_type()), "paged_decode_attention on CUDA takes float32, float16 or bfloat16 q, got ",
-              q.scalar_type());
+           q.scalar_type());
   LS_CHECK(is_float_type(k_cache.scalar_type()) && v_cache.scalar_type() == k_cache.scalar_type(),
-              "paged_decode_attention on CUDA takes k_cache and v_cache of one float dtype, got k_cache ",
-              k_cache.scalar_type(), " and v_cache ", v_cache.scalar_type());
+           "paged_decode_attention on CUDA takes k_cache and v_cache of one float dtype, got k_cache ",
+           k_cache.scalar_type(), " and v_cache ", v_cache.scalar_type());
   LS_CHECK_DIM(q, 3);
   LS_CHECK_DIM(k_cache, 4);
   LS_CHECK_DIM(v_cache, 4);
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   LS_CHECK(head_dim == 64 || head_dim == 128, "paged_decode_attention on CUDA supports head_dim 64 and 128, got ",
-              head_dim);
+           head_dim);
   LS_CHECK_SHAPE(k_cache, num_blocks, block_size, num_kv_heads, head_dim);
   LS_CHECK_SHAPE(v_cache, num_blocks, block_size, num_kv_heads, head_dim);
   LS_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
-              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+           ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
   LS_CHECK(num_blocks > 0 && block_size > 0, "the KV cache is empty: shape ", k_cache.sizes());
   LS_CHECK(q.stride(2) == 1, "q must be contiguous in its last dimension");
   LS_CHECK_CONTIGUOUS(k_cache);
   LS_CHECK_CONTIGUOUS(v_cache);
   LS_CHECK(reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0,
-              "k_cache and v_cache must start 16-byte aligned");
+           "k_cache and v_cache must start 16-byte aligned");
   LS_CHECK_DTYPE(block_tables, at::kInt);
   LS_CHECK_DTYPE(context_lens, at::kInt);
   LS_CHECK_DIM(block_tables, 2);
@@ -217,11 +217,11 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_
   LS_CHECK_CONTIGUOUS(block_tables);
   LS_CHECK_CONTIGUOUS(context_lens);
   LS_CHECK(block_tables.size(0) == num_seqs, "block_tables has ", block_tables.size(0), " rows for ", num_seqs,
-              " sequences");
+           " sequences");
   LS_CHECK(context_lens.size(0) == num_seqs, "context_lens has ", context_lens.size(0), " entries for ", num_seqs,
-              " sequences");
+           " sequences");
   LS_CHECK(num_seqs <= kMaxGridYZ, "paged_decode_attention takes at most ", kMaxGridYZ, " sequences, got ",
-              num_seqs);
+           num_seqs);
   const int64_t max_blocks_per_seq = block_tables.size(1);
   checked_int(max_blocks_per_seq * block_size, "max_blocks_per_seq * block_size");
   checked_int(num_blocks * block_size, "the number of cache slots");
@@ -240,10 +240,10 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_
   if (num_seqs == 0) return out;
   const cuda::DecodeSplit split = cuda::paged_decode_split(max_blocks_per_seq * block_size, num_seqs, num_kv_heads,
                                                            num_heads / num_kv_heads, multiprocessor_count(q.device()));
-  LS_CHECK(split.num_splits <= kMaxGridYZ && (split.num_splits + 3) / 4 * 16 <= kMaxReduceSharedBytes,
-              "paged_decode_attention: block tables of ", max_blocks_per_seq, " blocks x ", block_size,
-              " tokens need ", split.num_splits, " split-K partitions, more than the kernels take (",
-              kMaxReduceSharedBytes / 4, ")");
+  LS_CHECK(split.num_splits <= kMaxGridYZ && cuda::paged_decode_reduce_smem_bytes(split.num_splits) <= kMaxReduceSharedBytes,
+           "paged_decode_attention: block tables of ", max_blocks_per_seq, " blocks x ", block_size,
+           " tokens need ", split.num_splits, " split-K partitions, more than the kernels take (",
+           kMaxReduceSharedBytes / 4, ")");
   const int num_splits = static_cast<int>(split.num_splits);
   at::Tensor partial_out, partial_lse;
   if (num_splits > 1) {
@@ -296,21 +296,21 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::
   LS_CHECK_CONTIGUOUS(key_cache);
   LS_CHECK_CONTIGUOUS(value_cache);
   LS_CHECK(is_float_type(key.scalar_type()) && is_float_type(key_cache.scalar_type()),
-              "reshape_and_cache takes float32, float16 or bfloat16 tensors, got key ", key.scalar_type(),
-              " and key_cache ", key_cache.scalar_type());
+           "reshape_and_cache takes float32, float16 or bfloat16 tensors, got key ", key.scalar_type(),
+           " and key_cache ", key_cache.scalar_type());
   LS_CHECK(key.sizes() == value.sizes(), "key ", key.sizes(), " and value ", value.sizes(), " shapes differ");
   LS_CHECK(key_cache.sizes() == value_cache.sizes(), "key_cache and value_cache shapes differ");
   LS_CHECK(key.scalar_type() == value.scalar_type(), "key and value dtypes differ");
   LS_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "key_cache and value_cache dtypes differ");
   LS_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
                   value.stride(1) == value.size(2),
-              "key/value must be contiguous per token");
+           "key/value must be contiguous per token");
   const int64_t num_tokens = key.size(0);
   LS_CHECK(slot_mapping.size(0) == num_tokens, "slot_mapping has ", slot_mapping.size(0), " entries for ",
-              num_tokens, " tokens");
+           num_tokens, " tokens");
   LS_CHECK(key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2),
-              "cache [num_blocks, block_size, num_kv_heads, head_dim] ", key_cache.sizes(), " does not match key ",
-              key.sizes());
+           "cache [num_blocks, block_size, num_kv_heads, head_dim] ", key_cache.sizes(), " does not match key ",
+           key.sizes());
   if (num_tokens == 0) return;
   const c10::DeviceGuard guard(key.device());
   cuda::ReshapeAndCacheParams p{};
@@ -336,13 +336,13 @@ void check_norm_inputs(const at::Tensor& input, const at::Tensor& weight) {
   LS_CHECK_DIM(input, 2);
   LS_CHECK_DIM(weight, 1);
   LS_CHECK(is_float_type(input.scalar_type()), "input must be float32, float16 or bfloat16, got ",
-              input.scalar_type());
+           input.scalar_type());
   LS_CHECK(input.stride(1) == 1, "input rows must be contiguous");
   LS_CHECK_CONTIGUOUS(weight);
   LS_CHECK(input.size(1) == weight.size(0), "input hidden size ", input.size(1), " != weight size ",
-              weight.size(0));
+           weight.size(0));
   LS_CHECK(input.scalar_type() == weight.scalar_type(), "input (", input.scalar_type(), ") and weight (",
-              weight.scalar_type(), ") dtypes differ");
+           weight.scalar_type(), ") dtypes differ");
   checked_int(input.size(0), "num_tokens");
   checked_int(input.size(1), "hidden size");
 }
@@ -367,7 +367,7 @@ void fused_add_rms_norm_cuda(at::Tensor& input, at::Tensor& residual, const at::
   LS_CHECK_CONTIGUOUS(input);
   LS_CHECK_CONTIGUOUS(residual);
   LS_CHECK(input.sizes() == residual.sizes(), "input ", input.sizes(), " and residual ", residual.sizes(),
-              " shapes differ");
+           " shapes differ");
   LS_CHECK(input.scalar_type() == residual.scalar_type(), "input and residual dtypes differ");
   const c10::DeviceGuard guard(input.device());
   check_launch(cuda::fused_add_rms_norm(input.data_ptr(), residual.data_ptr(), weight.data_ptr(),
@@ -410,16 +410,16 @@ void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query, at::T
   LS_CHECK_DIM(query, 2);
   LS_CHECK_DIM(key, 2);
   LS_CHECK(is_float_type(query.scalar_type()), "query must be float32, float16 or bfloat16, got ",
-              query.scalar_type());
+           query.scalar_type());
   LS_CHECK(query.stride(1) == 1 && key.stride(1) == 1, "query and key rows must be contiguous");
   LS_CHECK(query.scalar_type() == key.scalar_type(), "query and key dtypes differ");
   const int64_t num_tokens = positions.size(0);
   LS_CHECK(query.size(0) == num_tokens && key.size(0) == num_tokens, "query/key must have one row per position");
   LS_CHECK(head_dim > 0 && query.size(1) % head_dim == 0 && key.size(1) % head_dim == 0,
-              "query/key widths must be multiples of head_dim ", head_dim);
+           "query/key widths must be multiples of head_dim ", head_dim);
   const int64_t rot_dim = cos_sin_cache.size(1);
   LS_CHECK(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= head_dim, "cos_sin_cache width ", rot_dim,
-              " must be even and at most head_dim ", head_dim);
+           " must be even and at most head_dim ", head_dim);
   const c10::DeviceGuard guard(query.device());
   check_launch(cuda::rotary_embedding(positions.data_ptr<int64_t>(), query.data_ptr(), key.data_ptr(),
                                       cos_sin_cache.data_ptr<float>(), query.stride(0), key.stride(0),

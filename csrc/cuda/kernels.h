@@ -53,6 +53,11 @@ constexpr int kDecodeBlocksPerSM = 2;
 // Query heads of one GQA group that one block serves: the next power of two, at most 8.
 inline int paged_decode_group_tile(int64_t group) { return group <= 1 ? 1 : group == 2 ? 2 : group <= 4 ? 4 : 8; }
 
+// Dynamic shared memory of the split-K reduce: a float weight per partition, rounded up to whole
+// 16-byte words (nvcc reads the weights' tail, 1-3 floats, with one LDS.128, which
+// compute-sanitizer's memcheck reports past an allocation of num_splits floats).
+inline int64_t paged_decode_reduce_smem_bytes(int64_t num_splits) { return (num_splits + 3) / 4 * 16; }
+
 struct DecodeSplit {
   int64_t num_splits;      // gridDim.z; the binding checks it against CUDA's 65535
   int64_t partition_size;  // keys per partition, a multiple of kDecodeMinPartitionSize, <= kDecodeMaxPartitionSize

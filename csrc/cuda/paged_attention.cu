@@ -255,9 +255,7 @@ const char* launch(const PagedDecodeParams& p, cudaStream_t stream) {
   if (const char* err = launch_error()) return err;
   if (p.num_splits > 1) {
     const dim3 reduce_grid(p.num_heads, p.num_seqs);
-    // Rounded up to whole 16-byte words: nvcc reads the weights' tail (1-3 floats) with one
-    // LDS.128, which compute-sanitizer's memcheck reports past an allocation of num_splits floats.
-    const size_t smem = static_cast<size_t>(ceil_div(p.num_splits, 4) * 4) * sizeof(float);
+    const size_t smem = static_cast<size_t>(paged_decode_reduce_smem_bytes(p.num_splits));
     paged_decode_reduce_kernel<T, kHeadDim><<<reduce_grid, kReduceThreads, smem, stream>>>(p);
     return launch_error();
   }
