@@ -112,14 +112,18 @@ def _offline(gguf_path, prompts, new_tokens):
 
     report = {}
     for mode in ("native", "fp32"):
-        llm = LLM(model=gguf_path, weights_dtype=mode, max_num_seqs=64, max_num_batched_tokens=2048)
+        # no prefix cache: the repeated prefills below compute every token
+        llm = LLM(model=gguf_path, weights_dtype=mode, max_num_seqs=64, max_num_batched_tokens=2048, enable_prefix_caching=False)
         eng = llm.engine
         prefill_prompts = prompts[:10]  # 2,000 tokens in one step
         one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         llm.generate(prefill_prompts[:1], one)
-        t0 = time.perf_counter()
-        llm.generate(prefill_prompts, one)
-        prefill_s = time.perf_counter() - t0
+        times = []
+        for _ in range(3):  # the best of three: a shared machine's neighbours only ever slow a run down
+            t0 = time.perf_counter()
+            llm.generate(prefill_prompts, one)
+            times.append(time.perf_counter() - t0)
+        prefill_s = min(times)
         params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
         llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         t0 = time.perf_counter()
@@ -159,26 +163,33 @@ def _batched_decode(eng, prompts, batches=(1, 2, 4, 8, 16, 32, 64), new_tokens=2
 
 
 def _step_overhead(eng, prompt):
-    """Share of a batch-1 decode step spent outside the ops (Python, dispatch, metadata): the
-    step's wall time against the summed self time of the ops the profiler records in it."""
+    """Share of a batch-1 decode step spent outside lenserve's kernels (Python, torch dispatch,
+    tensor views and allocations, metadata): the median wall time of plain steps against the
+    median summed self time of the lenserve:: ops in profiled steps. The profiler slows the steps
+    it records, so the wall time comes from unprofiled steps (that profiled one is reported too)."""
     from torch.profiler import ProfilerActivity, profile
 
     from lenserve import SamplingParams
 
-    eng.add_request("o", prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    eng.add_request("o", prompt, SamplingParams(max_tokens=80, temperature=0, ignore_eos=True))
     for _ in range(8):
         eng.step()
-    walls, op_times = [], []
+    walls, profiled, kernels = [], [], []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        eng.step()
+        walls.append(time.perf_counter() - t0)
     for _ in range(20):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             eng.step()
-            walls.append(time.perf_counter() - t0)
-        op_times.append(sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6)
+            profiled.append(time.perf_counter() - t0)
+        kernels.append(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("lenserve::")) / 1e6)
     while eng.has_unfinished_requests():
         eng.step()
-    wall, ops = float(np.median(walls)), float(np.median(op_times))
-    return {"step_ms_profiled": round(1e3 * wall, 2), "ops_ms": round(1e3 * ops, 2), "outside_ops_fraction": round(1 - ops / wall, 3)}
+    wall, ops = float(np.median(walls)), float(np.median(kernels))
+    return {"step_ms": round(1e3 * wall, 2), "step_ms_profiled": round(1e3 * float(np.median(profiled)), 2),
+            "kernels_ms": round(1e3 * ops, 2), "outside_kernels_fraction": round(1 - ops / wall, 3)}
 
 
 def main() -> None:
@@ -233,7 +244,8 @@ def main() -> None:
     # issue #25's must-shows ("today's" memory: the fp32-dequantized load, measured here)
     crit = {"prefill_native_ge_fp32": result["prefill_native_over_fp32"] >= 1.0,
             "decode_batch1_ge_0.7_of_bound": result["decode_batch1_fraction_of_bound"] >= 0.7,
-            "vmhwm_native_le_0.3_fp32": result["vmhwm_native_over_fp32"] <= 0.3}
+            "vmhwm_native_le_0.3_fp32": result["vmhwm_native_over_fp32"] <= 0.3,
+            "batch1_outside_kernels_le_0.1": offline["native"]["step_overhead"]["outside_kernels_fraction"] <= 0.1}
     ratios = result.get("ratios_vs_llama_server", {}).get("lenserve_native")
     if ratios:
         if "1" in ratios:

@@ -45,6 +45,7 @@ torch::Tensor packed_linear_cpu(const torch::Tensor& x, const torch::Tensor& pac
 torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, int64_t weight_type,
                                int64_t out_features, const std::optional<torch::Tensor>& bias);
 // ids int64 [T]; weight uint8 [V, row bytes] of ggml type weight_type with `dim` elements a row -> fp32 [T, dim]
+void quant_interleave_cpu(torch::Tensor& weight, int64_t weight_type);
 torch::Tensor quant_embedding_cpu(const torch::Tensor& ids, const torch::Tensor& weight, int64_t weight_type, int64_t dim);
 
 }  // namespace lenserve

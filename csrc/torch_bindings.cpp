@@ -39,6 +39,7 @@ TORCH_LIBRARY(lenserve, m) {
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor");
   m.def("quant_linear(Tensor x, Tensor weight, int weight_type, int out_features, Tensor? bias) -> Tensor");
   m.def("quant_embedding(Tensor ids, Tensor weight, int weight_type, int dim) -> Tensor");
+  m.def("quant_interleave(Tensor(a!) weight, int weight_type) -> ()");
   m.def("paged_decode_split(int max_context_len, int num_seqs, int num_kv_heads, int group, int num_sms) -> int[]",
         &paged_decode_split);
 }
@@ -55,6 +56,7 @@ TORCH_LIBRARY_IMPL(lenserve, CPU, m) {
   m.impl("packed_linear", &lenserve::packed_linear_cpu);
   m.impl("quant_linear", &lenserve::quant_linear_cpu);
   m.impl("quant_embedding", &lenserve::quant_embedding_cpu);
+  m.impl("quant_interleave", &lenserve::quant_interleave_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

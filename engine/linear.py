@@ -86,6 +86,9 @@ class QuantLinear:
                 merged[-1] = QuantWeight.cat([merged[-1], p])
             else:
                 merged.append(p)
+        for p in merged:
+            if p.can_interleave():
+                p.interleave()  # a tied embedding shares this QuantWeight, and so its layout
         self.parts = merged
         self.in_features = parts[0].in_features
         self.out_features = sum(p.shape[0] for p in parts)

@@ -2,7 +2,10 @@
 
 lenserve._C's `quant_linear` and `quant_embedding` read these rows directly (csrc/cpu/quant_*.cpp);
 nothing is dequantized at load. Row operations (llama.cpp's Q/K rope permutation, fusing q/k/v or
-gate/up) move whole rows, so they work on the bytes.
+gate/up) move whole rows, so they work on the bytes. Once a linear layer is built, Q8_0 / Q4_0 /
+Q4_1 rows are interleaved eight at a time in place (`QuantWeight.interleave`, the layout in
+csrc/cpu/quant_interleaved.cpp): same bytes, reordered so the decode kernel keeps 8 rows in the
+lanes of one register.
 """
 from __future__ import annotations
 
@@ -17,11 +20,19 @@ if TYPE_CHECKING:  # numpy only where a GGUF is read: the engine path imports wi
 # ggml types the kernels read as they are (gguf.GGMLQuantizationType values).
 F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 13, 14, 30
 KERNEL_TYPES = {F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K}
+# Added to Q8_0 / Q4_0 / Q4_1: the rows are interleaved eight at a time (csrc/cpu/quant_blocks.h).
+INTERLEAVED = 1024
+INTERLEAVABLE = {Q8_0, Q4_0, Q4_1}
 _BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
 
 
+def base_type(weight_type: int) -> int:
+    """The GGUF type of a (possibly interleaved) weight type."""
+    return weight_type & ~INTERLEAVED
+
+
 def row_bytes(weight_type: int, in_features: int) -> int:
-    elems, nbytes = _BLOCK[weight_type]
+    elems, nbytes = _BLOCK[base_type(weight_type)]
     if in_features % elems:
         raise ValueError(f"{in_features} features is not a multiple of the type's block of {elems}")
     return in_features // elems * nbytes
@@ -45,10 +56,31 @@ class QuantWeight:
         return (self.data.shape[0], self.in_features)
 
     @property
+    def interleaved(self) -> bool:
+        return bool(self.weight_type & INTERLEAVED)
+
+    @property
     def type_name(self) -> str:
         import gguf
 
-        return gguf.GGMLQuantizationType(self.weight_type).name
+        return gguf.GGMLQuantizationType(base_type(self.weight_type)).name + ("x8" if self.interleaved else "")
+
+    def can_interleave(self) -> bool:
+        return (not self.interleaved and self.weight_type in INTERLEAVABLE and self.data.shape[0] % 8 == 0
+                and self.data.device.type == "cpu")
+
+    def interleave(self) -> None:
+        """In place: rows in groups of eight, interleaved for the decode kernel (same bytes)."""
+        if not self.can_interleave():
+            raise ValueError(f"{self.type_name} [{self.shape[0]} rows] cannot be interleaved")
+        torch.ops.lenserve.quant_interleave(self.data, self.weight_type)
+        self.weight_type |= INTERLEAVED
+
+    def file_rows(self) -> torch.Tensor:
+        """uint8 [out_features, row_bytes] in the file's row order and layout (a copy if interleaved)."""
+        if not self.interleaved:
+            return self.data
+        return torch.from_numpy(deinterleave(self.data.numpy(), base_type(self.weight_type)))
 
     @classmethod
     def from_float16(cls, w: torch.Tensor) -> "QuantWeight":
@@ -63,17 +95,43 @@ class QuantWeight:
     @classmethod
     def cat(cls, parts: list["QuantWeight"]) -> "QuantWeight":
         assert len({p.weight_type for p in parts}) == 1 and len({p.in_features for p in parts}) == 1
+        assert not parts[0].interleaved, "interleave after the rows are in their final order"
         return cls(torch.cat([p.data for p in parts]), parts[0].weight_type, parts[0].in_features)
 
     def rows(self, index: np.ndarray) -> "QuantWeight":
+        assert not self.interleaved, "interleave after the rows are in their final order"
         return QuantWeight(self.data[torch.from_numpy(index)].contiguous(), self.weight_type, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [out_features, in_features] through gguf's own dequantize (the reference)."""
         from gguf.quants import dequantize
 
-        return torch.from_numpy(dequantize(self.data.numpy(), self.weight_type)).float().reshape(self.shape)
+        t = base_type(self.weight_type)
+        return torch.from_numpy(dequantize(self.file_rows().numpy(), t)).float().reshape(self.shape)
 
     @property
     def num_bytes(self) -> int:
         return self.data.numel()
+
+
+def deinterleave(data: np.ndarray, weight_type: int) -> np.ndarray:
+    """uint8 [N, row_bytes] interleaved rows of a Q8_0 / Q4_0 / Q4_1 matrix back in file layout: an
+    independent statement of the layout in csrc/cpu/quant_interleaved.cpp (the tests check the
+    kernel's in-place interleaving against it)."""
+    import numpy as np
+
+    n, rb = data.shape
+    elems, bb = _BLOCK[weight_type]
+    nb = rb // bb
+    header = 32 if weight_type == Q4_1 else 16
+    blocks = data.reshape(n // 8, nb, 8 * bb)  # [group, block, interleaved bytes]
+    out = np.empty((n // 8, 8, nb, bb), dtype=np.uint8)  # [group, row, block, file bytes]
+    out[..., 0:2] = blocks[..., 0:16].reshape(n // 8, nb, 8, 2).transpose(0, 2, 1, 3)  # d
+    qs_at = 2
+    if weight_type == Q4_1:
+        out[..., 2:4] = blocks[..., 16:32].reshape(n // 8, nb, 8, 2).transpose(0, 2, 1, 3)  # m
+        qs_at = 4
+    chunks = (bb - qs_at) // 2  # 16-byte chunks: each holds two bytes of every row
+    q = blocks[..., header:].reshape(n // 8, nb, chunks, 8, 2)  # [group, block, chunk p, row, byte e]
+    out[..., qs_at:] = q.transpose(0, 3, 1, 2, 4).reshape(n // 8, 8, nb, 2 * chunks)
+    return out.reshape(n, rb)

@@ -24,6 +24,8 @@ enum Type : int64_t {
   kQ5_K = 13,
   kQ6_K = 14,
   kBF16 = 30,
+  // Added to Q8_0, Q4_0 or Q4_1: rows interleaved eight at a time (quant_interleaved.cpp).
+  kInterleaved = 1024,
 };
 
 constexpr int64_t QK = 32;     // elements per block of the legacy formats (Q4_0, Q4_1, Q8_0)
@@ -103,6 +105,21 @@ void quantize_row_act(const float* x, BlockQAct* out, int64_t K);
 // out[m * ldo] = dot(W row, x row m) for m < M (1..4), x rows as activation blocks nb apart;
 // type is Q8_0, Q4_0 or Q4_1.
 void dot_row_act(int64_t type, const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo);
+
+// ---- legacy formats interleaved eight rows at a time (quant_interleaved.cpp) ----
+bool is_interleaved(int64_t type);
+int64_t base_type(int64_t type);  // the file type of an interleaved type (the type itself otherwise)
+bool can_interleave(int64_t type);
+// Activation rows per register tile of the interleaved GEMM.
+constexpr int kTileRows = 4;
+// In place: N (a multiple of 8) rows of `type` in file order become groups of 8 interleaved rows.
+void interleave_rows(int64_t type, uint8_t* data, int64_t N, int64_t row_bytes);
+// Rows r0..r1-1 (of 8) of one interleaved group as fp32: rows[(r - r0) * ldr + k].
+void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, int r1, float* rows, int64_t ldr);
+// out[m * N + n] = dot(W row n, x row m) for M activation rows (nb blocks each, back to back) and
+// N (a multiple of 8) interleaved rows of `type` (the file type).
+void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M, int64_t N,
+             float* out);
 
 // ---- K-quants (quant_kquants.cpp) ----
 void dequant_row_q4_k(const uint8_t* row, float* out, int64_t K);

@@ -53,21 +53,63 @@ void dequant_row_q4_1(const uint8_t* row, float* out, int64_t K) {
   }
 }
 
-void quantize_row_act(const float* x, BlockQAct* out, int64_t K) {
-  for (int64_t i = 0; i < K / QK; ++i, x += QK) {
-    float amax = 0.f;
-    for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
-    const float d = amax / kActMax;
-    const float id = d > 0.f ? 1.f / d : 0.f;
-    int sum = 0;
-    for (int j = 0; j < QK; ++j) {
-      const int q = static_cast<int>(std::nearbyint(x[j] * id));
-      out[i].qs[j] = static_cast<int16_t>(q);
-      sum += q;
-    }
-    out[i].d = d;
-    out[i].s = d * static_cast<float>(sum);
+namespace {
+
+#ifdef LENSERVE_AVX2
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+inline int hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
+// One block of 32: d = max|x| / kActMax and q = round-to-nearest-even(x / d), the same numbers
+// on both paths (a prefill rounds x exactly as a decode does).
+inline void quantize_block_act(const float* x, BlockQAct* out) {
+#ifdef LENSERVE_AVX2
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(x + 8 * j);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
   }
+  const float d = hmax(amax) / kActMax;
+  const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i q[4];
+  for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // MXCSR: nearest-even
+  const int sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+  // packs interleaves the 128-bit halves of its operands; the permute puts elements back in order
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out->qs), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out->qs + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
+#else
+  float amax = 0.f;
+  for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float d = amax / kActMax;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  int sum = 0;
+  for (int j = 0; j < QK; ++j) {
+    const int q = static_cast<int>(std::nearbyint(x[j] * id));
+    out->qs[j] = static_cast<int16_t>(q);
+    sum += q;
+  }
+#endif
+  out->d = d;
+  out->s = d * static_cast<float>(sum);
+}
+
+}  // namespace
+
+void quantize_row_act(const float* x, BlockQAct* out, int64_t K) {
+  for (int64_t i = 0; i < K / QK; ++i) quantize_block_act(x + i * QK, out + i);
 }
 
 namespace {

@@ -26,6 +26,7 @@ namespace lenserve {
 namespace quant {
 
 int64_t block_elems(int64_t type) {
+  if (is_interleaved(type)) return can_interleave(base_type(type)) ? QK : 0;
   switch (type) {
     case kF32:
     case kF16:
@@ -41,6 +42,7 @@ int64_t block_elems(int64_t type) {
 }
 
 int64_t block_bytes(int64_t type) {
+  if (is_interleaved(type)) return can_interleave(base_type(type)) ? block_bytes(base_type(type)) : 0;
   switch (type) {
     case kF32: return 4;
     case kF16:
@@ -62,6 +64,9 @@ namespace {
 using namespace quant;
 
 constexpr int64_t kMaxDecodeRows = 16;
+// Interleaved rows keep the integer GEMM up to 32 rows of x: measured against the fp32 panel path
+// on SmolLM2's shapes (benchmarks/bench_quant_linear.py), it is ahead through 32 rows and even at 64.
+constexpr int64_t kMaxInterleavedDecodeRows = 32;
 
 void dequant_row_f16(const uint8_t* row, float* out, int64_t K) {
   const auto* h = reinterpret_cast<const uint16_t*>(row);
@@ -95,7 +100,17 @@ void dequant_row(int64_t type, const uint8_t* row, float* out, int64_t K) {
   }
 }
 
-bool has_integer_dot(int64_t type) { return type == kQ8_0 || type == kQ4_0 || type == kQ4_1; }
+bool has_integer_dot(int64_t type) { return can_interleave(base_type(type)); }
+
+// Row n of a matrix of `type` (interleaved or not) as fp32.
+void dequant_row_at(int64_t type, const uint8_t* w, int64_t row_bytes, int64_t n, float* out, int64_t K) {
+  if (is_interleaved(type)) {
+    const int r = static_cast<int>(n % 8);
+    dequant_group_x8(base_type(type), w + (n / 8) * 8 * row_bytes, K / QK, r, r + 1, out, K);
+  } else {
+    dequant_row(type, w + n * row_bytes, out, K);
+  }
+}
 
 float dot_f32(const float* a, const float* b, int64_t K) {
   using namespace vec;
@@ -126,6 +141,10 @@ void decode_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64
     const int64_t nb = K / QK;
     std::vector<BlockQAct> xq(M * nb);
     for (int64_t m = 0; m < M; ++m) quantize_row_act(x + m * ldx, xq.data() + m * nb, K);
+    if (is_interleaved(type)) {
+      gemm_x8(base_type(type), w, row_bytes, xq.data(), nb, M, N, out);
+      return;
+    }
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t m = 0; m < M; m += 4)
@@ -221,7 +240,12 @@ void prefill_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
       for (int64_t p = p0; p < p1; ++p) {
         float* panel = panels.data() + (p - p0) * panel_floats;
         const int64_t nrows = std::min<int64_t>(kPanel, N - p * kPanel);
-        for (int64_t r = 0; r < nrows; ++r) dequant_row(type, w + (p * kPanel + r) * row_bytes, rows.data() + r * K, K);
+        if (is_interleaved(type)) {
+          for (int64_t r = 0; r < nrows; r += 8)
+            dequant_group_x8(base_type(type), w + (p * kPanel + r) * row_bytes, K / QK, 0, 8, rows.data() + r * K, K);
+        } else {
+          for (int64_t r = 0; r < nrows; ++r) dequant_row(type, w + (p * kPanel + r) * row_bytes, rows.data() + r * K, K);
+        }
         rows_to_panel(rows.data(), K, nrows, panel);
       }
       for (int64_t m0 = 0; m0 < M; m0 += MB) {
@@ -249,6 +273,7 @@ torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
   LS_CHECK(weight.size(0) == N && weight.size(1) == row_bytes, "quant_linear: weight must be [", N, ", ", row_bytes,
            "] bytes for ", N, " rows of ", K, " features of type ", weight_type, ", got ", weight.sizes());
   LS_CHECK(x.stride(1) == 1 || K == 1, "quant_linear: x rows must be contiguous");
+  LS_CHECK(!is_interleaved(weight_type) || N % 8 == 0, "quant_linear: interleaved weights need a multiple of 8 rows, got ", N);
   const float* b = nullptr;
   if (bias.has_value()) {
     LS_CHECK_CPU(*bias);
@@ -262,7 +287,7 @@ torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  if (M <= kMaxDecodeRows) {
+  if (M <= (is_interleaved(weight_type) ? kMaxInterleavedDecodeRows : kMaxDecodeRows)) {
     decode_rows(xp, x.stride(0), M, wp, row_bytes, weight_type, K, N, op);
     if (b != nullptr)
       for (int64_t m = 0; m < M; ++m)
@@ -271,6 +296,19 @@ torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
     prefill_rows(xp, x.stride(0), M, wp, row_bytes, weight_type, K, N, b, op);
   }
   return out;
+}
+
+void quant_interleave_cpu(torch::Tensor& weight, int64_t weight_type) {
+  LS_CHECK_CPU(weight);
+  LS_CHECK_DTYPE(weight, at::kByte);
+  LS_CHECK_DIM(weight, 2);
+  LS_CHECK_CONTIGUOUS(weight);
+  LS_CHECK(can_interleave(weight_type), "quant_interleave: only Q8_0, Q4_0 and Q4_1 rows interleave, got type ", weight_type);
+  const int64_t N = weight.size(0);
+  LS_CHECK(N % 8 == 0, "quant_interleave: the rows must be a multiple of 8, got ", N);
+  LS_CHECK(weight.size(1) % block_bytes(weight_type) == 0, "quant_interleave: rows of ", weight.size(1),
+           " bytes are not whole blocks of type ", weight_type);
+  interleave_rows(weight_type, weight.data_ptr<uint8_t>(), N, weight.size(1));
 }
 
 torch::Tensor quant_embedding_cpu(const torch::Tensor& ids, const torch::Tensor& weight, int64_t weight_type, int64_t dim) {
@@ -284,6 +322,7 @@ torch::Tensor quant_embedding_cpu(const torch::Tensor& ids, const torch::Tensor&
   const int64_t row_bytes = row_bytes_of(weight_type, dim, "quant_embedding");
   LS_CHECK(weight.size(1) == row_bytes, "quant_embedding: weight rows must be ", row_bytes, " bytes, got ", weight.size(1));
   const int64_t T = ids.size(0), V = weight.size(0);
+  LS_CHECK(!is_interleaved(weight_type) || V % 8 == 0, "quant_embedding: interleaved weights need a multiple of 8 rows, got ", V);
   auto ids_c = ids.contiguous();
   const int64_t* id = ids_c.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) LS_CHECK(id[t] >= 0 && id[t] < V, "quant_embedding: id ", id[t], " out of [0, ", V, ")");
@@ -291,7 +330,7 @@ torch::Tensor quant_embedding_cpu(const torch::Tensor& ids, const torch::Tensor&
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, T, row_grain(dim), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) dequant_row(weight_type, wp + id[t] * row_bytes, op + t * dim, dim);
+    for (int64_t t = t0; t < t1; ++t) dequant_row_at(weight_type, wp, row_bytes, id[t], op + t * dim, dim);
   });
   return out;
 }

@@ -48,8 +48,9 @@ def random_rows(weight_type: int, n: int, k: int, seed: int) -> QuantWeight:
 
 
 def reference(w: QuantWeight) -> torch.Tensor:
-    """float64 [n, k] from gguf's dequantize."""
-    return torch.from_numpy(gguf_quants.dequantize(w.data.numpy(), w.weight_type).astype(np.float64)).reshape(w.shape)
+    """float64 [n, k] from gguf's dequantize (of the file's layout, for interleaved rows)."""
+    rows = w.file_rows().numpy()
+    return torch.from_numpy(gguf_quants.dequantize(rows, quant.base_type(w.weight_type)).astype(np.float64)).reshape(w.shape)
 
 
 def check_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> None:
@@ -62,7 +63,7 @@ def check_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
     magnitude = xd.abs() @ wd.abs().T  # sum_k |x w|
     # fp32 accumulation (as the fp32 packed linear's test)
     bound = 8 * torch.finfo(torch.float32).eps * k**0.5 * (magnitude + 1)
-    if w.weight_type in INT8_DOT_TYPES:
+    if quant.base_type(w.weight_type) in INT8_DOT_TYPES:
         # x rounded per 32-block (at every batch size: see quant_linear.cpp) to d * round(x / d), d = max|x| / 127: each x moves by <= d / 2,
         # so an output moves by <= sum over blocks of d / 2 * sum |w| in the block
         amax = xd.abs().reshape(x.shape[0], -1, 32).amax(-1)  # [m, blocks]
@@ -133,3 +134,60 @@ def test_row_result_does_not_depend_on_batch(weight_type):
     for i in (0, 17, 39):
         one = torch.ops.lenserve.quant_linear(x[i : i + 1], w.data, w.weight_type, 50, None)
         torch.testing.assert_close(one[0], many[i], rtol=5e-5, atol=2e-4)  # outputs reach ~10
+
+
+def interleaved(w: QuantWeight) -> QuantWeight:
+    x8 = QuantWeight(w.data.clone(), w.weight_type, w.in_features)
+    x8.interleave()
+    return x8
+
+
+@pytest.mark.parametrize("weight_type", LEGACY)
+def test_interleaving_is_the_documented_layout(weight_type):
+    """The kernel's in-place interleaving against quant.deinterleave, a separate numpy statement
+    of the layout; the type can only be interleaved once, and only in whole groups of 8 rows."""
+    for n, k in ((8, 32), (24, 608), (304, 96)):
+        w = random_rows(weight_type, n, k, n + k)
+        x8 = interleaved(w)
+        assert x8.type_name == w.type_name + "x8" and x8.weight_type == weight_type | quant.INTERLEAVED
+        assert not torch.equal(x8.data, w.data)
+        assert np.array_equal(quant.deinterleave(x8.data.numpy(), weight_type), w.data.numpy())
+        assert not x8.can_interleave()
+    assert not random_rows(weight_type, 12, 64, 1).can_interleave()
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        torch.ops.lenserve.quant_interleave(random_rows(weight_type, 12, 64, 1).data, weight_type)
+    with pytest.raises(RuntimeError, match="only Q8_0, Q4_0 and Q4_1"):
+        torch.ops.lenserve.quant_interleave(random_rows(quant.Q4_K, 8, 256, 1).data, quant.Q4_K)
+
+
+# rows of x: every remainder of the 4-row register tile up to the interleaved decode limit (32),
+# and the fp32 panel path past it; rows of W: one group, odd groups, 300+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 9, 32, 33, 53])
+@pytest.mark.parametrize("weight_type", LEGACY)
+def test_interleaved_linear_matches_fp64_dequantize(weight_type, m):
+    for n in (8, 40, 304):
+        for k in (32, 608):
+            seed = weight_type * 10_000 + m * 100 + n + k
+            w = interleaved(random_rows(weight_type, n, k, seed))
+            x = torch.from_numpy(np.random.default_rng(seed + 1).standard_normal((m, k)).astype(np.float32))
+            check_linear(x, w, torch.randn(n) if m == 5 else None)
+
+
+@pytest.mark.parametrize("weight_type", LEGACY)
+def test_interleaved_rows_agree_with_file_rows(weight_type):
+    """Same sums as the file-layout kernels: the embedding rows exactly, the linear to fp32
+    rounding (both are exact integer dots per block), one row alone or inside 40 (panel path)."""
+    k = 512
+    w = random_rows(weight_type, 48, k, 9)
+    x8 = interleaved(w)
+    ids = torch.tensor([0, 47, 8, 8, 23], dtype=torch.int64)
+    assert torch.equal(torch.ops.lenserve.quant_embedding(ids, x8.data, x8.weight_type, k),
+                       torch.ops.lenserve.quant_embedding(ids, w.data, w.weight_type, k))
+    x = torch.randn(40, k)
+    many = torch.ops.lenserve.quant_linear(x, x8.data, x8.weight_type, 48, None)
+    for i in (0, 17, 39):
+        for rows in (x8, w):
+            one = torch.ops.lenserve.quant_linear(x[i : i + 1], rows.data, rows.weight_type, 48, None)
+            torch.testing.assert_close(one[0], many[i], rtol=5e-5, atol=2e-4)
+    with pytest.raises(RuntimeError, match="multiple of 8 rows"):
+        torch.ops.lenserve.quant_linear(x, x8.data[:12], x8.weight_type, 12, None)

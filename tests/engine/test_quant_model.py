@@ -38,8 +38,9 @@ def test_native_keeps_the_files_encoding(native_llm):
     model = llm.engine.model
     assert llm.engine.weights_dtype == "native"
     qkv = model.layers[0].qkv_proj
-    assert isinstance(qkv, QuantLinear) and [p.type_name for p in qkv.parts] == ["Q4_1"]
-    assert isinstance(model.embed_tokens, QuantWeight) and model.embed_tokens.type_name == "Q8_0"
+    # the file's Q4_1 / Q8_0 bytes, interleaved eight rows at a time for the decode kernel
+    assert isinstance(qkv, QuantLinear) and [p.type_name for p in qkv.parts] == ["Q4_1x8"]
+    assert isinstance(model.embed_tokens, QuantWeight) and model.embed_tokens.type_name == "Q8_0x8"
     assert model.lm_head.parts[0] is model.embed_tokens  # the tied head reads the embedding's rows
     assert model.num_bytes() < 100e6  # 96.4 MB in the file; 538 MB as fp32
 

@@ -1,0 +1,248 @@
+// Q8_0, Q4_0 and Q4_1 rows interleaved eight at a time (as llama.cpp's Q4_0x8 repack does), and
+// the decode-shaped integer GEMM over them.
+//
+// Why interleave. With rows as the file stores them, every (weight row, block, activation row)
+// dot ends in scalar work: two fp16 scales converted, multiplied, broadcast, an FMA into that
+// row's partial sums and a horizontal sum at the end, ~10 of the ~25 instructions of a block
+// (quant_legacy.cpp). Interleaved, the 8 rows of a group sit in the 8 int32 lanes of one
+// register: a block's scales are one 8-wide fp16 load and conversion, the 8 dots are exact int32
+// sums in lanes (_mm256_madd_epi16 of the 8 rows' element pairs against one broadcast pair of
+// activations), and the scale is one 8-wide FMA per block and activation row. Each unpacked
+// weight register feeds up to kTileRows activation rows.
+//
+// Layout of one group of 8 rows (r = 0..7), block after block; a group takes exactly the bytes
+// of its 8 rows in the file (8 * row_bytes), so the interleaving is done in place:
+//   Q8_0x8 (272 B / block): d[8] fp16 | 16 chunks p of 16 B: byte 2r + e = element 2p + e of row r
+//   Q4_0x8 (144 B / block): d[8] fp16 | 8 chunks p of 16 B: byte 2r + e = file byte 2p + e of row r
+//                           (low nibble: element 2p + e; high nibble: element 16 + 2p + e)
+//   Q4_1x8 (160 B / block): d[8] fp16 | m[8] fp16 | 8 chunks as Q4_0x8
+// A 16-byte chunk widened to int16 is then the 8 rows' element pairs, one pair per 32-bit lane.
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
+
+#include "cpu/common.h"
+#include "cpu/quant_blocks.h"
+
+namespace lenserve {
+namespace quant {
+
+bool is_interleaved(int64_t type) { return (type & kInterleaved) != 0; }
+int64_t base_type(int64_t type) { return type & ~kInterleaved; }
+bool can_interleave(int64_t type) { return type == kQ8_0 || type == kQ4_0 || type == kQ4_1; }
+
+namespace {
+
+// Bytes before the chunks of an interleaved block (the 8 scales, and the 8 mins of Q4_1).
+constexpr int64_t header_bytes(int64_t type) { return type == kQ4_1 ? 32 : 16; }
+// Chunks of 16 bytes in an interleaved block.
+constexpr int64_t num_chunks(int64_t type) { return type == kQ8_0 ? 16 : 8; }
+
+struct BlockFields {
+  const uint8_t* d;
+  const uint8_t* m;  // Q4_1 only
+  const uint8_t* qs;
+  int64_t qs_bytes;
+};
+
+// Where the scale, min and quants of one file block lie.
+BlockFields fields_of(int64_t type, const uint8_t* block) {
+  switch (type) {
+    case kQ8_0: {
+      const auto* b = reinterpret_cast<const BlockQ8_0*>(block);
+      return {reinterpret_cast<const uint8_t*>(&b->d), nullptr, reinterpret_cast<const uint8_t*>(b->qs), QK};
+    }
+    case kQ4_0: {
+      const auto* b = reinterpret_cast<const BlockQ4_0*>(block);
+      return {reinterpret_cast<const uint8_t*>(&b->d), nullptr, b->qs, QK / 2};
+    }
+    default: {
+      const auto* b = reinterpret_cast<const BlockQ4_1*>(block);
+      return {reinterpret_cast<const uint8_t*>(&b->d), reinterpret_cast<const uint8_t*>(&b->m), b->qs, QK / 2};
+    }
+  }
+}
+
+// One group: 8 file rows (rows[r] -> row r) into the interleaved layout at out.
+void interleave_group(int64_t type, const uint8_t* rows, int64_t row_bytes, int64_t nb, uint8_t* out) {
+  const int64_t bb = block_bytes(type), hb = header_bytes(type);
+  for (int64_t i = 0; i < nb; ++i) {
+    uint8_t* dst = out + i * 8 * bb;
+    for (int r = 0; r < 8; ++r) {
+      const BlockFields f = fields_of(type, rows + r * row_bytes + i * bb);
+      std::memcpy(dst + 2 * r, f.d, 2);
+      if (f.m != nullptr) std::memcpy(dst + 16 + 2 * r, f.m, 2);
+      for (int64_t p = 0; p < f.qs_bytes / 2; ++p) std::memcpy(dst + hb + 16 * p + 2 * r, f.qs + 2 * p, 2);
+    }
+  }
+}
+
+}  // namespace
+
+void interleave_rows(int64_t type, uint8_t* data, int64_t N, int64_t row_bytes) {
+  const int64_t nb = row_bytes / block_bytes(type);
+  at::parallel_for(0, N / 8, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> rows(8 * row_bytes);
+    for (int64_t g = g0; g < g1; ++g) {
+      uint8_t* group = data + g * 8 * row_bytes;
+      std::memcpy(rows.data(), group, rows.size());
+      interleave_group(type, rows.data(), row_bytes, nb, group);
+    }
+  });
+}
+
+void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, int r1, float* rows, int64_t ldr) {
+  const int64_t bb = block_bytes(type), hb = header_bytes(type);
+  for (int64_t i = 0; i < nb; ++i) {
+    const uint8_t* b = group + i * 8 * bb;
+    const auto* d = reinterpret_cast<const uint16_t*>(b);
+    const auto* mn = reinterpret_cast<const uint16_t*>(b + 16);
+    const uint8_t* qs = b + hb;
+    for (int r = r0; r < r1; ++r) {
+      float* out = rows + (r - r0) * ldr + i * QK;
+      const float dr = fp16_to_float(d[r]);
+      if (type == kQ8_0) {
+        for (int64_t p = 0; p < 16; ++p)
+          for (int e = 0; e < 2; ++e) out[2 * p + e] = dr * static_cast<float>(static_cast<int8_t>(qs[16 * p + 2 * r + e]));
+        continue;
+      }
+      const float off = type == kQ4_0 ? -8.f * dr : fp16_to_float(mn[r]);
+      for (int64_t p = 0; p < 8; ++p)
+        for (int e = 0; e < 2; ++e) {
+          const uint8_t q = qs[16 * p + 2 * r + e];
+          out[2 * p + e] = dr * static_cast<float>(q & 0xF) + off;
+          out[16 + 2 * p + e] = dr * static_cast<float>(q >> 4) + off;
+        }
+    }
+  }
+}
+
+namespace {
+
+#ifdef LENSERVE_AVX2
+// MR activation rows (xq, nb blocks apart) against one group of 8 interleaved rows: out[m * ldo + r].
+template <int64_t TYPE, int MR>
+void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
+  constexpr int64_t bb = TYPE == kQ8_0 ? sizeof(BlockQ8_0) : (TYPE == kQ4_0 ? sizeof(BlockQ4_0) : sizeof(BlockQ4_1));
+  constexpr int64_t hb = header_bytes(TYPE);
+  __m256 accf[MR];
+  for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
+  const __m128i mask = _mm_set1_epi8(0xF);
+  for (int64_t i = 0; i < nb; ++i) {
+    const uint8_t* b = group + i * 8 * bb;
+    const uint8_t* qs = b + hb;
+    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    __m256i acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
+    const int16_t* xs[MR];
+    for (int m = 0; m < MR; ++m) xs[m] = xq[m * nb + i].qs;
+    // Each 16-byte chunk widened to int16 is the 8 rows' element pairs (one per int32 lane),
+    // dotted with every activation row's matching pair while in a register.
+    if constexpr (TYPE == kQ8_0) {
+#pragma GCC unroll 4
+      for (int p = 0; p < 16; ++p) {
+        const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p)));
+        for (int m = 0; m < MR; ++m) {
+          int32_t pair;
+          std::memcpy(&pair, xs[m] + 2 * p, 4);
+          acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(w, _mm256_set1_epi32(pair)));
+        }
+      }
+    } else {
+#pragma GCC unroll 2
+      for (int p = 0; p < 8; ++p) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+        for (int m = 0; m < MR; ++m) {
+          int32_t plo, phi;
+          std::memcpy(&plo, xs[m] + 2 * p, 4);
+          std::memcpy(&phi, xs[m] + 16 + 2 * p, 4);
+          acc[m] = _mm256_add_epi32(acc[m], _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_set1_epi32(plo)),
+                                                             _mm256_madd_epi16(hi, _mm256_set1_epi32(phi))));
+        }
+      }
+    }
+    if constexpr (TYPE == kQ8_0) {
+      for (int m = 0; m < MR; ++m)
+        accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_mul_ps(wd, _mm256_set1_ps(xq[m * nb + i].d)), accf[m]);
+    } else {
+      const __m256 wc = TYPE == kQ4_0 ? _mm256_mul_ps(wd, _mm256_set1_ps(-8.f))
+                                      : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+      for (int m = 0; m < MR; ++m) {
+        const BlockQAct& a = xq[m * nb + i];
+        accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_mul_ps(wd, _mm256_set1_ps(a.d)), accf[m]);
+        accf[m] = _mm256_fmadd_ps(wc, _mm256_set1_ps(a.s), accf[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(out + m * ldo, accf[m]);
+}
+#else
+template <int64_t TYPE, int MR>
+void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
+  constexpr int64_t bb = TYPE == kQ8_0 ? sizeof(BlockQ8_0) : (TYPE == kQ4_0 ? sizeof(BlockQ4_0) : sizeof(BlockQ4_1));
+  constexpr int64_t hb = header_bytes(TYPE);
+  float acc[MR][8] = {};
+  for (int64_t i = 0; i < nb; ++i) {
+    const uint8_t* b = group + i * 8 * bb;
+    const auto* d = reinterpret_cast<const uint16_t*>(b);
+    const auto* mn = reinterpret_cast<const uint16_t*>(b + 16);
+    const uint8_t* qs = b + hb;
+    for (int r = 0; r < 8; ++r) {
+      const float wd = fp16_to_float(d[r]);
+      const float wc = TYPE == kQ8_0 ? 0.f : (TYPE == kQ4_0 ? -8.f * wd : fp16_to_float(mn[r]));
+      for (int m = 0; m < MR; ++m) {
+        const BlockQAct& a = xq[m * nb + i];
+        int dot = 0;
+        for (int p = 0; p < num_chunks(TYPE); ++p)
+          for (int e = 0; e < 2; ++e) {
+            const uint8_t q = qs[16 * p + 2 * r + e];
+            if constexpr (TYPE == kQ8_0) {
+              dot += static_cast<int8_t>(q) * a.qs[2 * p + e];
+            } else {
+              dot += (q & 0xF) * a.qs[2 * p + e] + (q >> 4) * a.qs[16 + 2 * p + e];
+            }
+          }
+        acc[m][r] += wd * a.d * static_cast<float>(dot) + wc * a.s;
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) std::memcpy(out + m * ldo, acc[m], 8 * sizeof(float));
+}
+#endif
+
+template <int64_t TYPE>
+void group_rows(const uint8_t* group, const BlockQAct* xq, int64_t nb, int64_t M, float* out, int64_t ldo) {
+  int64_t m = 0;
+  for (; m + kTileRows <= M; m += kTileRows) group_tile<TYPE, kTileRows>(group, xq + m * nb, nb, out + m * ldo, ldo);
+  switch (M - m) {
+    case 1: group_tile<TYPE, 1>(group, xq + m * nb, nb, out + m * ldo, ldo); break;
+    case 2: group_tile<TYPE, 2>(group, xq + m * nb, nb, out + m * ldo, ldo); break;
+    case 3: group_tile<TYPE, 3>(group, xq + m * nb, nb, out + m * ldo, ldo); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M, int64_t N,
+             float* out) {
+  const int64_t G = N / 8;
+  // ~32 KiB of weights per chunk of work: a decode step's small matrices still split over threads.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / (8 * row_bytes));
+  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* group = w + g * 8 * row_bytes;
+      switch (type) {
+        case kQ8_0: group_rows<kQ8_0>(group, xq, nb, M, out + g * 8, N); break;
+        case kQ4_0: group_rows<kQ4_0>(group, xq, nb, M, out + g * 8, N); break;
+        default: group_rows<kQ4_1>(group, xq, nb, M, out + g * 8, N); break;
+      }
+    }
+  });
+}
+
+}  // namespace quant
+}  // namespace lenserve
