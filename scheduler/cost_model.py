@@ -69,6 +69,17 @@ class CostModel:
             k += 1
         return k
 
+    def residuals(self):
+        """Measured over predicted time of the steps this model was fitted to (those its meta
+        records), as a numpy array; empty when it records none."""
+        import numpy as np
+
+        samples = (self.meta or {}).get("samples") or []
+        pred = np.array([self.step_time(s["num_tokens"], s["num_sampled"], s["prefill_pairs"], s["decode_context"]) for s in samples])
+        measured = np.array([s["step_s"] for s in samples])
+        keep = pred > 0
+        return measured[keep] / pred[keep]
+
     # ---- files -----------------------------------------------------------------------------------
     def to_json(self) -> dict:
         return asdict(self)
@@ -222,14 +233,16 @@ class OnlineCostModel:
         # relative error, and newer steps weigh more (the machine's speed drifts: other work starts)
         w = 0.5 ** ((self.num_observed - seen) / (2 * self._half_life)) / y
         if self.prior is not None:
-            # The prior's shape at the speed the steps show (a machine 2x slower is ~2x slower in
-            # every term): it fills in what the steps cannot tell apart (in a decode-only step every
-            # token samples, so token_s and sample_s are one number) without pulling the rest.
+            # The prior's shape at the speed the steps show: it fills in what the steps cannot tell
+            # apart (in a decode-only step every token samples, so token_s and sample_s are one
+            # number) without pulling the rest. The speed is read per kind of step, prompt steps
+            # for the prior's prompt rows and decode steps for its decode rows: live, a stream costs
+            # more than offline (its token is detokenized and sent while the next step runs) but a
+            # prompt token does not, and one speed read off the many decode steps priced prompt
+            # chunks 1.2-1.4x too high, which shrank every budget under the target.
             c0 = _coefficients(self.prior)
-            recent = (self.num_observed - seen) <= self._half_life
-            speed = float(np.median(y[recent] / (x[recent] @ c0))) if (x @ c0).min() > 0 else 1.0
             px = _prior_rows(self.prior)
-            py = speed * (px @ c0)
+            py = px @ c0 * _speeds(x, y, c0, (self.num_observed - seen) <= self._half_life, px[:, 3] > 0)
             x = np.vstack([x, px])
             y = np.concatenate([y, py])
             # squared relative errors: each prior row weighs prior_weight / rows in the loss
@@ -263,6 +276,27 @@ def _coefficients(cost: CostModel):
     import numpy as np
 
     return np.array([getattr(cost, k) for k in FEATURES])
+
+
+def _speeds(x, y, c0, recent, prior_is_prompt):
+    """Per prior row, measured over predicted time (the median) on the recent steps of its kind:
+    steps with prompt tokens for prompt rows, decode steps for decode rows; a kind that has no
+    recent step takes the other's, and without a usable prior prediction 1."""
+    import numpy as np
+
+    pred = x @ c0
+    if pred.min() <= 0:
+        return np.ones(len(prior_is_prompt))
+    ratio = y / pred
+    prompt = x[:, 3] > 0
+    overall = float(np.median(ratio[recent])) if recent.any() else float(np.median(ratio))
+    by_kind = {}
+    for kind in (True, False):
+        sel = recent & (prompt == kind)
+        if not sel.any():
+            sel = prompt == kind
+        by_kind[kind] = float(np.median(ratio[sel])) if sel.any() else overall
+    return np.where(prior_is_prompt, by_kind[True], by_kind[False])
 
 
 def _prior_rows(cost: CostModel):

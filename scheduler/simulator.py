@@ -25,7 +25,7 @@ import numpy as np
 from lenserve.predictor.types import LengthPrediction, bucket_of
 from lenserve.scheduler.block_manager import BlockManager
 from lenserve.scheduler.config import SchedulerConfig
-from lenserve.scheduler.cost_model import CostModel
+from lenserve.scheduler.cost_model import MAX_OVERRUN, OVERRUN_QUANTILE, CostModel, OnlineCostModel
 from lenserve.scheduler.scheduler import Scheduler
 from lenserve.scheduler.sequence import Sequence
 
@@ -372,6 +372,16 @@ def scheduler_config_for(cost: CostModel, **overrides) -> SchedulerConfig:
 
 
 
+def overrun_model(cost: CostModel, noise: np.ndarray) -> OnlineCostModel:
+    """`cost` as the engine's online model would hold it on steps that scatter as `noise` does: the
+    same coefficients (never refitted here) and the overrun it would measure, so that the budget
+    rule discounts the target as it does live."""
+    online = OnlineCostModel(prior=cost)
+    online.can_refit = False
+    online.overrun = float(np.clip(np.quantile(noise, OVERRUN_QUANTILE), 1.0, MAX_OVERRUN))
+    return online
+
+
 def step_work(out) -> tuple[int, int, float, int, dict[str, int]]:
     """What one scheduled step costs and samples: (tokens, sequences sampled, prefill attention
     pairs, decode context tokens, {request_id: token}) with EOS once a sequence reaches its true
@@ -424,10 +434,23 @@ def simulate(
     num_kv_blocks: int | None = None,
     block_size: int | None = None,
     fast_forward: bool = True,
+    step_noise: np.ndarray | None = None,
+    seed: int = 0,
 ) -> SimResult:
     """Runs every request of the trace through a Scheduler to completion in simulated time.
-    `fast_forward=False` takes every step one by one (the same result, slower: for tests)."""
+    `fast_forward=False` takes every step one by one (the same result, slower: for tests).
+
+    `step_noise`: measured over predicted step times (`CostModel.residuals()`); each step's time is
+    the model's times one of them drawn at random (seeded), and the scheduler discounts a latency
+    target by their OVERRUN_QUANTILE as the live engine does with its online model's overrun.
+    Without it every step takes exactly what the model says, and ITL p99 sits at the target."""
     wall0 = time.perf_counter()
+    rng = np.random.default_rng([seed, 3])
+    noise = np.asarray(step_noise, np.float64) if step_noise is not None and len(step_noise) else None
+
+    def noisy(num_steps: int) -> np.ndarray:
+        return rng.choice(noise, num_steps) if noise is not None else np.ones(num_steps)
+
     n = len(requests)
     arrival = requests.arrival_s.tolist()
     prompt = requests.prompt_tokens.tolist()
@@ -435,15 +458,13 @@ def simulate(
     limit = requests.max_tokens.tolist()
     now = [0.0]
     block_manager = BlockManager(num_kv_blocks or cost.num_kv_blocks, block_size or cost.block_size, enable_prefix_caching=False)
-    sched = Scheduler(config, block_manager, clock=lambda: now[0], cost_model=cost)
+    sched = Scheduler(config, block_manager, clock=lambda: now[0], cost_model=cost if noise is None else overrun_model(cost, noise))
     running = sched.running  # the scheduler mutates this list in place
     wait_bound = config.fcfs_wait_bound
 
     e2e = np.full(n, np.nan)
     ttft = np.full(n, np.nan)
     generated = np.zeros(n, np.int64)
-    step_base, token_s, sample_s = cost.step_base_s, cost.token_s, cost.sample_s
-    prefill_s, decode_context_s = cost.prefill_attention_s, cost.decode_context_s
     num_steps = num_passes = max_concurrent = 0
     busy_seq_s = 0.0  # integral of the running count over time
     itl_s: list[float] = []
@@ -510,10 +531,16 @@ def simulate(
                 k = shorter
                 ending = []
                 end = t + cost.decode_time(num_seqs, context, k)
-            now[0] = end
             stops = run_stops(ending, k)
-            itl_s.append((end - t) / k)
-            itl_count.append(num_token_gaps(running) + (k - 1) * num_seqs)
+            if noise is None:
+                itl_s.append((end - t) / k)
+                itl_count.append(num_token_gaps(running) + (k - 1) * num_seqs)
+            else:  # each step of the run its own draw, each one's gaps counted apart
+                gaps = (end - t) / k * noisy(k)
+                end = t + float(gaps.sum())
+                itl_s.extend(gaps.tolist())
+                itl_count.extend([num_token_gaps(running)] + [num_seqs] * (k - 1))
+            now[0] = end
             max_concurrent = max(max_concurrent, num_seqs)
             busy_seq_s += num_seqs * (end - t)
             num_steps += k
@@ -528,8 +555,7 @@ def simulate(
             now[0] = arrival[i]
             continue
         num_tokens, num_sampled, prefill_pairs, decode_context, sampled = step_work(out)
-        dt = (step_base + token_s * num_tokens + sample_s * num_sampled
-              + prefill_s * prefill_pairs + decode_context_s * decode_context)
+        dt = cost.step_time(num_tokens, num_sampled, prefill_pairs, decode_context) * float(noisy(1)[0])
         num_running = len(running)
         max_concurrent = max(max_concurrent, num_running)
         busy_seq_s += num_running * dt

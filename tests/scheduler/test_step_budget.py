@@ -295,3 +295,52 @@ def test_simulated_itl_follows_the_target_and_fast_forward_agrees():
     assert stall_free["num_requests"] == fixed["num_requests"] == len(req)
     for key in ("mean_itl_s", "p99_itl_s", "mean_ttft_s", "mean_e2e_s"):
         assert stepwise[key] == pytest.approx(stall_free[key], rel=0.02)
+
+
+def test_online_fit_does_not_price_prompt_chunks_by_the_speed_of_decode_steps():
+    """Live, a stream costs more than offline (its token is sent while the next step runs) and a
+    prompt token does not: a refit over many decode steps and a few 2,000-token steps must not carry
+    the decode steps' slowness into the price of prompt tokens (the prior's speed is read per kind)."""
+    prior = CostModel(0.025, 1.85e-3, 0.4e-3, 3e-7, 1.7e-6, meta={"samples": [
+        {"num_tokens": n, "num_sampled": 1, "prefill_pairs": n * (n + 1) / 2, "decode_context": 0} for n in (128, 512, 1024)] + [
+        {"num_tokens": b, "num_sampled": b, "prefill_pairs": 0.0, "decode_context": b * 400} for b in (1, 8, 32)]})
+    live = CostModel(0.040, 1.85e-3, 2.6e-3, 3e-7, 1.7e-6)  # the same prompt tokens, streams 2.2 ms dearer
+    rng = np.random.default_rng(0)
+    online = OnlineCostModel(prior=prior)
+    for i in range(600):
+        b = int(rng.integers(10, 40))
+        n = 2048 - b if i % 40 == 0 else 0
+        f = {"num_tokens": n + b, "num_sampled": b + (n > 0), "prefill_pairs": n * (n + 1) / 2, "decode_context": b * 600}
+        online.observe(f, live.step_time(**f) * (1 + rng.normal(0, 0.05)))
+    big_chunk = {"num_tokens": 2048, "num_sampled": 31, "prefill_pairs": 2018 * 1009.5, "decode_context": 30 * 600}
+    decode = {"num_tokens": 30, "num_sampled": 30, "prefill_pairs": 0.0, "decode_context": 30 * 600}
+    assert online.model.step_time(**big_chunk) == pytest.approx(live.step_time(**big_chunk), rel=0.06)
+    assert online.model.step_time(**decode) == pytest.approx(live.step_time(**decode), rel=0.03)
+
+
+def test_cost_model_residuals_are_measured_over_predicted_of_its_samples():
+    samples = [{"num_tokens": 10, "num_sampled": 10, "prefill_pairs": 0.0, "decode_context": 0, "step_s": 0.06},
+               {"num_tokens": 100, "num_sampled": 1, "prefill_pairs": 5050.0, "decode_context": 0, "step_s": 0.2}]
+    cost = CostModel(0.01, 4e-3, 1e-3, 0.0, 0.0, meta={"samples": samples})
+    assert cost.residuals().tolist() == pytest.approx([0.06 / 0.06, 0.2 / 0.411])
+    assert len(COST.residuals()) == 0
+
+
+def test_step_noise_scatters_simulated_steps_and_the_budget_aims_below_the_target():
+    """With step noise the simulator's steps scatter (seeded: the same seed, the same run), the
+    budget discounts the target by the noise's 90th percentile as the engine does with its online
+    model's overrun, and ITL p99 rises above the noiseless run's, which sits at the target."""
+    req = _long_prompt_mix(n=60)
+    config = scheduler_config_for(COST, target_itl_s=0.25)
+    plain = simulate(req, config, COST).summary()
+    noise = np.random.default_rng(5).lognormal(0.0, 0.15, 200)
+    noisy = simulate(req, config, COST, step_noise=noise, seed=1).summary()
+    again = simulate(req, config, COST, step_noise=noise, seed=1).summary()
+    other = simulate(req, config, COST, step_noise=noise, seed=2).summary()
+    assert noisy["p99_itl_s"] == again["p99_itl_s"] and noisy["mean_ttft_s"] == again["mean_ttft_s"]
+    assert noisy["p99_itl_s"] != other["p99_itl_s"]
+    assert noisy["p99_itl_s"] > plain["p99_itl_s"]
+    assert noisy["p99_itl_s"] <= MAX_GROWTH * 0.25 * noise.max()
+    # the budget aims at target / q90(noise): median simulated gap below the noiseless one
+    assert noisy["p50_itl_s"] < plain["p50_itl_s"]
+    assert noisy["num_requests"] == len(req)
