@@ -47,5 +47,17 @@ torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
 // ids int64 [T]; weight uint8 [V, row bytes] of ggml type weight_type with `dim` elements a row -> fp32 [T, dim]
 void quant_interleave_cpu(torch::Tensor& weight, int64_t weight_type);
 torch::Tensor quant_embedding_cpu(const torch::Tensor& ids, const torch::Tensor& weight, int64_t weight_type, int64_t dim);
+// One decoder layer of a decode-only step (cpu/decoder_layer.cpp): weights / weight_types /
+// out_features of the qkv, o, gate_up and down projections (type -1: a pack_linear_weight matrix,
+// else a ggml type as quant_linear takes). hidden and residual are updated in place as the unfused
+// layer does; returns the layer's output [num_seqs, hidden].
+torch::Tensor decode_layer_cpu(torch::Tensor& hidden, torch::Tensor& residual, const torch::Tensor& positions,
+                               const torch::Tensor& input_norm, const torch::Tensor& post_norm, double eps,
+                               at::TensorList weights, at::IntArrayRef weight_types, at::IntArrayRef out_features,
+                               const std::optional<torch::Tensor>& qkv_bias, int64_t num_heads, int64_t num_kv_heads,
+                               int64_t head_dim, const torch::Tensor& cos_sin_cache, torch::Tensor& k_cache,
+                               torch::Tensor& v_cache, const torch::Tensor& slot_mapping,
+                               const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+                               double softmax_scale);
 
 }  // namespace lenserve

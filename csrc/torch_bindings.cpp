@@ -40,6 +40,11 @@ TORCH_LIBRARY(lenserve, m) {
   m.def("quant_linear(Tensor x, Tensor weight, int weight_type, int out_features, Tensor? bias) -> Tensor");
   m.def("quant_embedding(Tensor ids, Tensor weight, int weight_type, int dim) -> Tensor");
   m.def("quant_interleave(Tensor(a!) weight, int weight_type) -> ()");
+  m.def(
+      "decode_layer(Tensor(a!) hidden, Tensor(b!) residual, Tensor positions, Tensor input_norm, Tensor post_norm, "
+      "float eps, Tensor[] weights, int[] weight_types, int[] out_features, Tensor? qkv_bias, int num_heads, "
+      "int num_kv_heads, int head_dim, Tensor cos_sin_cache, Tensor(c!) k_cache, Tensor(d!) v_cache, "
+      "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, float softmax_scale) -> Tensor");
   m.def("paged_decode_split(int max_context_len, int num_seqs, int num_kv_heads, int group, int num_sms) -> int[]",
         &paged_decode_split);
 }
@@ -57,6 +62,7 @@ TORCH_LIBRARY_IMPL(lenserve, CPU, m) {
   m.impl("quant_linear", &lenserve::quant_linear_cpu);
   m.impl("quant_embedding", &lenserve::quant_embedding_cpu);
   m.impl("quant_interleave", &lenserve::quant_interleave_cpu);
+  m.impl("decode_layer", &lenserve::decode_layer_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

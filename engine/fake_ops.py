@@ -52,6 +52,10 @@ def _quant_embedding(ids, weight, weight_type, dim):
     return weight.new_empty(ids.shape[0], dim, dtype=torch.float32)
 
 
+def _decode_layer(hidden, residual, *args):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
 _register("rms_norm", _rms_norm)
 _register("fused_add_rms_norm", _inplace)
 _register("silu_and_mul", _silu_and_mul)
@@ -64,3 +68,4 @@ _register("packed_linear", _packed_linear)
 _register("quant_linear", _quant_linear)
 _register("quant_embedding", _quant_embedding)
 _register("quant_interleave", _inplace)
+_register("decode_layer", _decode_layer)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from lenserve.engine import ops
-from lenserve.engine.attention import Attention, AttentionMetadata
+from lenserve.engine._ext import has_op
+from lenserve.engine.attention import Attention, AttentionMetadata, backend_for
 from lenserve.engine.linear import Linear, QuantLinear, make_linear
 from lenserve.engine.quant import QuantWeight
 from lenserve.engine.model_config import ModelArchConfig
@@ -54,6 +55,34 @@ class DecoderLayer:
         self.gate_up_proj: Linear | QuantLinear  # [2 * intermediate, hidden]
         self.down_proj: Linear | QuantLinear  # [hidden, intermediate]
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, attention_backend)
+        self._fused: tuple | None | bool = False  # False: not looked at yet; None: this layer cannot fuse
+        self.fuse_decode = True  # decode-only steps run the layer as one decode_layer call where it can
+
+    def fused_decode_weights(self) -> tuple | None:
+        """(weights, weight_types, out_features, qkv_bias) for lenserve._C's decode_layer, which runs a
+        decode-only step's layer in one call on CPU; None when this layer cannot (a projection that
+        is not one lenserve-packed fp32 or one quantized matrix, a bias past qkv, or no kernel)."""
+        if self._fused is not False:
+            return self._fused
+        self._fused = None
+        projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+        if not has_op("decode_layer", "cpu") or self.input_norm.device.type != "cpu":
+            return None
+        weights, types, outs = [], [], []
+        for i, proj in enumerate(projections):
+            if isinstance(proj, QuantLinear) and len(proj.parts) == 1:
+                part = proj.parts[0]
+                weights.append(part.data), types.append(part.weight_type), outs.append(proj.out_features)
+            elif isinstance(proj, Linear) and proj.lenserve_packed:
+                weights.append(proj.weight), types.append(-1), outs.append(proj.out_features)
+            else:
+                return None
+            if i > 0 and proj.bias is not None:
+                return None
+        if backend_for(self.attn.backend, torch.device("cpu"), torch.float32, self.cfg.head_dim) != "kernels":
+            return None
+        self._fused = (weights, types, outs, self.qkv_proj.bias)
+        return self._fused
 
     def forward(
         self,
@@ -67,6 +96,17 @@ class DecoderLayer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         eps = cfg.rms_norm_eps
+        if meta.num_prefill_tokens == 0 and not meta.padded_len_q and self.fuse_decode:
+            fused = self.fused_decode_weights()
+            if fused is not None and hidden.dtype == torch.float32:
+                if residual is None:
+                    residual = torch.zeros_like(hidden)  # 0 + hidden == hidden exactly: the first layer's norm
+                weights, types, outs, qkv_bias = fused
+                hidden = torch.ops.lenserve.decode_layer(
+                    hidden, residual, positions, self.input_norm, self.post_norm, eps, weights, types, outs, qkv_bias,
+                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cos_sin, k_cache, v_cache, meta.slot_mapping,
+                    meta.block_tables, meta.context_lens, self.attn.scale)
+                return hidden, residual
         if residual is None:
             residual = hidden
             hidden = ops.rms_norm(hidden, self.input_norm, eps)

@@ -186,3 +186,58 @@ def test_native_packed_batching_equals_one_at_a_time(native_llm, test_prompts):
     for i, p in enumerate(prompts):
         alone = _alone(eng, p, params_for(i))
         check_logprobs_close(alone.token_ids, alone.logprobs, batched[i].token_ids, batched[i].logprobs, "alone", "batched")
+
+
+def _set_fused(llm, on: bool) -> None:
+    for layer in llm.engine.model.layers:
+        layer.fuse_decode = on
+
+
+@pytest.mark.skipif(not has_op("decode_layer", "cpu"), reason="lenserve._C has no decode_layer")
+@pytest.mark.parametrize("which", ["native", "fp32"])
+def test_fused_decode_layer_equals_the_unfused_layer(which, native_llm, fp32_llm, test_prompts):
+    """Decode-only steps run each layer as one decode_layer call (native Q4_1x8 / Q8_0x8 rows and
+    packed fp32 alike): the same kernels in the same order, so greedy tokens and logprobs equal the
+    op-by-op layer's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = native_llm if which == "native" else fp32_llm
+    assert all(layer.fused_decode_weights() is not None for layer in llm.engine.model.layers)
+    prompts = test_prompts[40:48]
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
+    try:
+        _set_fused(llm, True)
+        llm.engine.block_manager.reset_prefix_cache()  # both runs prefill every prompt token alike
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fused = llm.generate(prompts, params)
+        calls = {e.key: e.count for e in prof.key_averages()}
+        # every layer of the 11 decode-only steps
+        assert calls.get("lenserve::decode_layer", 0) >= 11 * len(llm.engine.model.layers)
+        _set_fused(llm, False)
+        llm.engine.block_manager.reset_prefix_cache()
+        plain = llm.generate(prompts, params)
+    finally:
+        _set_fused(llm, True)
+    for a, b in zip(fused, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert [t for t, _ in la.top] == [t for t, _ in lb.top]
+            assert abs(la.logprob - lb.logprob) < 1e-5 and all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(la.top, lb.top))
+
+
+@pytest.mark.skipif(not has_op("decode_layer", "cpu"), reason="lenserve._C has no decode_layer")
+def test_decode_layer_rejects_malformed_inputs(native_llm):
+    layer = native_llm.engine.model.layers[0]
+    weights, types, outs, bias = layer.fused_decode_weights()
+    cfg = layer.cfg
+    h = torch.randn(2, cfg.hidden_size)
+    args = (torch.zeros(2, dtype=torch.long), layer.input_norm, layer.post_norm, 1e-5)
+    tail = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, native_llm.engine.model.cos_sin_cache, torch.zeros(4, 16, cfg.num_kv_heads, cfg.head_dim),
+            torch.zeros(4, 16, cfg.num_kv_heads, cfg.head_dim), torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, dtype=torch.int32),
+            torch.ones(2, dtype=torch.int32), 0.125)
+    with pytest.raises(RuntimeError, match="4 each"):
+        torch.ops.lenserve.decode_layer(h, h.clone(), *args, weights[:3], types[:3], outs[:3], bias, *tail)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        torch.ops.lenserve.decode_layer(h, h.clone(), *args, weights, types, outs, bias, cfg.num_heads + 1, *tail[1:])
+    with pytest.raises(RuntimeError, match="differ"):
+        torch.ops.lenserve.decode_layer(h, h[:1].clone(), *args, weights, types, outs, bias, *tail)
