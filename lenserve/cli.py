@@ -14,7 +14,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--weights-dtype", default="auto", choices=["auto", "fp32", "fp16", "native"],
-                   help="CPU weights: native keeps a GGUF's quantized rows as they are, fp16 halves any checkpoint (auto: fp32)")
+                   help="CPU weights: native keeps a GGUF's quantized rows as they are, fp16 halves any checkpoint (auto: native for a GGUF on CPU, else fp32)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size (CPU default 4 GiB)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)

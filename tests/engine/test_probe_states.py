@@ -18,8 +18,10 @@ def test_packed_states_match_one_prompt_at_a_time(llm):
     packed = collect_states(eng, PROMPTS, (10, 20), show_progress=False, max_in_flight=len(PROMPTS))
     assert packed.shape == (len(PROMPTS), 2 * eng.arch.hidden_size)
     one = collect_states(eng, PROMPTS[:1], (20,), show_progress=False)[0]  # layers side by side, in order
-    np.testing.assert_allclose(one, alone[0, eng.arch.hidden_size:], rtol=1e-5, atol=1e-4)
+    # (to rounding: the prompt's blocks are now in the prefix cache, so its prefill runs fewer rows,
+    # which quantized weights take through another kernel path)
     norm = np.linalg.norm(alone, axis=1)
+    assert np.linalg.norm(one - alone[0, eng.arch.hidden_size:]) / norm[0] < 1e-3
     assert (np.linalg.norm(packed - alone, axis=1) / norm).max() < 1e-3
     # each prompt its own state (all end on the same chat header, so they are alike)
     gaps = [np.linalg.norm(packed[i] - packed[j]) / norm[i] for i in range(len(PROMPTS)) for j in range(i)]

@@ -23,14 +23,14 @@ pytestmark = pytest.mark.skipif(not has_op("quant_linear", "cpu"), reason="lense
 
 
 @pytest.fixture(scope="module")
-def native_llm():
-    return LLM(weights_dtype="native", max_num_seqs=64, max_model_len=2048)
+def native_llm(llm):
+    assert llm.engine.weights_dtype == "native"  # the default for a GGUF on CPU (see _resolve_weights_dtype)
+    return llm
 
 
 @pytest.fixture(scope="module")
-def fp32_llm(llm):
-    assert llm.engine.weights_dtype == "fp32"  # the default until native wins at 2-16 rows too (see _resolve_weights_dtype)
-    return llm
+def fp32_llm():
+    return LLM(weights_dtype="fp32", max_num_seqs=64, max_model_len=2048)
 
 
 def test_native_keeps_the_files_encoding(native_llm):
