@@ -102,6 +102,8 @@ void dequant_row_q4_0(const uint8_t* row, float* out, int64_t K);
 void dequant_row_q4_1(const uint8_t* row, float* out, int64_t K);
 // x [K] -> K / 32 activation blocks
 void quantize_row_act(const float* x, BlockQAct* out, int64_t K);
+// x [K] -> out [K] = d * q of the activation blocks quantize_row_act makes (same d, same q)
+void round_row_act(const float* x, float* out, int64_t K);
 // out[m * ldo] = dot(W row, x row m) for m < M (1..4), x rows as activation blocks nb apart;
 // type is Q8_0, Q4_0 or Q4_1.
 void dot_row_act(int64_t type, const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo);

@@ -106,10 +106,35 @@ inline void quantize_block_act(const float* x, BlockQAct* out) {
   out->s = d * static_cast<float>(sum);
 }
 
+// The same rounding, written back as floats d * q (a prefill's x: quant_linear.cpp).
+inline void round_block_act(const float* x, float* out) {
+#ifdef LENSERVE_AVX2
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(x + 8 * j);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+  }
+  const float d = hmax(amax) / kActMax;
+  const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f), vd = _mm256_set1_ps(d);
+  for (int j = 0; j < 4; ++j)
+    _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtps_epi32(_mm256_mul_ps(v[j], id)))));
+#else
+  BlockQAct q;
+  quantize_block_act(x, &q);
+  for (int j = 0; j < QK; ++j) out[j] = q.d * static_cast<float>(q.qs[j]);
+#endif
+}
+
 }  // namespace
 
 void quantize_row_act(const float* x, BlockQAct* out, int64_t K) {
   for (int64_t i = 0; i < K / QK; ++i) quantize_block_act(x + i * QK, out + i);
+}
+
+void round_row_act(const float* x, float* out, int64_t K) {
+  for (int64_t i = 0; i < K / QK; ++i) round_block_act(x + i * QK, out + i * QK);
 }
 
 namespace {

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "cpu/common.h"
@@ -214,28 +215,32 @@ void prefill_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
   // Panels unpacked together: at most ~256 KiB of fp32 (they stay in L2 while every row block of
   // x passes), and enough groups that both threads get several.
   const int64_t max_by_cache = std::max<int64_t>(1, (int64_t{256} << 10) / (panel_floats * 4));
-  const int64_t max_by_balance = std::max<int64_t>(1, P / (4 * std::max(1, at::get_num_threads())));
-  const int64_t G = std::min(max_by_cache, max_by_balance);
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t max_by_balance = std::max<int64_t>(1, P / (4 * threads));
+  // A long prefill splits its rows among the threads, each unpacking every panel (a few percent of
+  // the work at these row counts), so that no thread idles at the end when the panel groups do not
+  // divide evenly (SmolLM2's qkv and o: 9 groups over 2 threads cost ~10%).
+  const int64_t m_parts = M >= 128 * threads ? threads : 1;
+  const int64_t G = m_parts > 1 ? max_by_cache : std::min(max_by_cache, max_by_balance);
   const int64_t num_groups = ceil_div(P, G);
+  const int64_t part_rows = ceil_div(M, m_parts);
   const int64_t MB = std::max<int64_t>(kMaxMR, (64 * 1024 / K) / kMaxMR * kMaxMR);
-  std::vector<float> rounded;
+  std::unique_ptr<float[]> rounded;  // not value-initialised: every element is written
   if (has_integer_dot(type)) {
-    rounded.resize(M * K);
+    rounded.reset(new float[M * K]);
+    float* r = rounded.get();
     at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
-      std::vector<BlockQAct> q(K / QK);
-      for (int64_t m = m0; m < m1; ++m) {
-        quantize_row_act(x + m * ldx, q.data(), K);
-        for (int64_t i = 0; i < K / QK; ++i)
-          for (int j = 0; j < QK; ++j) rounded[m * K + i * QK + j] = q[i].d * static_cast<float>(q[i].qs[j]);
-      }
+      for (int64_t m = m0; m < m1; ++m) round_row_act(x + m * ldx, r + m * K, K);
     });
-    x = rounded.data();
+    x = r;
     ldx = K;
   }
-  at::parallel_for(0, num_groups, 1, [&](int64_t g0, int64_t g1) {
+  // item i: rows part i / num_groups against panel group i % num_groups
+  at::parallel_for(0, num_groups * m_parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> rows(kPanel * K);
     std::vector<float> panels(G * panel_floats);
-    for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t g = i % num_groups, m_lo = (i / num_groups) * part_rows, m_hi = std::min(M, m_lo + part_rows);
       const int64_t p0 = g * G, p1 = std::min(P, p0 + G);
       for (int64_t p = p0; p < p1; ++p) {
         float* panel = panels.data() + (p - p0) * panel_floats;
@@ -248,8 +253,8 @@ void prefill_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
         }
         rows_to_panel(rows.data(), K, nrows, panel);
       }
-      for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int64_t m1 = std::min(M, m0 + MB);
+      for (int64_t m0 = m_lo; m0 < m_hi; m0 += MB) {
+        const int64_t m1 = std::min(m_hi, m0 + MB);
         for (int64_t p = p0; p < p1; ++p)
           panel_rows(x, ldx, panels.data() + (p - p0) * panel_floats, K, N, p * kPanel, bias, out, m0, m1);
       }
