@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lenserve import __version__
 from lenserve.config import EngineConfig
+from lenserve.engine.cpu_threads import run_in_fresh_thread
 from lenserve.server.errors import (
     APIError,
     api_error_handler,
@@ -234,7 +235,9 @@ def build_app(config: ServerConfig, engine=None) -> FastAPI:
         if os.environ.get("LENSERVE_FAULT_FILE"):
             logger.warning("fault injection enabled through LENSERVE_FAULT_FILE")
             async_engine.fault_hook = file_fault_hook(os.environ["LENSERVE_FAULT_FILE"])
-        predictor = load_length_models(config, eng)
+        # in a thread that exits: the predictor's loading runs OpenMP work (LightGBM), and a second
+        # long-lived OpenMP team slows every parallel region of the engine's steps (cpu_threads.py)
+        predictor = run_in_fresh_thread(load_length_models, config, eng)
         async_engine.start(asyncio.get_running_loop())
         app.state.engine = async_engine
         app.state.metrics = metrics

@@ -128,6 +128,7 @@ class EngineReplica:
     async def __init__(self, config: ServerConfig) -> None:
         from lenserve.engine.async_engine import AsyncEngine
         from lenserve.engine.llm_engine import LLMEngine
+        from lenserve.engine.cpu_threads import run_in_fresh_thread
         from lenserve.server.app import file_fault_hook, load_length_models
         from lenserve.server.metrics import Metrics
         from lenserve.server.serving import OpenAIServing
@@ -148,7 +149,9 @@ class EngineReplica:
         self._mean_request_work: float | None = None
         bm = eng.block_manager
         self._prefix: dict = {"kv_tokens": bm.num_blocks * bm.block_size}  # and the prefix cache's counters, after each step
-        predictor = load_length_models(config, eng)
+        # in a thread that exits: the predictor's loading runs OpenMP work (LightGBM), and a second
+        # long-lived OpenMP team slows every parallel region of the engine's steps (cpu_threads.py)
+        predictor = run_in_fresh_thread(load_length_models, config, eng)
         self.engine.start(asyncio.get_running_loop())
         self.serving = OpenAIServing(self.engine, names, self.metrics, predictor, config.request_timeout_s)
         self.started = time.time()
