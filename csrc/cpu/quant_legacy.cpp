@@ -69,20 +69,25 @@ inline int hsum_epi32(__m256i v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm_cvtsi128_si32(s);
 }
+
+// One activation block's 32 values into v[0..3] and its scale d = max|x| / kActMax.
+inline float load_block_act(const float* x, __m256* v) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 amax = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(x + 8 * j);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+  }
+  return hmax(amax) / kActMax;
+}
 #endif
 
 // One block of 32: d = max|x| / kActMax and q = round-to-nearest-even(x / d), the same numbers
 // on both paths (a prefill rounds x exactly as a decode does).
 inline void quantize_block_act(const float* x, BlockQAct* out) {
 #ifdef LENSERVE_AVX2
-  const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4];
-  __m256 amax = _mm256_setzero_ps();
-  for (int j = 0; j < 4; ++j) {
-    v[j] = _mm256_loadu_ps(x + 8 * j);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
-  }
-  const float d = hmax(amax) / kActMax;
+  const float d = load_block_act(x, v);
   const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
   __m256i q[4];
   for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));  // MXCSR: nearest-even
@@ -109,14 +114,8 @@ inline void quantize_block_act(const float* x, BlockQAct* out) {
 // The same rounding, written back as floats d * q (a prefill's x: quant_linear.cpp).
 inline void round_block_act(const float* x, float* out) {
 #ifdef LENSERVE_AVX2
-  const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4];
-  __m256 amax = _mm256_setzero_ps();
-  for (int j = 0; j < 4; ++j) {
-    v[j] = _mm256_loadu_ps(x + 8 * j);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
-  }
-  const float d = hmax(amax) / kActMax;
+  const float d = load_block_act(x, v);
   const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f), vd = _mm256_set1_ps(d);
   for (int j = 0; j < 4; ++j)
     _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtps_epi32(_mm256_mul_ps(v[j], id)))));

@@ -49,3 +49,33 @@ def test_loading_leaves_no_openmp_workers_behind():
 
     # loading in the caller keeps its OpenMP worker (one more thread) for the process's life
     assert count("fresh_thread") < count("in_caller")
+
+
+_PREDICTOR = r"""
+import os, sys, time
+from lenserve.engine.cpu_threads import run_in_fresh_thread
+from lenserve.server.app import _load_predictor
+
+before = len(os.listdir("/proc/self/task"))
+if sys.argv[1] == "in_caller":
+    _load_predictor("default")
+else:
+    run_in_fresh_thread(_load_predictor, "default")  # what the server does (server/app.py, ray_serve.py)
+time.sleep(0.5)
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not sys.platform.startswith("linux"), reason="needs 2 cores and /proc")
+def test_predictor_loading_leaves_no_openmp_workers_behind():
+    """LightGBM's model loading runs OpenMP work: in the event loop's thread it left a worker (a
+    second team beside the engine's, which halved a served model's decode speed on 2 cores)."""
+    pytest.importorskip("lightgbm")
+
+    def extra_threads(mode):
+        out = subprocess.run([sys.executable, "-c", _PREDICTOR, mode], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.strip().splitlines()[-1])
+
+    assert extra_threads("in_caller") >= 1
+    assert extra_threads("fresh_thread") == 0
