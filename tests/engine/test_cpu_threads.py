@@ -54,14 +54,20 @@ def test_loading_leaves_no_openmp_workers_behind():
 _PREDICTOR = r"""
 import os, sys, time
 from lenserve.engine.cpu_threads import run_in_fresh_thread
+import numpy, torch  # noqa: F401  (their own thread pools start at import, before the count)
+from lenserve.predictor.model import _import_lightgbm
 from lenserve.server.app import _load_predictor
 
+_import_lightgbm()
 before = len(os.listdir("/proc/self/task"))
 if sys.argv[1] == "in_caller":
     _load_predictor("default")
 else:
     run_in_fresh_thread(_load_predictor, "default")  # what the server does (server/app.py, ray_serve.py)
-time.sleep(0.5)
+# an exited thread's OpenMP workers leave /proc on their own schedule (slowly on a loaded machine)
+deadline = time.monotonic() + 5
+while len(os.listdir("/proc/self/task")) > before and time.monotonic() < deadline:
+    time.sleep(0.1)
 print(len(os.listdir("/proc/self/task")) - before)
 """
 
