@@ -121,9 +121,8 @@ def deinterleave(data: np.ndarray, weight_type: int) -> np.ndarray:
     import numpy as np
 
     n, rb = data.shape
-    elems, bb = _BLOCK[weight_type]
+    bb = _BLOCK[weight_type][1]
     nb = rb // bb
-    header = 32 if weight_type == Q4_1 else 16
     blocks = data.reshape(n // 8, nb, 8 * bb)  # [group, block, interleaved bytes]
     out = np.empty((n // 8, 8, nb, bb), dtype=np.uint8)  # [group, row, block, file bytes]
     out[..., 0:2] = blocks[..., 0:16].reshape(n // 8, nb, 8, 2).transpose(0, 2, 1, 3)  # d
@@ -132,6 +131,7 @@ def deinterleave(data: np.ndarray, weight_type: int) -> np.ndarray:
         out[..., 2:4] = blocks[..., 16:32].reshape(n // 8, nb, 8, 2).transpose(0, 2, 1, 3)  # m
         qs_at = 4
     chunks = (bb - qs_at) // 2  # 16-byte chunks: each holds two bytes of every row
-    q = blocks[..., header:].reshape(n // 8, nb, chunks, 8, 2)  # [group, block, chunk p, row, byte e]
+    # after the 8 rows' scales (and mins): [group, block, chunk p, row, byte e]
+    q = blocks[..., 8 * qs_at :].reshape(n // 8, nb, chunks, 8, 2)
     out[..., qs_at:] = q.transpose(0, 3, 1, 2, 4).reshape(n // 8, 8, nb, 2 * chunks)
     return out.reshape(n, rb)

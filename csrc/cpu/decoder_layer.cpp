@@ -9,7 +9,8 @@
 //   attn = paged_decode_attention(q, caches)
 //   h = attn Wo^T; residual += h; h = rms_norm(residual) * post_norm
 //   out = silu_and_mul(h Wgu^T) Wdown^T
-// so its result is the unfused layer's, bit for bit (tests/engine/test_fused_layer.py).
+// so its result is the unfused layer's, bit for bit (tests/engine/test_quant_model.py,
+// test_fused_decode_layer_equals_the_unfused_layer).
 #include "cpu/common.h"
 #include "ops.h"
 

@@ -36,6 +36,10 @@ namespace {
 
 // Bytes before the chunks of an interleaved block (the 8 scales, and the 8 mins of Q4_1).
 constexpr int64_t header_bytes(int64_t type) { return type == kQ4_1 ? 32 : 16; }
+// Bytes of one file block (block_bytes, at compile time for the kernels' templates).
+constexpr int64_t file_block_bytes(int64_t type) {
+  return type == kQ8_0 ? sizeof(BlockQ8_0) : (type == kQ4_0 ? sizeof(BlockQ4_0) : sizeof(BlockQ4_1));
+}
 // Chunks of 16 bytes in an interleaved block.
 constexpr int64_t num_chunks(int64_t type) { return type == kQ8_0 ? 16 : 8; }
 
@@ -124,7 +128,7 @@ namespace {
 // MR activation rows (xq, nb blocks apart) against one group of 8 interleaved rows: out[m * ldo + r].
 template <int64_t TYPE, int MR>
 void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
-  constexpr int64_t bb = TYPE == kQ8_0 ? sizeof(BlockQ8_0) : (TYPE == kQ4_0 ? sizeof(BlockQ4_0) : sizeof(BlockQ4_1));
+  constexpr int64_t bb = file_block_bytes(TYPE);
   constexpr int64_t hb = header_bytes(TYPE);
   __m256 accf[MR];
   for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
@@ -182,7 +186,7 @@ void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* ou
 #else
 template <int64_t TYPE, int MR>
 void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
-  constexpr int64_t bb = TYPE == kQ8_0 ? sizeof(BlockQ8_0) : (TYPE == kQ4_0 ? sizeof(BlockQ4_0) : sizeof(BlockQ4_1));
+  constexpr int64_t bb = file_block_bytes(TYPE);
   constexpr int64_t hb = header_bytes(TYPE);
   float acc[MR][8] = {};
   for (int64_t i = 0; i < nb; ++i) {

@@ -103,13 +103,17 @@ void dequant_row(int64_t type, const uint8_t* row, float* out, int64_t K) {
 
 bool has_integer_dot(int64_t type) { return can_interleave(base_type(type)); }
 
-// Row n of a matrix of `type` (interleaved or not) as fp32.
-void dequant_row_at(int64_t type, const uint8_t* w, int64_t row_bytes, int64_t n, float* out, int64_t K) {
-  if (is_interleaved(type)) {
-    const int r = static_cast<int>(n % 8);
-    dequant_group_x8(base_type(type), w + (n / 8) * 8 * row_bytes, K / QK, r, r + 1, out, K);
-  } else {
-    dequant_row(type, w + n * row_bytes, out, K);
+// Rows n0 .. n0 + count - 1 of a matrix of `type` (interleaved or not) as fp32 rows K apart:
+// an interleaved group is unpacked once for all of its rows asked for.
+void dequant_rows(int64_t type, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t count, float* out, int64_t K) {
+  if (!is_interleaved(type)) {
+    for (int64_t n = n0; n < n0 + count; ++n) dequant_row(type, w + n * row_bytes, out + (n - n0) * K, K);
+    return;
+  }
+  for (int64_t g = n0 / 8; g * 8 < n0 + count; ++g) {
+    const int64_t r0 = std::max<int64_t>(n0, g * 8) - g * 8, r1 = std::min<int64_t>(n0 + count, g * 8 + 8) - g * 8;
+    dequant_group_x8(base_type(type), w + g * 8 * row_bytes, K / QK, static_cast<int>(r0), static_cast<int>(r1),
+                     out + (g * 8 + r0 - n0) * K, K);
   }
 }
 
@@ -245,12 +249,7 @@ void prefill_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int6
       for (int64_t p = p0; p < p1; ++p) {
         float* panel = panels.data() + (p - p0) * panel_floats;
         const int64_t nrows = std::min<int64_t>(kPanel, N - p * kPanel);
-        if (is_interleaved(type)) {
-          for (int64_t r = 0; r < nrows; r += 8)
-            dequant_group_x8(base_type(type), w + (p * kPanel + r) * row_bytes, K / QK, 0, 8, rows.data() + r * K, K);
-        } else {
-          for (int64_t r = 0; r < nrows; ++r) dequant_row(type, w + (p * kPanel + r) * row_bytes, rows.data() + r * K, K);
-        }
+        dequant_rows(type, w, row_bytes, p * kPanel, nrows, rows.data(), K);
         rows_to_panel(rows.data(), K, nrows, panel);
       }
       for (int64_t m0 = m_lo; m0 < m_hi; m0 += MB) {
@@ -335,7 +334,7 @@ torch::Tensor quant_embedding_cpu(const torch::Tensor& ids, const torch::Tensor&
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, T, row_grain(dim), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) dequant_row_at(weight_type, wp, row_bytes, id[t], op + t * dim, dim);
+    for (int64_t t = t0; t < t1; ++t) dequant_rows(weight_type, wp, row_bytes, id[t], 1, op + t * dim, dim);
   });
   return out;
 }
