@@ -14,10 +14,11 @@ one after the other instead, each alone with all cores (what a deployment has).
    `--live-capacity` measures it with a live saturation run instead, minutes more);
 2. each trace replayed at `--load` (0.8) x capacity, once with the fixed budget and once with the
    target: ITL p50/p99 (client-side gaps between streamed tokens), TTFT p50, output throughput;
-3. the simulator on the same send times and lengths under the same budget rule, with the cost
-   model the server fitted from its own steps (`lenserve:step_cost_model_seconds`), and with the
-   one measured before (and once more with each step's time scattered as the measured steps
-   scatter around the measured model): its ITL p99 beside the live one;
+3. the simulator on the same send times and lengths under the same budget rule, as
+   `lenserve simulate --from-server` runs it: the cost model the server fitted from its own steps
+   (`lenserve:step_cost_model_seconds`), each step's time scattered as the server's steps
+   scattered around its predictions (`lenserve:step_time_over_predicted`): its ITL p99 beside the
+   live one (and, for reference, the same without scatter, and with the model measured before);
 4. heavy overload: the first trace at `--overload` (3) x capacity with a short queue
    (`--max-queue`): ITL p99 while excess requests get 429.
 
@@ -80,17 +81,13 @@ def serve_argv(port: int, target_itl_ms: float, max_queue: int, args) -> list[st
 
 
 def served_cost_model(url: str):
-    """The cost model a server fitted from its own steps (lenserve:step_cost_model_seconds)."""
+    """(the cost model a server fitted from its own steps, its steps' measured over predicted
+    times): `lenserve:step_cost_model_seconds` and `lenserve:step_time_over_predicted`."""
     import httpx
-    from prometheus_client.parser import text_string_to_metric_families
 
-    from lenserve.scheduler.cost_model import CostModel
+    from lenserve.server.metrics import served_cost_model as from_metrics
 
-    terms = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
-        if family.name == "lenserve:step_cost_model_seconds":
-            terms = {s.labels["term"]: s.value for s in family.samples}
-    return CostModel(**terms) if terms else None
+    return from_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
 
 
 def side_by_side(trace: Trace, time_scale: float, targets: list[float], args, max_queue: int = 100000, log=print) -> list[dict]:
@@ -150,7 +147,8 @@ def _window_tokens(records: list[dict]) -> int:
     return count
 
 
-def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: list[dict], fitted, wall_s: float, log) -> dict:
+def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: list[dict], served, wall_s: float, log) -> dict:
+    fitted, step_noise = served
     ok = [r for r in records if r["ok"]]
     itl = np.array([x for r in ok for x in r["itl_s"]])
     ttft = np.array([r["ttft_s"] for r in ok if r["ttft_s"] is not None])
@@ -181,7 +179,11 @@ def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: l
         + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()
                       if k in ("num_ok", "num_rejected_429", "itl_p50_s", "itl_p99_s", "ttft_p50_s", "output_throughput_tok_s")}))
     fitted_terms = {k: v for k, v in fitted.to_json().items() if k != "meta"} if fitted is not None else None
-    return {"summary": summary, "itl_s": itl.tolist(), "records": ok, "fitted_cost_model": fitted_terms, "_fitted": fitted}
+    noise = {"num_steps": int(len(step_noise))}
+    if len(step_noise):
+        noise.update({f"p{q}": float(np.percentile(step_noise, q)) for q in (10, 50, 90, 99)})
+    return {"summary": summary, "itl_s": itl.tolist(), "records": ok, "fitted_cost_model": fitted_terms,
+            "step_time_over_predicted": noise, "_fitted": fitted, "_step_noise": step_noise}
 
 
 def capacity(trace: Trace, cost, args, log=print) -> dict:
@@ -326,14 +328,17 @@ def main(argv=None) -> int:
         entry = {"source": trace.source, "num_requests": len(trace), "capacity": cap, "time_scale": scale}
         for key, run in zip(("fixed", "target"), side_by_side(trace, scale, [0, args.target_itl_ms], args, log=log)):
             target = run["summary"]["target_itl_ms"]
-            # the simulator with the cost model the server fitted from its own steps, and with the one measured before
+            # The simulator as `lenserve simulate --from-server` runs it: the cost model the server
+            # fitted from its own steps, each step scattered as the server's steps scattered around
+            # its predictions (lenserve:step_time_over_predicted). Beside it: the same model with
+            # every step exactly as predicted, the model measured before the run, and that model's
+            # scatter from the offline fit (one global fit over prompts and decode batches).
             fitted = run.pop("_fitted") or cost
-            run["simulated"] = simulated(run, fitted, target, args.max_model_len, args.policy)
+            served_noise = run.pop("_step_noise")
+            run["simulated"] = simulated(run, fitted, target, args.max_model_len, args.policy, served_noise)
+            run["simulated_no_step_noise"] = simulated(run, fitted, target, args.max_model_len, args.policy)
             run["simulated_measured_cost_model"] = simulated(run, cost, target, args.max_model_len, args.policy)
-            # each step scattered as the measured steps scatter around the measured model (the
-            # server's own residuals are not exported; these, from one global fit over prompts and
-            # decode batches, scatter more than a live online fit's): an upper reference for ITL p99
-            run["simulated_step_noise"] = simulated(run, fitted, target, args.max_model_len, args.policy, cost.residuals())
+            run["simulated_offline_step_noise"] = simulated(run, fitted, target, args.max_model_len, args.policy, cost.residuals())
             run.pop("records")
             entry[key] = run
         tgt, fixed = entry["target"]["summary"], entry["fixed"]["summary"]
@@ -344,7 +349,8 @@ def main(argv=None) -> int:
             "arrival_window_throughput_target_over_fixed": tgt["arrival_window_throughput_tok_s"] / fixed["arrival_window_throughput_tok_s"],
             "sim_over_live_itl_p99_target": entry["target"]["simulated"]["p99_itl_s"] / tgt["itl_p99_s"],
             "sim_over_live_itl_p99_fixed": entry["fixed"]["simulated"]["p99_itl_s"] / fixed["itl_p99_s"],
-            "sim_step_noise_over_live_itl_p99_target": entry["target"]["simulated_step_noise"]["p99_itl_s"] / tgt["itl_p99_s"],
+            "sim_no_step_noise_over_live_itl_p99_target": entry["target"]["simulated_no_step_noise"]["p99_itl_s"] / tgt["itl_p99_s"],
+            "sim_offline_step_noise_over_live_itl_p99_target": entry["target"]["simulated_offline_step_noise"]["p99_itl_s"] / tgt["itl_p99_s"],
         }
         result["traces"][trace.name] = entry
         log(trace.name, json.dumps(entry["ratios"]))
@@ -356,6 +362,7 @@ def main(argv=None) -> int:
         for run in runs:
             run.pop("records")
             run.pop("_fitted")
+            run.pop("_step_noise")
         result["overload"] = {"load": args.overload, "max_queue": args.overload_max_queue, "fixed": runs[0], "target": runs[1]}
     result["criteria"] = criteria(result, args.target_itl_ms / 1000)
     result["wall_s"] = round(time.monotonic() - t0, 1)

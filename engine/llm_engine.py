@@ -404,7 +404,7 @@ class LLMEngine:
         # The whole step, detokenizing and emitting included: what a stream waits between tokens.
         stats.step_time_s = time.monotonic() - t0
         refits = self.cost_model.num_refits
-        self.scheduler.record_step_time(stats.step_time_s)
+        stats.step_time_over_predicted = self.scheduler.record_step_time(stats.step_time_s)
         if self.cost_model.num_refits != refits:
             stats.cost_model = self.cost_model.terms()
         stats.token_budget = self.scheduler.last_token_budget

@@ -20,6 +20,10 @@ def add_simulation_args(p: argparse.ArgumentParser) -> None:
                    help="oracle | noisy:SIGMA (log-length noise) | noisy-tau:TAU (noise for that Kendall tau) | "
                    "empirical:FILE (a predictor eval's residuals)")
     g.add_argument("--cost-model", default=None, metavar="FILE", help="default: the CPU model shipped in lenserve/scheduler/data")
+    g.add_argument("--from-server", default=None, metavar="URL",
+                   help="simulate that running lenserve server: the step cost model it fitted from its own steps, each step's "
+                        "time scattered as its steps scatter around its predictions (both read from URL/metrics); the engine "
+                        "settings come from --cost-model or the shipped model (with --replicas: the cost model only)")
     g.add_argument("--time-scale", type=float, default=1.0, metavar="X", help="speed-up: arrival time = trace time / X")
     g.add_argument("--batching", choices=("continuous", "bucketed"), default="continuous")
     g.add_argument("--bucket-affinity", action="store_true", help="continuous batching: admit from the head's length bucket first")
@@ -64,6 +68,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from lenserve.traces.cli import load_from_args
 
     cost = CostModel.load(args.cost_model) if args.cost_model else load_default()
+    step_noise = None
+    if args.from_server:
+        cost, step_noise = _served(args.from_server, cost)
     trace = load_from_args(args)
     max_model_len = args.max_model_len or cost.max_model_len
     requests = SimRequests.from_trace(trace, time_scale=args.time_scale, max_model_len=max_model_len, max_tokens=args.max_tokens)
@@ -91,7 +98,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.replicas > 1 or args.router or args.plan_capacity:
         return _simulate_replicas(args, trace, requests, predictions, config, cost, policies)
     results = simulate_policies(
-        requests, policies, config, cost, predictions, num_kv_blocks=args.num_kv_blocks, block_size=args.block_size
+        requests, policies, config, cost, predictions, num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
+        step_noise=step_noise,
     )
     if args.json:
         json.dump(results, sys.stdout, indent=2)
@@ -107,6 +115,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for policy, s in results.items():
         print(f"{policy:<8}" + "".join(f"{s[key]:>13.2f}" if isinstance(s[key], float) else f"{s[key]:>13}" for key, _ in cols))
     return 0
+
+
+def _served(url: str, settings):
+    """The cost model and step scatter a running server reports, with `settings`' engine settings."""
+    import dataclasses
+
+    import httpx
+
+    from lenserve.scheduler.cost_model import FEATURES
+    from lenserve.server.metrics import served_cost_model
+
+    url = url.rstrip("/")
+    try:
+        resp = httpx.get(f"{url}/metrics", timeout=30)
+        resp.raise_for_status()
+    except httpx.HTTPError as e:
+        raise ValueError(f"--from-server: could not read {url}/metrics: {e}") from e
+    fitted, noise = served_cost_model(resp.text)
+    if fitted is None:
+        raise ValueError(f"--from-server: {url} reports no step cost model yet (lenserve:step_cost_model_seconds appears "
+                         "after its first refit, a few dozen steps)")
+    cost = dataclasses.replace(settings, **{k: getattr(fitted, k) for k in FEATURES}, meta={"from_server": url})
+    logger.info("cost model from %s: %s; %d steps' scatter (measured / predicted)", url,
+                {k: f"{getattr(cost, k):.3g}" for k in FEATURES}, len(noise))
+    return cost, (noise if len(noise) else None)
 
 
 def _simulate_replicas(args, trace, requests, predictions, config, cost, policies) -> int:

@@ -212,9 +212,16 @@ class OnlineCostModel:
         """The current model's coefficients by name (empty while there is none)."""
         return {k: getattr(self.model, k) for k in FEATURES} if self.model is not None else {}
 
-    def observe(self, features: dict, step_s: float) -> None:
+    def observe(self, features: dict, step_s: float) -> float | None:
+        """Takes one measured step; returns its measured over predicted time under the model in
+        force when it was scheduled (None without a model or for a step with no tokens): the
+        scatter that `lenserve:step_time_over_predicted` reports and a simulation can replay."""
         if not step_s > 0 or not features["num_tokens"]:
-            return
+            return None
+        ratio = None
+        if self.model is not None:
+            predicted = self.model.step_time(**features)
+            ratio = step_s / predicted if predicted > 0 else None
         row = (1.0, float(features["num_tokens"]), float(features["num_sampled"]),
                float(features["prefill_pairs"]), float(features["decode_context"]), float(step_s), float(self.num_observed))
         (self._prefill if features["prefill_pairs"] else self._decode).append(row)
@@ -222,6 +229,7 @@ class OnlineCostModel:
         self._since_refit += 1
         if self.can_refit and self._since_refit >= self._refit_every and len(self._prefill) + len(self._decode) >= self.MIN_SAMPLES:
             self.refit()
+        return ratio
 
     def refit(self) -> CostModel:
         import numpy as np
@@ -267,6 +275,30 @@ class OnlineCostModel:
                                meta={"num_samples": int(keep.sum()), "online": True, "overrun": self.overrun})
         self.num_refits += 1
         return self.model
+
+
+def samples_from_histogram(bounds: Sequence[float], cumulative: Sequence[float]):
+    """Values standing for a Prometheus histogram's observations (`bounds`: the buckets' upper
+    bounds, the last +Inf; `cumulative`: their cumulative counts): each bucket's count spread evenly
+    in log space between its bounds, the first bucket's at its bound and the +Inf bucket's at the
+    last finite bound. Deterministic (no draws), so a simulation fed them is reproducible."""
+    import numpy as np
+
+    bounds = np.asarray(bounds, np.float64)
+    counts = np.diff(np.concatenate([[0.0], np.asarray(cumulative, np.float64)])).round().astype(np.int64)
+    if len(bounds) != len(counts) or (counts < 0).any():
+        raise ValueError("histogram buckets and cumulative counts do not match")
+    finite = bounds[np.isfinite(bounds)]
+    out = []
+    for i, n in enumerate(counts):
+        if n <= 0:
+            continue
+        hi = bounds[i] if np.isfinite(bounds[i]) else finite[-1]
+        lo = bounds[i - 1] if i > 0 and np.isfinite(bounds[i]) else hi
+        if lo <= 0:
+            lo = hi
+        out.append(np.exp(np.log(lo) + (np.arange(n) + 0.5) / n * (np.log(hi) - np.log(lo))))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 _SETTINGS = ("num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len")

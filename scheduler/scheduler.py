@@ -227,13 +227,15 @@ class Scheduler:
             return 0.0
         return seq.predicted_remaining * self.step_time_s
 
-    def record_step_time(self, seconds: float, num_steps: int = 1) -> None:
+    def record_step_time(self, seconds: float, num_steps: int = 1) -> float | None:
         """The driver reports that `num_steps` steps took `seconds` (the engine after each step,
-        the simulator after each step or run of steps): step_time_s follows them."""
+        the simulator after each step or run of steps): step_time_s follows them. Returns the
+        step's measured over predicted time when the cost model measured it (else None)."""
         if num_steps <= 0 or not seconds > 0:
-            return
+            return None
+        ratio = None
         if num_steps == 1 and self._last_features is not None:
-            self.cost_model.observe(self._last_features, seconds)
+            ratio = self.cost_model.observe(self._last_features, seconds)  # an OnlineCostModel set them
             self._last_features = None
         sample = seconds / num_steps
         # as `num_steps` updates with the mean step would (the simulator takes runs of steps at once)
@@ -243,6 +245,7 @@ class Scheduler:
         if self.config.max_latency_s is not None and (keyed is None or abs(self.step_time_s - keyed) > REKEY_DRIFT * keyed):
             self._keyed_step_time_s = self.step_time_s
             self.waiting.rekey_starts()
+        return ratio
 
     def schedule(self) -> SchedulerOutput:
         now = self.clock()

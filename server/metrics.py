@@ -18,6 +18,9 @@ _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 _COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _MASK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+# measured / predicted step time: 2^(1/8) apart (9%) from 0.25 to 4, fine enough that a simulation
+# replaying the scatter (`lenserve simulate --from-server`) sees its tail
+_STEP_RATIO_BUCKETS = tuple(round(2 ** (k / 8), 4) for k in range(-16, 17))
 _RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0)
 
 
@@ -68,6 +71,9 @@ class Metrics:
                                 "The engine's step cost model, refitted from measured steps: seconds per step (step_base_s), "
                                 "per token, per sampled sequence, per prefill query-key pair, per decode context token",
                                 ["term"])
+        self.step_time_over_predicted = hist(
+            "step_time_over_predicted", "Measured / predicted duration of an engine step, under the cost model the scheduler sized it with",
+            _STEP_RATIO_BUCKETS)
         self.iteration_tokens = hist("iteration_tokens_total", "Tokens per engine step", _TOKEN_BUCKETS + (16384,))
         self.request_prompt_tokens = hist("request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS)
         self.request_generation_tokens = hist("request_generation_tokens", "Generated tokens per request", _TOKEN_BUCKETS)
@@ -126,6 +132,8 @@ class Metrics:
             self._l(self.iteration_tokens).observe(stats.num_batched_tokens)
             self._l(self.step_duration).observe(stats.step_time_s)
             self._l(self.step_token_budget).set(stats.token_budget)
+        if stats.step_time_over_predicted is not None:
+            self._l(self.step_time_over_predicted).observe(stats.step_time_over_predicted)
         for term, seconds in (stats.cost_model or {}).items():
             self._l(self.cost_model, term=term).set(seconds)
         if stats.num_itl_target_misses:
@@ -171,3 +179,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def served_cost_model(metrics_text: str):
+    """What a server's /metrics says of its step cost model: (the model it fitted from its own steps,
+    or None before its first refit; values standing for its steps' measured over predicted times,
+    from `lenserve:step_time_over_predicted`), for a simulation of that server."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lenserve.scheduler.cost_model import CostModel, samples_from_histogram
+
+    terms, buckets = {}, []
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "lenserve:step_cost_model_seconds":
+            terms = {s.labels["term"]: s.value for s in family.samples}
+        elif family.name == "lenserve:step_time_over_predicted":
+            buckets = sorted((float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket"))
+    cost = CostModel(**terms) if terms else None
+    return cost, samples_from_histogram([b for b, _ in buckets], [c for _, c in buckets])

@@ -29,8 +29,18 @@ def test_engine_refits_its_cost_model_from_its_steps(tight):
     eng.add_request("warm", [1, 2, 3, 4, 5] * 20, SamplingParams(max_tokens=40, **GREEDY))
     steps = 0
     while eng.has_unfinished_requests():
+        model = eng.cost_model.model  # the model that prices the step about to run
         eng.step()
         steps += 1
+        st = eng.last_stats
+        # each step's measured over predicted time, under the model it was sized with (/metrics'
+        # lenserve:step_time_over_predicted; `lenserve simulate --from-server` replays the scatter)
+        f = {"num_tokens": st.num_batched_tokens, "num_sampled": 1, "prefill_pairs": 0.0, "decode_context": 0}
+        if st.num_batched_tokens == 1:
+            f["decode_context"] = eng.scheduler.running[0].num_computed_tokens if eng.scheduler.running else 0
+        if st.num_batched_tokens == 1 and eng.scheduler.running:
+            assert st.step_time_over_predicted == pytest.approx(st.step_time_s / model.step_time(**f))
+        assert st.step_time_over_predicted is not None and st.step_time_over_predicted > 0
     assert eng.cost_model.num_observed == steps and eng.cost_model.num_refits >= 2
     assert eng.cost_model.model.step_time(1, 1, 0, 100) > 0
 

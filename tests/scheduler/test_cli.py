@@ -85,3 +85,75 @@ def test_simulate_routes_by_prefix(trace, extra, capsys):
     assert set(out) == {"cache-aware", "pow2", "cache-oracle"}
     for summary in out.values():
         assert 0.0 <= summary["prefix_hit_rate"] <= 1.0 and summary["num_requests"] > 0
+
+
+def _metrics_text(terms: dict, ratios) -> str:
+    """What a server's /metrics says after steps that ran `ratios` x their predicted time."""
+    from lenserve.engine.stats import IterationStats
+    from lenserve.server.metrics import Metrics
+
+    m = Metrics("m")
+    m.record_iteration(IterationStats(cost_model=terms))
+    for r in ratios:
+        m.record_iteration(IterationStats(step_time_over_predicted=r))
+    return m.render().decode()
+
+
+def test_served_cost_model_reads_the_fit_and_the_step_scatter():
+    import numpy as np
+
+    from lenserve.server.metrics import served_cost_model
+
+    terms = {"step_base_s": 0.02, "token_s": 0.0015, "sample_s": 0.001, "prefill_attention_s": 7e-7, "decode_context_s": 0.0}
+    ratios = np.random.default_rng(0).lognormal(0.0, 0.15, 400)
+    cost, noise = served_cost_model(_metrics_text(terms, ratios))
+    assert {k: getattr(cost, k) for k in terms} == pytest.approx(terms)
+    assert len(noise) == len(ratios)
+    for q in (10, 50, 90, 99):  # within one bucket (9% wide) of the true quantiles
+        assert np.percentile(noise, q) == pytest.approx(np.percentile(ratios, q), rel=0.1)
+    assert served_cost_model("") == (None, pytest.approx(np.zeros(0)))
+
+
+def test_simulate_from_server_replays_its_cost_model_and_scatter(capsys):
+    """`lenserve simulate --from-server URL`: the server's fitted model and step scatter; a slower
+    fit and a wider scatter than the shipped model show in the simulated ITL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import numpy as np
+
+    from lenserve.scheduler.cost_model import load_default
+
+    shipped = load_default()
+    slow = {"step_base_s": 2 * shipped.step_base_s, "token_s": 2 * shipped.token_s, "sample_s": 2 * shipped.sample_s,
+            "prefill_attention_s": shipped.prefill_attention_s, "decode_context_s": shipped.decode_context_s}
+    body = _metrics_text(slow, np.random.default_rng(1).lognormal(0.0, 0.3, 500)).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        args = ["simulate", "--trace", "tests/data/traces/azure_conv_head.csv", "--format", "azure", "--policies", "fcfs",
+                "--predictions", "oracle", "--time-scale", "4", "--json"]
+        runs = {}
+        for name, extra in {"shipped": [], "served": ["--from-server", url], "shipped_target": ["--target-itl-ms", "300"],
+                            "served_target": ["--target-itl-ms", "300", "--from-server", url]}.items():
+            assert main(args + extra) == 0
+            runs[name] = json.loads(capsys.readouterr().out)["fcfs"]
+    finally:
+        server.shutdown()
+    # a machine twice as slow: decode steps (the median gap) about twice as long
+    assert 1.6 < runs["served"]["p50_itl_s"] / runs["shipped"]["p50_itl_s"] < 2.6
+    assert runs["shipped_target"]["p99_itl_s"] <= 0.3 + 1e-9  # every step exactly as predicted: at the target
+    assert runs["served_target"]["p99_itl_s"] > 0.3 * 1.1  # scattered steps run past it
+    assert main(args + ["--from-server", "http://127.0.0.1:9"]) == 2
+    assert "could not read" in capsys.readouterr().err

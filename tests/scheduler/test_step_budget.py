@@ -344,3 +344,33 @@ def test_step_noise_scatters_simulated_steps_and_the_budget_aims_below_the_targe
     # the budget aims at target / q90(noise): median simulated gap below the noiseless one
     assert noisy["p50_itl_s"] < plain["p50_itl_s"]
     assert noisy["num_requests"] == len(req)
+
+
+def test_observe_returns_measured_over_predicted_under_the_model_in_force():
+    """The ratio is taken against the model that priced the step, before the step refits it."""
+    f = {"num_tokens": 10, "num_sampled": 4, "prefill_pairs": 0.0, "decode_context": 400}
+    assert OnlineCostModel(prior=None).observe(f, 0.05) is None  # no model yet
+    online = OnlineCostModel(prior=COST, refit_every=1)
+    assert online.observe({**f, "num_tokens": 0}, 0.05) is None  # an empty step says nothing
+    ratios = []
+    for _ in range(12):
+        predicted = online.model.step_time(**f)
+        ratios.append(online.observe(f, 0.05))
+        assert ratios[-1] == pytest.approx(0.05 / predicted)
+    assert abs(ratios[-1] - 1) < abs(ratios[0] - 1)  # the refits follow the measured steps
+
+
+def test_samples_from_histogram_stand_for_the_observations():
+    from lenserve.scheduler.cost_model import samples_from_histogram
+
+    bounds = [2 ** (k / 8) for k in range(-16, 17)] + [float("inf")]
+    values = np.concatenate([np.random.default_rng(2).lognormal(0.1, 0.2, 1000), [0.1, 9.0]])  # one under, one over
+    cumulative = [(values <= b).sum() for b in bounds]
+    out = samples_from_histogram(bounds, cumulative)
+    assert len(out) == len(values)
+    assert out.min() == pytest.approx(0.25) and out.max() == pytest.approx(4.0)  # the edge buckets at their finite bound
+    for q in (5, 50, 95):
+        assert np.percentile(out, q) == pytest.approx(np.percentile(values, q), rel=0.09)
+    assert len(samples_from_histogram([], [])) == 0
+    with pytest.raises(ValueError):
+        samples_from_histogram([1.0, float("inf")], [5, 3])  # cumulative counts cannot fall

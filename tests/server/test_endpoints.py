@@ -107,3 +107,22 @@ def test_prefix_cache_counters_on_metrics(server):
     assert q1 - q0 == 2 * first
     assert (first - 1) // 16 * 16 <= h1 - h0 <= first - 1  # every whole block but the one holding the last token
     assert server.metric("lenserve:prefix_cache_blocks") >= first // 16
+
+
+def test_metrics_report_the_step_cost_model_and_its_scatter(server):
+    """Every step's measured over predicted time lands in lenserve:step_time_over_predicted, and
+    served_cost_model (what `lenserve simulate --from-server` reads) gets the fit and the scatter."""
+    import httpx
+
+    from lenserve.server.metrics import served_cost_model
+
+    before = server.metric("lenserve:step_time_over_predicted_count")
+    with server.client() as c:
+        for i in range(3):
+            c.post("/v1/completions", json={"prompt": f"step scatter {i}", "max_tokens": 24, "ignore_eos": True})
+    steps = server.metric("lenserve:step_time_over_predicted_count") - before
+    assert steps >= 3 * 24  # a prefill and at least 23 decode steps each (none share a step here)
+    cost, noise = served_cost_model(httpx.get(server.url + "/metrics", timeout=10).text)
+    assert cost is not None and cost.step_base_s + cost.token_s > 0  # refitted by now
+    assert len(noise) == server.metric("lenserve:step_time_over_predicted_count")
+    assert 0.25 <= float(noise.min()) and float(noise.max()) <= 4.0
