@@ -5,9 +5,11 @@ each sending its requests back to back (streaming /v1/completions, the same ~200
 token ids, 128 new tokens, ignore_eos, temperature 0). Then, in-process: lenserve's prefill and
 batch-1 decode with native vs fp32-dequantized weights, the bound that the weight bytes read per
 token set at this machine's measured read bandwidth, the per-step time outside the ops, and each
-mode's resident memory after load (VmHWM, a fresh process each).
+mode's resident memory after load (VmHWM, a fresh process each), beside a floor no torch-based
+server can undercut: a process that imports torch and holds the file's bytes, nothing else.
 
     python benchmarks/bench_peers.py [--llama-server PATH] [--gguf FILE] [--out bench_peers_cpu.json]
+    python benchmarks/bench_peers.py --memory-only --out bench_peers_memory_cpu.json   # seconds
 
 llama-server is taken from --llama-server or PATH; without it the peer's rows are skipped.
 """
@@ -107,6 +109,39 @@ def _memory_mb(gguf_path: str, weights_dtype: str) -> dict:
     return {"vmhwm_mb": round(hwm, 1), "vmrss_mb": round(rss, 1), "import_vmhwm_mb": round(base, 1), "model_vmhwm_mb": round(hwm - base, 1)}
 
 
+_FLOOR_SCRIPT = """
+import sys
+import torch
+def kb(key):
+    return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)][0]
+base = kb("VmHWM")
+import os
+data = bytearray(os.path.getsize(sys.argv[1]))  # every byte of the file resident, as decoding reads every weight each step
+with open(sys.argv[1], "rb", buffering=0) as f:
+    assert f.readinto(data) == len(data)
+print(base, kb("VmHWM"), len(data))
+"""
+
+
+def _memory_floor_mb(gguf_path: str) -> dict:
+    """A reference no torch-based server can undercut: a fresh process that imports torch and
+    holds the GGUF file's bytes, nothing else (no tokenizer, no engine, no buffers)."""
+    out = subprocess.run([sys.executable, "-c", _FLOOR_SCRIPT, gguf_path], capture_output=True, text=True, check=True)
+    base, hwm, size = (int(x) for x in out.stdout.strip().splitlines()[-1].split())
+    return {"vmhwm_mb": round(hwm / 1024, 1), "import_torch_vmhwm_mb": round(base / 1024, 1), "file_mb": round(size / 2**20, 1)}
+
+
+def _memory(gguf_path: str) -> dict:
+    """VmHWM of native and fp32 loads and of the floor reference, each in a fresh process."""
+    mem = {mode: _memory_mb(gguf_path, mode) for mode in ("native", "fp32")}
+    floor = _memory_floor_mb(gguf_path)
+    fp32 = mem["fp32"]["vmhwm_mb"]
+    return {"memory": mem, "memory_floor_torch_plus_file": floor,
+            "vmhwm_native_over_fp32": round(mem["native"]["vmhwm_mb"] / fp32, 3),
+            "model_vmhwm_native_over_fp32": round(mem["native"]["model_vmhwm_mb"] / mem["fp32"]["model_vmhwm_mb"], 3),
+            "vmhwm_floor_over_fp32": round(floor["vmhwm_mb"] / fp32, 3)}
+
+
 def _offline(gguf_path, prompts, new_tokens):
     from lenserve import LLM, SamplingParams
 
@@ -202,10 +237,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--lenserve-weights", default="native,fp32", help="lenserve servers to run, by --weights-dtype")
     ap.add_argument("--out", default="bench_peers_cpu.json")
+    ap.add_argument("--memory-only", action="store_true", help="only the resident-memory measurements (fresh processes, seconds)")
     args = ap.parse_args()
     from lenserve.engine.loader_gguf import find_embedded_gguf
 
     gguf_path = args.gguf or find_embedded_gguf()
+    if args.memory_only:
+        result = {"machine": machine(), "gguf": os.path.basename(gguf_path), **_memory(gguf_path)}
+        result["criteria"] = {"vmhwm_native_le_0.3_fp32": result["vmhwm_native_over_fp32"] <= 0.3,
+                              "floor_reference_le_0.3_fp32": result["vmhwm_floor_over_fp32"] <= 0.3}
+        print(json.dumps(result, indent=1))
+        print("wrote", write_result(args.out, result))
+        return
     levels = [int(x) for x in args.levels.split(",")]
     prompts = _prompts(64, args.prompt_tokens)
     servers = {}
@@ -226,13 +269,11 @@ def main() -> None:
     offline = _offline(gguf_path, prompts, args.new_tokens)
     bandwidth = _read_bandwidth_gb_s()
     bound = bandwidth * 1e9 / offline["native"]["weight_bytes"]
-    mem = {mode: _memory_mb(gguf_path, mode) for mode in ("native", "fp32")}
     result = {"machine": machine(), "gguf": os.path.basename(gguf_path), "threads": args.threads,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "servers": servers, "offline": offline,
               "read_bandwidth_gb_s": round(bandwidth, 2), "decode_bound_tok_s": round(bound, 1),
               "decode_batch1_fraction_of_bound": round(offline["native"]["decode_batch1_tok_s"] / bound, 3),
-              "memory": mem, "vmhwm_native_over_fp32": round(mem["native"]["vmhwm_mb"] / mem["fp32"]["vmhwm_mb"], 3),
-              "model_vmhwm_native_over_fp32": round(mem["native"]["model_vmhwm_mb"] / mem["fp32"]["model_vmhwm_mb"], 3)}
+              **_memory(gguf_path)}
     if "llama_server" in servers:
         peer = {r["streams"]: r for r in servers["llama_server"]}
         for name in [n for n in servers if n.startswith("lenserve_")]:
@@ -245,6 +286,7 @@ def main() -> None:
     crit = {"prefill_native_ge_fp32": result["prefill_native_over_fp32"] >= 1.0,
             "decode_batch1_ge_0.7_of_bound": result["decode_batch1_fraction_of_bound"] >= 0.7,
             "vmhwm_native_le_0.3_fp32": result["vmhwm_native_over_fp32"] <= 0.3,
+            "floor_reference_le_0.3_fp32": result["vmhwm_floor_over_fp32"] <= 0.3,
             "batch1_outside_kernels_le_0.1": offline["native"]["step_overhead"]["outside_kernels_fraction"] <= 0.1}
     ratios = result.get("ratios_vs_llama_server", {}).get("lenserve_native")
     if ratios:

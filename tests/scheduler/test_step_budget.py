@@ -374,3 +374,22 @@ def test_samples_from_histogram_stand_for_the_observations():
     assert len(samples_from_histogram([], [])) == 0
     with pytest.raises(ValueError):
         samples_from_histogram([1.0, float("inf")], [5, 3])  # cumulative counts cannot fall
+
+
+def test_online_nnls_matches_scipy():
+    """The refit's numpy-only solver against scipy's, on problems where constraints bind and where
+    they do not, well and badly scaled."""
+    from scipy.optimize import nnls
+
+    from lenserve.scheduler.cost_model import _nnls
+
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        m, n = int(rng.integers(6, 80)), 5
+        a = rng.normal(size=(m, n)) * (10.0 ** rng.integers(-3, 3, n))
+        truth = rng.normal(size=n)  # some negative: those constraints bind
+        b = a @ truth + rng.normal(0, 0.1, m)
+        ours, ref = _nnls(a, b), nnls(a, b, maxiter=1000)[0]
+        assert (ours >= 0).all()
+        assert np.linalg.norm(a @ ours - b) <= np.linalg.norm(a @ ref - b) * (1 + 1e-9) + 1e-12
+        assert ours == pytest.approx(ref, rel=1e-6, abs=1e-9)
