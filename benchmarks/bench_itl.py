@@ -9,14 +9,15 @@ they see the same machine at the same moments, whatever else runs on it. `--sequ
 one after the other instead, each alone with all cores (what a deployment has).
 
 1. capacity: requests finished per second with every request of the trace queued at once under
-   the fixed budget, from the simulator driven by a cost model measured here on the same engine
-   settings (the simulator's mean E2E was within 2-5% of the live server's in bench_scheduler;
-   `--live-capacity` measures it with a live saturation run instead, minutes more);
+   the fixed budget: a live saturation run of a fixed-budget server on the trace's first 16
+   requests calibrates the simulator (the cost model that server fitted over all its steps, and
+   its step scatter), which then runs the whole trace repeated (`--capacity offline`: the model
+   measured in-process before the run; `live`: the saturation run's own rate);
 2. each trace replayed at `--load` (0.8) x capacity, once with the fixed budget and once with the
    target: ITL p50/p99 (client-side gaps between streamed tokens), TTFT p50, output throughput;
 3. the simulator on the same send times and lengths under the same budget rule, as
-   `lenserve simulate --from-server` runs it: the cost model the server fitted from its own steps
-   (`lenserve:step_cost_model_seconds`), each step's time scattered as the server's steps
+   `lenserve simulate --from-server` runs it: the cost model the server fitted over all its steps
+   (`lenserve:step_cost_model_lifetime_seconds`), each step's time scattered as the server's steps
    scattered around its predictions (`lenserve:step_time_over_predicted`): its ITL p99 beside the
    live one (and, for reference, the same without scatter, and with the model measured before);
 4. heavy overload: the first trace at `--overload` (3) x capacity with a short queue
@@ -81,8 +82,8 @@ def serve_argv(port: int, target_itl_ms: float, max_queue: int, args) -> list[st
 
 
 def served_cost_model(url: str):
-    """(the cost model a server fitted from its own steps, its steps' measured over predicted
-    times): `lenserve:step_cost_model_seconds` and `lenserve:step_time_over_predicted`."""
+    """What a server's /metrics says of its cost model (server.metrics.ServedCostModel): the model
+    it schedules with, its steps' measured over predicted times, the fit over all its steps."""
     import httpx
 
     from lenserve.server.metrics import served_cost_model as from_metrics
@@ -148,7 +149,7 @@ def _window_tokens(records: list[dict]) -> int:
 
 
 def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: list[dict], served, wall_s: float, log) -> dict:
-    fitted, step_noise = served
+    fitted, step_noise = served.lifetime or served.model, served.step_noise
     ok = [r for r in records if r["ok"]]
     itl = np.array([x for r in ok for x in r["itl_s"]])
     ttft = np.array([r["ttft_s"] for r in ok if r["ttft_s"] is not None])
@@ -182,28 +183,41 @@ def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: l
     noise = {"num_steps": int(len(step_noise))}
     if len(step_noise):
         noise.update({f"p{q}": float(np.percentile(step_noise, q)) for q in (10, 50, 90, 99)})
-    return {"summary": summary, "itl_s": itl.tolist(), "records": ok, "fitted_cost_model": fitted_terms,
-            "step_time_over_predicted": noise, "_fitted": fitted, "_step_noise": step_noise}
+    online = {k: v for k, v in served.model.to_json().items() if k != "meta"} if served.model is not None else None
+    return {"summary": summary, "itl_s": itl.tolist(), "records": ok, "fitted_cost_model": fitted_terms, "online_cost_model": online,
+            "step_time_over_predicted": noise, "_fitted": fitted, "_online": served.model, "_step_noise": step_noise}
 
 
 def capacity(trace: Trace, cost, args, log=print) -> dict:
     """Requests per second the fixed-budget server finishes with the trace's requests all queued at
-    once: simulated with the measured cost model, or (`--live-capacity`) measured live on the
-    first `--capacity-requests`."""
-    if args.live_capacity:
-        run = side_by_side(trace.head(min(args.capacity_requests, len(trace))), 1e6, [0], args, log=log)[0]
+    once. `--capacity calibrated` (default): a live saturation run of a fixed-budget server on the
+    trace's first `--capacity-requests` calibrates the simulator with the cost model that server
+    fitted over all its steps and its step scatter (/metrics), which then runs the whole trace
+    repeated; `offline`: the simulator with the cost model measured in-process before the run (a
+    serving process's steps cost differently, by a quarter either way here, so the offered load
+    missed its share of the servers' capacity); `live`: the saturation run's own finishing rate
+    (its drain, a few long requests alone at the end, pulls it low)."""
+    model, noise, how = cost, None, "simulated with the cost model measured offline"
+    if args.capacity in ("live", "calibrated"):
+        head = trace.head(min(args.capacity_requests, len(trace)))
+        run = side_by_side(head, 1e6, [0], args, log=log)[0]
         s = run["summary"]
-        return {"how": "live", "num_requests": s["num_ok"], "requests_per_s": s["num_ok"] / s["span_s"],
-                "output_tok_s": s["output_throughput_tok_s"]}
+        if args.capacity == "live":
+            return {"how": "live", "num_requests": s["num_ok"], "requests_per_s": s["num_ok"] / s["span_s"],
+                    "output_tok_s": s["output_throughput_tok_s"]}
+        model, noise = run["_fitted"] or cost, run["_step_noise"]
+        how = (f"simulated with the cost model (fitted over all its steps) and step scatter of a fixed-budget server on a live "
+               f"saturation run of the trace's first {len(head)} requests ({s['num_ok'] / s['span_s']:.4f} req/s live, drain included)")
     # the trace's requests repeated, so that the drain at the end (a few long ones alone) is a small part
     c = trace.columns
     reps = -(-1000 // len(trace))
     req = SimRequests.from_arrays(np.zeros(reps * len(trace)), np.tile(c.prompt_tokens, reps), np.tile(c.output_tokens, reps),
                                   max_model_len=args.max_model_len, max_tokens=args.max_model_len)
-    config = scheduler_config_for(cost, max_num_batched_tokens=FIXED_BUDGET, max_model_len=args.max_model_len)
-    s = simulate(req, config, cost).summary()
-    return {"how": "simulated with the measured cost model, the trace's requests x" + str(reps) + " queued at once",
-            "num_requests": len(req), "requests_per_s": len(req) / s["makespan_s"], "output_tok_s": s["throughput_tok_s"]}
+    config = scheduler_config_for(model, max_num_batched_tokens=FIXED_BUDGET, max_model_len=args.max_model_len)
+    s = simulate(req, config, model, step_noise=noise).summary()
+    return {"how": how + f", the trace's requests x{reps} queued at once", "num_requests": len(req),
+            "requests_per_s": len(req) / s["makespan_s"], "output_tok_s": s["throughput_tok_s"],
+            "cost_model": {k: getattr(model, k) for k in ("step_base_s", "token_s", "sample_s", "prefill_attention_s", "decode_context_s")}}
 
 
 def time_scale_for(trace: Trace, load: float, capacity_rps: float) -> float:
@@ -223,6 +237,26 @@ def simulated(run: dict, cost, target_itl_ms: float, max_model_len: int, policy:
     # the server's predictor read synthetic exact-mode prompts: predictions of middling quality
     s = simulate(req, config, cost, make_predictions("noisy-tau:0.5", req.output_tokens), step_noise=step_noise).summary()
     return {k: s[k] for k in ("p50_itl_s", "p99_itl_s", "mean_itl_s", "mean_ttft_s", "p50_ttft_s", "mean_e2e_s", "throughput_tok_s")}
+
+
+def capacity_price(trace: Trace, entry: dict, args) -> dict:
+    """What holding every step within the target costs in capacity, whatever the scheduler: the
+    most output tokens per second any schedule sustains on the trace's lengths with and without
+    the target (`step_budget.max_throughput`, with the cost model the target server fitted), and
+    the shares of each that the replay's offered output rate asks for."""
+    from lenserve.scheduler.cost_model import CostModel
+    from lenserve.scheduler.step_budget import max_throughput
+
+    terms = entry["target"]["fitted_cost_model"]
+    if not terms:
+        return {}
+    cost = CostModel(**terms)
+    c = trace.columns
+    free = max_throughput(cost, c.prompt_tokens, c.output_tokens, None, cost.max_num_seqs)
+    held = max_throughput(cost, c.prompt_tokens, c.output_tokens, args.target_itl_ms / 1000, cost.max_num_seqs)
+    offered = float(c.output_tokens.sum()) * entry["time_scale"] / trace.duration_s
+    return {"max_output_tok_s": float(free), "max_output_tok_s_within_target": float(held), "target_over_free": float(held / free),
+            "offered_output_tok_s": offered, "offered_over_max": offered / free, "offered_over_max_within_target": offered / held}
 
 
 def criteria(result: dict, target_s: float) -> dict:
@@ -283,8 +317,9 @@ def main(argv=None) -> int:
     p.add_argument("--overload-max-queue", type=int, default=8)
     p.add_argument("--azure-requests", type=int, default=48)
     p.add_argument("--long-requests", type=int, default=20)
-    p.add_argument("--live-capacity", action="store_true", help="measure capacity with a live saturation run (else simulated)")
-    p.add_argument("--capacity-requests", type=int, default=16, help="--live-capacity: requests of the saturation run")
+    p.add_argument("--capacity", default="calibrated", choices=["calibrated", "offline", "live"],
+                   help="how the capacity that --load scales is measured (see capacity())")
+    p.add_argument("--capacity-requests", type=int, default=16, help="requests of the live saturation run (calibrated, live)")
     p.add_argument("--max-model-len", type=int, default=4096, help="the served context (the long prompts reach it)")
     p.add_argument("--num-threads", type=int, default=None, help="each server's threads (default: 1 side by side, all cores with --sequential)")
     p.add_argument("--sequential", action="store_true", help="the servers of a comparison one after the other, each alone on the machine")
@@ -329,18 +364,22 @@ def main(argv=None) -> int:
         for key, run in zip(("fixed", "target"), side_by_side(trace, scale, [0, args.target_itl_ms], args, log=log)):
             target = run["summary"]["target_itl_ms"]
             # The simulator as `lenserve simulate --from-server` runs it: the cost model the server
-            # fitted from its own steps, each step scattered as the server's steps scattered around
+            # fitted over all its steps, each step scattered as the server's steps scattered around
             # its predictions (lenserve:step_time_over_predicted). Beside it: the same model with
-            # every step exactly as predicted, the model measured before the run, and that model's
-            # scatter from the offline fit (one global fit over prompts and decode batches).
+            # every step exactly as predicted, the model the server scheduled with at the end (recent
+            # steps weigh more), the model measured before the run, and that model's scatter from the
+            # offline fit (one global fit over prompts and decode batches).
             fitted = run.pop("_fitted") or cost
+            online = run.pop("_online") or fitted
             served_noise = run.pop("_step_noise")
             run["simulated"] = simulated(run, fitted, target, args.max_model_len, args.policy, served_noise)
+            run["simulated_online_model"] = simulated(run, online, target, args.max_model_len, args.policy, served_noise)
             run["simulated_no_step_noise"] = simulated(run, fitted, target, args.max_model_len, args.policy)
             run["simulated_measured_cost_model"] = simulated(run, cost, target, args.max_model_len, args.policy)
             run["simulated_offline_step_noise"] = simulated(run, fitted, target, args.max_model_len, args.policy, cost.residuals())
             run.pop("records")
             entry[key] = run
+        entry["reference"] = capacity_price(trace, entry, args)
         tgt, fixed = entry["target"]["summary"], entry["fixed"]["summary"]
         entry["ratios"] = {
             "itl_p99_target_over_fixed": tgt["itl_p99_s"] / fixed["itl_p99_s"],
@@ -360,9 +399,8 @@ def main(argv=None) -> int:
         runs = side_by_side(first, time_scale_for(first, args.overload, cap), [0, args.target_itl_ms], args,
                             max_queue=args.overload_max_queue, log=log)
         for run in runs:
-            run.pop("records")
-            run.pop("_fitted")
-            run.pop("_step_noise")
+            for key in ("records", "_fitted", "_online", "_step_noise"):
+                run.pop(key)
         result["overload"] = {"load": args.overload, "max_queue": args.overload_max_queue, "fixed": runs[0], "target": runs[1]}
     result["criteria"] = criteria(result, args.target_itl_ms / 1000)
     result["wall_s"] = round(time.monotonic() - t0, 1)

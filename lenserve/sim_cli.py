@@ -21,7 +21,7 @@ def add_simulation_args(p: argparse.ArgumentParser) -> None:
                    "empirical:FILE (a predictor eval's residuals)")
     g.add_argument("--cost-model", default=None, metavar="FILE", help="default: the CPU model shipped in lenserve/scheduler/data")
     g.add_argument("--from-server", default=None, metavar="URL",
-                   help="simulate that running lenserve server: the step cost model it fitted from its own steps, each step's "
+                   help="simulate that running lenserve server: the step cost model it fitted over all its steps, each step's "
                         "time scattered as its steps scatter around its predictions (both read from URL/metrics); the engine "
                         "settings come from --cost-model or the shipped model (with --replicas: the cost model only)")
     g.add_argument("--time-scale", type=float, default=1.0, metavar="X", help="speed-up: arrival time = trace time / X")
@@ -132,7 +132,8 @@ def _served(url: str, settings):
         resp.raise_for_status()
     except httpx.HTTPError as e:
         raise ValueError(f"--from-server: could not read {url}/metrics: {e}") from e
-    fitted, noise = served_cost_model(resp.text)
+    served = served_cost_model(resp.text)
+    fitted, noise = served.lifetime or served.model, served.step_noise  # the whole run's fit describes other traffic best
     if fitted is None:
         raise ValueError(f"--from-server: {url} reports no step cost model yet (lenserve:step_cost_model_seconds appears "
                          "after its first refit, a few dozen steps)")

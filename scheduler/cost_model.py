@@ -207,6 +207,12 @@ class OnlineCostModel:
         # How much longer than predicted a step runs, at OVERRUN_QUANTILE of recent steps (>= 1):
         # a budget aimed at target / overrun keeps that share of steps within the target.
         self.overrun = 1.0
+        # The lifetime fit: every step since start weighs the same (relative error), kept as the
+        # normal equations of the weighted least squares (5 x 5), so memory stays constant. The
+        # online model follows the machine for control; this one describes the server's steps
+        # over its whole run, for simulating it on other traffic (capacity, other traces).
+        self._gram = self._moment = self._col_max = None
+        self.num_lifetime = 0
 
     def terms(self) -> dict[str, float]:
         """The current model's coefficients by name (empty while there is none)."""
@@ -225,11 +231,42 @@ class OnlineCostModel:
         row = (1.0, float(features["num_tokens"]), float(features["num_sampled"]),
                float(features["prefill_pairs"]), float(features["decode_context"]), float(step_s), float(self.num_observed))
         (self._prefill if features["prefill_pairs"] else self._decode).append(row)
+        if self.can_refit and not (ratio is not None and ratio > 3):  # a step 3x off the model: a stall, not the model
+            self._accumulate(row[:5], float(step_s))
         self.num_observed += 1
         self._since_refit += 1
         if self.can_refit and self._since_refit >= self._refit_every and len(self._prefill) + len(self._decode) >= self.MIN_SAMPLES:
             self.refit()
         return ratio
+
+    def _accumulate(self, x: tuple, step_s: float) -> None:
+        import numpy as np
+
+        v = np.asarray(x) / step_s  # a row weighted by 1 / its time: relative error
+        if self._gram is None:
+            self._gram, self._moment, self._col_max = np.zeros((5, 5)), np.zeros(5), np.zeros(5)
+        self._gram += np.outer(v, v)
+        self._moment += v  # (x / y) * (y / y)
+        self._col_max = np.maximum(self._col_max, np.abs(x))
+        self.num_lifetime += 1
+
+    def lifetime_model(self) -> CostModel | None:
+        """Non-negative least squares over every step observed (relative error, stalls left out),
+        with the prior's engine settings; None before MIN_SAMPLES steps."""
+        if self._gram is None or self.num_lifetime < self.MIN_SAMPLES:
+            return None
+        import numpy as np
+
+        scale = np.maximum(self._col_max, 1e-12)
+        coef = _nnls_gram(self._gram / np.outer(scale, scale), self._moment / scale) / scale
+        base = self.prior or CostModel(*[0.0] * len(FEATURES))
+        return CostModel(*map(float, coef), **{k: getattr(base, k) for k in _SETTINGS},
+                         meta={"num_samples": self.num_lifetime, "lifetime": True})
+
+    def lifetime_terms(self) -> dict[str, float]:
+        """The lifetime model's coefficients by name (empty before there is one)."""
+        model = self.lifetime_model()
+        return {k: getattr(model, k) for k in FEATURES} if model is not None else {}
 
     def refit(self) -> CostModel:
         import numpy as np
@@ -277,24 +314,35 @@ class OnlineCostModel:
 
 
 def _nnls(a, b):
-    """min |a x - b| subject to x >= 0, exactly, for a cost model's few columns (5): the optimum is
-    the least-squares solution on its own support, so it is the smallest-residual one among the
-    supports whose least-squares solution is non-negative (2^n - 1 small solves, well under a
-    millisecond; checked against scipy.optimize.nnls in the tests)."""
+    """min |a x - b| subject to x >= 0, exactly, for a cost model's few columns (5), with numpy
+    alone (checked against scipy.optimize.nnls in the tests): the columns scaled to unit norm,
+    then `_nnls_gram` on the normal equations."""
     import numpy as np
 
-    n = a.shape[1]
-    best_x, best_r = np.zeros(n), float(b @ b)
+    norm = np.linalg.norm(a, axis=0)
+    norm[norm == 0] = 1.0
+    an = a / norm
+    return _nnls_gram(an.T @ an, an.T @ b) / norm
+
+
+def _nnls_gram(gram, moment):
+    """min x'Gx - 2 h'x subject to x >= 0 (the least squares |a x - b|^2 with G = a'a and h = a'b,
+    less its constant), exactly: the optimum solves the unconstrained problem on its own support,
+    so it is the best of the supports whose solution is non-negative (2^n - 1 small solves for n
+    columns, well under a millisecond for 5)."""
+    import numpy as np
+
+    n = len(moment)
+    best_x, best_f = np.zeros(n), 0.0
     for mask in range(1, 1 << n):
         cols = [j for j in range(n) if mask >> j & 1]
-        sub = a[:, cols]
-        x, *_ = np.linalg.lstsq(sub, b, rcond=None)
+        g, h = gram[np.ix_(cols, cols)], moment[cols]
+        x, *_ = np.linalg.lstsq(g, h, rcond=None)
         if (x < 0).any():
             continue
-        r = sub @ x - b
-        r = float(r @ r)
-        if r < best_r:
-            best_r = r
+        f = float(x @ g @ x - 2 * h @ x)
+        if f < best_f:
+            best_f = f
             best_x = np.zeros(n)
             best_x[cols] = x
     return best_x

@@ -94,3 +94,30 @@ def prefill_token_budget(
     context = sum(seq.num_computed_tokens + 1 for seq in decodes)
     n = max_prefill_tokens(cost, num_decodes, context, target, chunk_context)
     return min(cap, num_decodes + max(n, min_chunk))
+
+
+def max_throughput(cost: CostModel, prompt_tokens, output_tokens, target_s: float | None = None, max_num_seqs: int = 64) -> float:
+    """The most output tokens per second any schedule can sustain on requests shaped like these
+    (arrays of prompt and output lengths), under the linear cost model: a reference that knows
+    every length and wastes nothing.
+
+    Over a long run every output token brings its share of work: one decode row, sampling, its
+    context's attention, and prompt tokens (and their query-key pairs) in the ratio of the
+    requests' totals, m seconds in all; a step producing D tokens costs step_base_s + D m on
+    average. So the throughput is D / (step_base_s + D m), with D at most max_num_seqs, and, for a
+    schedule that keeps every step within `target_s`, at most (target_s - step_base_s) / m by
+    averaging the steps' times. The ITL target's price in capacity is the ratio of the two."""
+    import numpy as np
+
+    p = np.asarray(prompt_tokens, np.float64)
+    o = np.asarray(output_tokens, np.float64)
+    total = o.sum()
+    per_token = (cost.token_s * (1.0 + p.sum() / total) + cost.sample_s
+                 + cost.prefill_attention_s * float((p * (p + 1) / 2).sum()) / total
+                 + cost.decode_context_s * float((p * o + o * (o + 1) / 2).sum()) / total)
+    streams = float(max_num_seqs)
+    if target_s is not None:
+        streams = min(streams, (target_s - cost.step_base_s) / per_token)
+    if streams <= 0:
+        return 0.0
+    return streams / (cost.step_base_s + streams * per_token)

@@ -5,6 +5,8 @@ turns them into counters, gauges and histograms. prometheus_client is thread-saf
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -71,6 +73,10 @@ class Metrics:
                                 "The engine's step cost model, refitted from measured steps: seconds per step (step_base_s), "
                                 "per token, per sampled sequence, per prefill query-key pair, per decode context token",
                                 ["term"])
+        self.cost_model_lifetime = gauge("step_cost_model_lifetime_seconds",
+                                         "The step cost model fitted over every step since start (terms as step_cost_model_seconds): "
+                                         "the server's steps over its whole run, for simulating it on other traffic",
+                                         ["term"])
         self.step_time_over_predicted = hist(
             "step_time_over_predicted", "Measured / predicted duration of an engine step, under the cost model the scheduler sized it with",
             _STEP_RATIO_BUCKETS)
@@ -136,6 +142,8 @@ class Metrics:
             self._l(self.step_time_over_predicted).observe(stats.step_time_over_predicted)
         for term, seconds in (stats.cost_model or {}).items():
             self._l(self.cost_model, term=term).set(seconds)
+        for term, seconds in (stats.cost_model_lifetime or {}).items():
+            self._l(self.cost_model_lifetime, term=term).set(seconds)
         if stats.num_itl_target_misses:
             self._l(self.itl_target_miss).inc(stats.num_itl_target_misses)
         if stats.bitmask_time_s is not None:
@@ -181,19 +189,29 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def served_cost_model(metrics_text: str):
-    """What a server's /metrics says of its step cost model: (the model it fitted from its own steps,
-    or None before its first refit; values standing for its steps' measured over predicted times,
-    from `lenserve:step_time_over_predicted`), for a simulation of that server."""
+class ServedCostModel(NamedTuple):
+    """What a server's /metrics says of its step cost model."""
+
+    model: Any  # CostModel the server schedules with (refitted online, recent steps weigh more), or None before its first refit
+    step_noise: Any  # numpy array standing for its steps' measured over predicted times
+    lifetime: Any  # CostModel fitted over every step since start, or None
+
+
+def served_cost_model(metrics_text: str) -> ServedCostModel:
+    """Reads lenserve:step_cost_model_seconds, lenserve:step_cost_model_lifetime_seconds and
+    lenserve:step_time_over_predicted, for a simulation of that server."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from lenserve.scheduler.cost_model import CostModel, samples_from_histogram
 
-    terms, buckets = {}, []
+    terms, lifetime, buckets = {}, {}, []
     for family in text_string_to_metric_families(metrics_text):
         if family.name == "lenserve:step_cost_model_seconds":
             terms = {s.labels["term"]: s.value for s in family.samples}
+        elif family.name == "lenserve:step_cost_model_lifetime_seconds":
+            lifetime = {s.labels["term"]: s.value for s in family.samples}
         elif family.name == "lenserve:step_time_over_predicted":
             buckets = sorted((float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket"))
-    cost = CostModel(**terms) if terms else None
-    return cost, samples_from_histogram([b for b, _ in buckets], [c for _, c in buckets])
+    return ServedCostModel(CostModel(**terms) if terms else None,
+                           samples_from_histogram([b for b, _ in buckets], [c for _, c in buckets]),
+                           CostModel(**lifetime) if lifetime else None)

@@ -87,13 +87,13 @@ def test_simulate_routes_by_prefix(trace, extra, capsys):
         assert 0.0 <= summary["prefix_hit_rate"] <= 1.0 and summary["num_requests"] > 0
 
 
-def _metrics_text(terms: dict, ratios) -> str:
+def _metrics_text(terms: dict, ratios, lifetime: dict | None = None) -> str:
     """What a server's /metrics says after steps that ran `ratios` x their predicted time."""
     from lenserve.engine.stats import IterationStats
     from lenserve.server.metrics import Metrics
 
     m = Metrics("m")
-    m.record_iteration(IterationStats(cost_model=terms))
+    m.record_iteration(IterationStats(cost_model=terms, cost_model_lifetime=lifetime))
     for r in ratios:
         m.record_iteration(IterationStats(step_time_over_predicted=r))
     return m.render().decode()
@@ -106,16 +106,20 @@ def test_served_cost_model_reads_the_fit_and_the_step_scatter():
 
     terms = {"step_base_s": 0.02, "token_s": 0.0015, "sample_s": 0.001, "prefill_attention_s": 7e-7, "decode_context_s": 0.0}
     ratios = np.random.default_rng(0).lognormal(0.0, 0.15, 400)
-    cost, noise = served_cost_model(_metrics_text(terms, ratios))
-    assert {k: getattr(cost, k) for k in terms} == pytest.approx(terms)
+    lifetime = {**terms, "step_base_s": 0.03}
+    served = served_cost_model(_metrics_text(terms, ratios, lifetime))
+    assert {k: getattr(served.model, k) for k in terms} == pytest.approx(terms)
+    assert {k: getattr(served.lifetime, k) for k in terms} == pytest.approx(lifetime)
+    noise = served.step_noise
     assert len(noise) == len(ratios)
     for q in (10, 50, 90, 99):  # within one bucket (9% wide) of the true quantiles
         assert np.percentile(noise, q) == pytest.approx(np.percentile(ratios, q), rel=0.1)
-    assert served_cost_model("") == (None, pytest.approx(np.zeros(0)))
+    empty = served_cost_model("")
+    assert empty.model is None and empty.lifetime is None and len(empty.step_noise) == 0
 
 
 def test_simulate_from_server_replays_its_cost_model_and_scatter(capsys):
-    """`lenserve simulate --from-server URL`: the server's fitted model and step scatter; a slower
+    """`lenserve simulate --from-server URL`: the server's lifetime fit and step scatter; a slower
     fit and a wider scatter than the shipped model show in the simulated ITL."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -127,7 +131,9 @@ def test_simulate_from_server_replays_its_cost_model_and_scatter(capsys):
     shipped = load_default()
     slow = {"step_base_s": 2 * shipped.step_base_s, "token_s": 2 * shipped.token_s, "sample_s": 2 * shipped.sample_s,
             "prefill_attention_s": shipped.prefill_attention_s, "decode_context_s": shipped.decode_context_s}
-    body = _metrics_text(slow, np.random.default_rng(1).lognormal(0.0, 0.3, 500)).encode()
+    # the lifetime fit (the whole run) is what describes other traffic; the online one follows the last steps
+    online = {k: getattr(shipped, k) for k in slow}
+    body = _metrics_text(online, np.random.default_rng(1).lognormal(0.0, 0.3, 500), lifetime=slow).encode()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):

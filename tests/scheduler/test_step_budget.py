@@ -393,3 +393,58 @@ def test_online_nnls_matches_scipy():
         assert (ours >= 0).all()
         assert np.linalg.norm(a @ ours - b) <= np.linalg.norm(a @ ref - b) * (1 + 1e-9) + 1e-12
         assert ours == pytest.approx(ref, rel=1e-6, abs=1e-9)
+
+
+def test_max_throughput_bounds_the_simulated_schedules():
+    """The reference bounds what the simulator's schedules reach on the same requests, all queued
+    at once: the fixed budget comes close to the unconstrained bound, the ITL-target schedule stays
+    under the target-holding bound, and that bound is the lower of the two."""
+    from lenserve.scheduler.step_budget import max_throughput
+
+    rng = np.random.default_rng(7)
+    n = 300
+    prompt = rng.integers(50, 1500, n)
+    output = rng.integers(20, 300, n)
+    req = SimRequests.from_arrays(np.zeros(n), prompt, output, max_model_len=4096, max_tokens=4096)
+    out = {}
+    for target in (None, 0.25):
+        cfg = scheduler_config_for(COST, max_num_batched_tokens=2048, max_model_len=4096, target_itl_s=target)
+        s = simulate(req, cfg, COST).summary()
+        out[target] = (s["throughput_tok_s"], max_throughput(COST, prompt, output, target, cfg.max_num_seqs))
+    (fixed, fixed_bound), (held, held_bound) = out[None], out[0.25]
+    # the schedules come within a few percent of their bounds: the target's price in capacity is
+    # the constraint's, not the scheduler's
+    assert 0.9 * fixed_bound <= fixed <= fixed_bound * 1.01
+    assert 0.9 * held_bound <= held <= held_bound * 1.01
+    assert held_bound < fixed_bound
+    assert max_throughput(COST, prompt, output, COST.step_base_s / 2) == 0.0  # a target below one step's base
+
+
+def test_lifetime_model_is_the_fit_over_every_step_but_stalls():
+    """The lifetime fit equals one weighted NNLS over all the steps observed (relative error), from
+    normal equations kept in constant memory; a step 3x slower than the model in force is left out."""
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(11)
+    online = OnlineCostModel(prior=COST, window=64)  # a window far shorter than the run
+    rows, times = [], []
+    for i in range(400):
+        d = int(rng.integers(1, 40))
+        n = int(rng.integers(0, 300)) if i % 3 == 0 else 0
+        f = {"num_tokens": d + n, "num_sampled": d, "prefill_pairs": float(n * (n + 1) / 2), "decode_context": d * int(rng.integers(50, 900))}
+        t = COST.step_time(**f) * 1.3 * (1 + rng.normal(0, 0.03))
+        if i == 200:
+            t *= 10  # an OS stall
+        else:
+            rows.append([1.0, f["num_tokens"], f["num_sampled"], f["prefill_pairs"], f["decode_context"]])
+            times.append(t)
+        online.observe(f, t)
+    a, y = np.array(rows), np.array(times)
+    scale = np.abs(a).max(axis=0)
+    ref = nnls(a / scale / y[:, None], np.ones(len(y)), maxiter=1000)[0] / scale
+    got = online.lifetime_model()
+    assert got.meta["num_samples"] == 399
+    assert [getattr(got, k) for k in ("step_base_s", "token_s", "sample_s", "prefill_attention_s", "decode_context_s")] == \
+        pytest.approx(ref, rel=1e-5, abs=1e-12)
+    assert got.step_time(20, 20, 0.0, 8000) == pytest.approx(1.3 * COST.step_time(20, 20, 0.0, 8000), rel=0.05)
+    assert OnlineCostModel(prior=COST).lifetime_model() is None

@@ -122,7 +122,8 @@ def test_metrics_report_the_step_cost_model_and_its_scatter(server):
             c.post("/v1/completions", json={"prompt": f"step scatter {i}", "max_tokens": 24, "ignore_eos": True})
     steps = server.metric("lenserve:step_time_over_predicted_count") - before
     assert steps >= 3 * 24  # a prefill and at least 23 decode steps each (none share a step here)
-    cost, noise = served_cost_model(httpx.get(server.url + "/metrics", timeout=10).text)
+    cost, noise, lifetime = served_cost_model(httpx.get(server.url + "/metrics", timeout=10).text)
     assert cost is not None and cost.step_base_s + cost.token_s > 0  # refitted by now
+    assert lifetime is not None and lifetime.step_time(1, 1, 0, 50) > 0
     assert len(noise) == server.metric("lenserve:step_time_over_predicted_count")
     assert 0.25 <= float(noise.min()) and float(noise.max()) <= 4.0
