@@ -160,9 +160,9 @@ def test_interleaving_is_the_documented_layout(weight_type):
         torch.ops.lenserve.quant_interleave(random_rows(quant.Q4_K, 8, 256, 1).data, quant.Q4_K)
 
 
-# rows of x: every remainder of the 4-row register tile up to the interleaved decode limit (32),
-# and the fp32 panel path past it; rows of W: one group, odd groups, 300+
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 9, 32, 33, 53])
+# rows of x: every remainder of the 4-row register tile, up to the interleaved integer GEMM's
+# limit (128), and the fp32 panel path past it; rows of W: one group, odd groups, 300+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 9, 53, 128, 129])
 @pytest.mark.parametrize("weight_type", LEGACY)
 def test_interleaved_linear_matches_fp64_dequantize(weight_type, m):
     for n in (8, 40, 304):
@@ -176,16 +176,16 @@ def test_interleaved_linear_matches_fp64_dequantize(weight_type, m):
 @pytest.mark.parametrize("weight_type", LEGACY)
 def test_interleaved_rows_agree_with_file_rows(weight_type):
     """Same sums as the file-layout kernels: the embedding rows exactly, the linear to fp32
-    rounding (both are exact integer dots per block), one row alone or inside 40 (panel path)."""
+    rounding (both are exact integer dots per block), one row alone or inside 160 (panel path)."""
     k = 512
     w = random_rows(weight_type, 48, k, 9)
     x8 = interleaved(w)
     ids = torch.tensor([0, 47, 8, 8, 23], dtype=torch.int64)
     assert torch.equal(torch.ops.lenserve.quant_embedding(ids, x8.data, x8.weight_type, k),
                        torch.ops.lenserve.quant_embedding(ids, w.data, w.weight_type, k))
-    x = torch.randn(40, k)
+    x = torch.randn(160, k)
     many = torch.ops.lenserve.quant_linear(x, x8.data, x8.weight_type, 48, None)
-    for i in (0, 17, 39):
+    for i in (0, 77, 159):
         for rows in (x8, w):
             one = torch.ops.lenserve.quant_linear(x[i : i + 1], rows.data, rows.weight_type, 48, None)
             torch.testing.assert_close(one[0], many[i], rtol=5e-5, atol=2e-4)
