@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, machine  # noqa: E402
 
 from lenserve.config import TARGET_ITL_MS  # noqa: E402
+from lenserve.scheduler.cost_model import FEATURES  # noqa: E402
 from lenserve.scheduler.simulator import SimRequests, make_predictions, scheduler_config_for, simulate  # noqa: E402
 from lenserve.traces.loaders import load_trace  # noqa: E402
 from lenserve.traces.trace import Trace, TraceRequest  # noqa: E402
@@ -81,16 +82,6 @@ def serve_argv(port: int, target_itl_ms: float, max_queue: int, args) -> list[st
             "--weights-dtype", args.weights_dtype]
 
 
-def served_cost_model(url: str):
-    """What a server's /metrics says of its cost model (server.metrics.ServedCostModel): the model
-    it schedules with, its steps' measured over predicted times, the fit over all its steps."""
-    import httpx
-
-    from lenserve.server.metrics import served_cost_model as from_metrics
-
-    return from_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
-
-
 def side_by_side(trace: Trace, time_scale: float, targets: list[float], args, max_queue: int = 100000, log=print) -> list[dict]:
     """One exact-mode replay of `trace` against a fresh server per ITL target (0: the fixed budget):
     all at the same time, so that every server sees the machine as it is at the same moments, or
@@ -104,6 +95,7 @@ def _replays(trace: Trace, time_scale: float, targets: list[float], args, max_qu
     import asyncio
     from contextlib import ExitStack
 
+    from lenserve.server.metrics import fetch_served_cost_model
     from lenserve.server.process import ServerProcess, free_port
     from lenserve.traces.replay import Replayer, ReplayConfig, write_outputs
     from lenserve.traces.report import read_jsonl
@@ -124,7 +116,7 @@ def _replays(trace: Trace, time_scale: float, targets: list[float], args, max_qu
             await asyncio.gather(*(r.run() for r in replayers))
 
         asyncio.run(run_all())
-        fitted = [served_cost_model(url) for url in urls]
+        fitted = [fetch_served_cost_model(url) for url in urls]
         runs = []
         for i, (target, replayer) in enumerate(zip(targets, replayers)):
             write_outputs(replayer, Path(tmp) / f"run{i}")
@@ -179,13 +171,18 @@ def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: l
     log(f"  {trace.name} x{time_scale:.3g} target={target_itl_ms or 'fixed'}: "
         + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()
                       if k in ("num_ok", "num_rejected_429", "itl_p50_s", "itl_p99_s", "ttft_p50_s", "output_throughput_tok_s")}))
-    fitted_terms = {k: v for k, v in fitted.to_json().items() if k != "meta"} if fitted is not None else None
+    fitted_terms = _without_meta(fitted)
     noise = {"num_steps": int(len(step_noise))}
     if len(step_noise):
         noise.update({f"p{q}": float(np.percentile(step_noise, q)) for q in (10, 50, 90, 99)})
-    online = {k: v for k, v in served.model.to_json().items() if k != "meta"} if served.model is not None else None
-    return {"summary": summary, "itl_s": itl.tolist(), "records": ok, "fitted_cost_model": fitted_terms, "online_cost_model": online,
+    return {"summary": summary, "itl_s": itl.tolist(), "records": ok, "fitted_cost_model": fitted_terms,
+            "online_cost_model": _without_meta(served.model),
             "step_time_over_predicted": noise, "_fitted": fitted, "_online": served.model, "_step_noise": step_noise}
+
+
+def _without_meta(model) -> dict | None:
+    """A cost model's terms and engine settings as JSON (None for no model)."""
+    return {k: v for k, v in model.to_json().items() if k != "meta"} if model is not None else None
 
 
 def capacity(trace: Trace, cost, args, log=print) -> dict:
@@ -217,7 +214,7 @@ def capacity(trace: Trace, cost, args, log=print) -> dict:
     s = simulate(req, config, model, step_noise=noise).summary()
     return {"how": how + f", the trace's requests x{reps} queued at once", "num_requests": len(req),
             "requests_per_s": len(req) / s["makespan_s"], "output_tok_s": s["throughput_tok_s"],
-            "cost_model": {k: getattr(model, k) for k in ("step_base_s", "token_s", "sample_s", "prefill_attention_s", "decode_context_s")}}
+            "cost_model": {k: getattr(model, k) for k in FEATURES}}
 
 
 def time_scale_for(trace: Trace, load: float, capacity_rps: float) -> float:

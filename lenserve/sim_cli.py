@@ -121,18 +121,13 @@ def _served(url: str, settings):
     """The cost model and step scatter a running server reports, with `settings`' engine settings."""
     import dataclasses
 
-    import httpx
-
     from lenserve.scheduler.cost_model import FEATURES
-    from lenserve.server.metrics import served_cost_model
+    from lenserve.server.metrics import fetch_served_cost_model
 
-    url = url.rstrip("/")
     try:
-        resp = httpx.get(f"{url}/metrics", timeout=30)
-        resp.raise_for_status()
-    except httpx.HTTPError as e:
-        raise ValueError(f"--from-server: could not read {url}/metrics: {e}") from e
-    served = served_cost_model(resp.text)
+        served = fetch_served_cost_model(url)
+    except ValueError as e:
+        raise ValueError(f"--from-server: {e}") from e
     fitted, noise = served.lifetime or served.model, served.step_noise  # the whole run's fit describes other traffic best
     if fitted is None:
         raise ValueError(f"--from-server: {url} reports no step cost model yet (lenserve:step_cost_model_seconds appears "

@@ -160,6 +160,7 @@ def fit(samples: Sequence[dict], **settings) -> CostModel:
 
 OVERRUN_QUANTILE = 0.9
 MAX_OVERRUN = 2.0
+STALL_RATIO = 3.0  # a step this far off the model (either way) is a stall of the OS, not the model's to fit
 
 
 class OnlineCostModel:
@@ -216,7 +217,7 @@ class OnlineCostModel:
 
     def terms(self) -> dict[str, float]:
         """The current model's coefficients by name (empty while there is none)."""
-        return {k: getattr(self.model, k) for k in FEATURES} if self.model is not None else {}
+        return _terms(self.model)
 
     def observe(self, features: dict, step_s: float) -> float | None:
         """Takes one measured step; returns its measured over predicted time under the model in
@@ -231,7 +232,7 @@ class OnlineCostModel:
         row = (1.0, float(features["num_tokens"]), float(features["num_sampled"]),
                float(features["prefill_pairs"]), float(features["decode_context"]), float(step_s), float(self.num_observed))
         (self._prefill if features["prefill_pairs"] else self._decode).append(row)
-        if self.can_refit and not (ratio is not None and ratio > 3):  # a step 3x off the model: a stall, not the model
+        if self.can_refit and not (ratio is not None and ratio > STALL_RATIO):  # a stall, not the model
             self._accumulate(row[:5], float(step_s))
         self.num_observed += 1
         self._since_refit += 1
@@ -259,14 +260,16 @@ class OnlineCostModel:
 
         scale = np.maximum(self._col_max, 1e-12)
         coef = _nnls_gram(self._gram / np.outer(scale, scale), self._moment / scale) / scale
-        base = self.prior or CostModel(*[0.0] * len(FEATURES))
-        return CostModel(*map(float, coef), **{k: getattr(base, k) for k in _SETTINGS},
-                         meta={"num_samples": self.num_lifetime, "lifetime": True})
+        return self._with_settings(coef, {"num_samples": self.num_lifetime, "lifetime": True})
 
     def lifetime_terms(self) -> dict[str, float]:
         """The lifetime model's coefficients by name (empty before there is one)."""
-        model = self.lifetime_model()
-        return {k: getattr(model, k) for k in FEATURES} if model is not None else {}
+        return _terms(self.lifetime_model())
+
+    def _with_settings(self, coef, meta: dict) -> CostModel:
+        """A model of these coefficients with the prior's engine settings (defaults without one)."""
+        base = self.prior or CostModel(*[0.0] * len(FEATURES))
+        return CostModel(*map(float, coef), **{k: getattr(base, k) for k in _SETTINGS}, meta=meta)
 
     def refit(self) -> CostModel:
         import numpy as np
@@ -298,7 +301,7 @@ class OnlineCostModel:
             a = x[keep] / scale * w[keep, None]
             coef = _nnls(a, y[keep] * w[keep])
             ratio = (x / scale @ coef) / y
-            keep = (ratio > 1 / 3) & (ratio < 3)
+            keep = (ratio > 1 / STALL_RATIO) & (ratio < STALL_RATIO)
             if keep.all() or keep.sum() < self.MIN_SAMPLES:
                 break
         coef = coef / scale
@@ -306,9 +309,7 @@ class OnlineCostModel:
         recent = (self.num_observed - seen) <= 2 * self._half_life
         over = y[:n][recent] / np.maximum(x[:n][recent] @ coef, 1e-12)
         self.overrun = float(np.clip(np.quantile(over, OVERRUN_QUANTILE), 1.0, MAX_OVERRUN))
-        base = self.prior or CostModel(*[0.0] * len(FEATURES))
-        self.model = CostModel(*map(float, coef), **{k: getattr(base, k) for k in _SETTINGS},
-                               meta={"num_samples": int(keep.sum()), "online": True, "overrun": self.overrun})
+        self.model = self._with_settings(coef, {"num_samples": int(keep.sum()), "online": True, "overrun": self.overrun})
         self.num_refits += 1
         return self.model
 
@@ -370,6 +371,10 @@ def samples_from_histogram(bounds: Sequence[float], cumulative: Sequence[float])
             lo = hi
         out.append(np.exp(np.log(lo) + (np.arange(n) + 0.5) / n * (np.log(hi) - np.log(lo))))
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def _terms(model: CostModel | None) -> dict[str, float]:
+    return {k: getattr(model, k) for k in FEATURES} if model is not None else {}
 
 
 _SETTINGS = ("num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len")

@@ -215,3 +215,17 @@ def served_cost_model(metrics_text: str) -> ServedCostModel:
     return ServedCostModel(CostModel(**terms) if terms else None,
                            samples_from_histogram([b for b, _ in buckets], [c for _, c in buckets]),
                            CostModel(**lifetime) if lifetime else None)
+
+
+def fetch_served_cost_model(url: str, timeout_s: float = 30.0) -> ServedCostModel:
+    """served_cost_model of the server at `url` (its /metrics); ValueError naming the URL when it
+    cannot be read."""
+    import httpx
+
+    url = url.rstrip("/")
+    try:
+        resp = httpx.get(f"{url}/metrics", timeout=timeout_s)
+        resp.raise_for_status()
+    except httpx.HTTPError as e:
+        raise ValueError(f"could not read {url}/metrics: {e}") from e
+    return served_cost_model(resp.text)
