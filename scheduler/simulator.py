@@ -108,7 +108,10 @@ class SimRequests:
         arrival_s, prompt, output = arrival_s[order], prompt[order], output[order]
         if len(arrival_s):
             arrival_s = (arrival_s - arrival_s[0]) / time_scale
-        clipped_prompt = np.minimum(prompt, max_model_len // 2)
+        # A request that fits is left whole (a long prompt with a short answer keeps its prompt);
+        # one that does not keeps its prompt up to what leaves its answer room, at most half.
+        room = np.minimum(output, max_model_len // 2)
+        clipped_prompt = np.minimum(prompt, max_model_len - np.maximum(room, 1))
         clipped_output = np.minimum(output, max_model_len - clipped_prompt)
         num_clipped = int(np.sum((clipped_prompt != prompt) | (clipped_output != output)))
         limit = np.minimum(np.maximum(max_tokens, clipped_output), max_model_len - clipped_prompt)

@@ -114,6 +114,12 @@ def test_requests_are_cleaned_and_clipped():
     assert req.output_tokens.tolist() == [20, 4095]
     assert req.max_tokens.tolist() == [100, 4095]
     assert req.num_clipped == 1
+    # A long prompt with a short answer that fits keeps its prompt; one that does not fit keeps
+    # as much of its prompt as leaves its answer room, the answer at most half the context.
+    req = SimRequests.from_arrays(np.zeros(3), np.array([4000, 6000, 5000]), np.array([64, 3000, 1]), max_model_len=4096)
+    assert req.prompt_tokens.tolist() == [4000, 2048, 4095]
+    assert req.output_tokens.tolist() == [64, 2048, 1]
+    assert req.num_clipped == 2
 
 
 def test_noisy_predictions_reach_the_wanted_kendall_tau_and_are_calibrated():
