@@ -197,24 +197,53 @@ class ServedCostModel(NamedTuple):
     lifetime: Any  # CostModel fitted over every step since start, or None
 
 
-def served_cost_model(metrics_text: str) -> ServedCostModel:
-    """Reads lenserve:step_cost_model_seconds, lenserve:step_cost_model_lifetime_seconds and
+def served_cost_models(metrics_text: str) -> dict:
+    """Per engine ({`replica` label: ServedCostModel}; key None for a single server): each one's
+    lenserve:step_cost_model_seconds, lenserve:step_cost_model_lifetime_seconds and
     lenserve:step_time_over_predicted, for a simulation of that server."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from lenserve.scheduler.cost_model import CostModel, samples_from_histogram
 
-    terms, lifetime, buckets = {}, {}, []
+    parts: dict = {}
+
+    def of(sample) -> dict:
+        return parts.setdefault(sample.labels.get("replica"), {"terms": {}, "lifetime": {}, "buckets": []})
+
     for family in text_string_to_metric_families(metrics_text):
-        if family.name == "lenserve:step_cost_model_seconds":
-            terms = {s.labels["term"]: s.value for s in family.samples}
-        elif family.name == "lenserve:step_cost_model_lifetime_seconds":
-            lifetime = {s.labels["term"]: s.value for s in family.samples}
-        elif family.name == "lenserve:step_time_over_predicted":
-            buckets = sorted((float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket"))
-    return ServedCostModel(CostModel(**terms) if terms else None,
-                           samples_from_histogram([b for b, _ in buckets], [c for _, c in buckets]),
-                           CostModel(**lifetime) if lifetime else None)
+        for s in family.samples:
+            if family.name == "lenserve:step_cost_model_seconds":
+                of(s)["terms"][s.labels["term"]] = s.value
+            elif family.name == "lenserve:step_cost_model_lifetime_seconds":
+                of(s)["lifetime"][s.labels["term"]] = s.value
+            elif family.name == "lenserve:step_time_over_predicted" and s.name.endswith("_bucket"):
+                of(s)["buckets"].append((float(s.labels["le"]), s.value))
+    out = {}
+    for replica, p in parts.items():
+        buckets = sorted(p["buckets"])
+        out[replica] = ServedCostModel(CostModel(**p["terms"]) if p["terms"] else None,
+                                       samples_from_histogram([b for b, _ in buckets], [c for _, c in buckets]),
+                                       CostModel(**p["lifetime"]) if p["lifetime"] else None)
+    return out
+
+
+def served_cost_model(metrics_text: str) -> ServedCostModel:
+    """served_cost_models of a server with one engine, or of identical replicas pooled: the
+    coefficients averaged, the step scatter of all of them together."""
+    import numpy as np
+
+    from lenserve.scheduler.cost_model import FEATURES, CostModel
+
+    models = list(served_cost_models(metrics_text).values())
+    if len(models) <= 1:
+        return models[0] if models else ServedCostModel(None, np.zeros(0), None)
+
+    def mean(ms):
+        ms = [m for m in ms if m is not None]
+        return CostModel(**{k: float(np.mean([getattr(m, k) for m in ms])) for k in FEATURES}) if ms else None
+
+    return ServedCostModel(mean([m.model for m in models]), np.concatenate([m.step_noise for m in models]),
+                           mean([m.lifetime for m in models]))
 
 
 def fetch_served_cost_model(url: str, timeout_s: float = 30.0) -> ServedCostModel:

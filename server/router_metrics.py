@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Histogram
 REGISTRY = CollectorRegistry()
 DECISION_SECONDS = Histogram("lenserve:router_decision_seconds", "Time a request router takes to rank the replicas for one request",
                              ["router"], registry=REGISTRY,
-                             buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 0.1))
+                             buckets=(2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2.5e-2, 0.1))
 
 
 def observe_decision(router: str, seconds: float) -> None:

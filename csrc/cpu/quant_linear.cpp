@@ -13,6 +13,7 @@
 // types x is first rounded exactly as decode rounds it (d * q per 32-block), so a row's result
 // does not depend on how many rows share the step: decode and prefill compute the same sums up
 // to fp32 rounding, and packed batching agrees with one-at-a-time as it does in fp32.
+#include <cstdlib>
 #include <ATen/Parallel.h>
 
 #include <cstring>
@@ -65,12 +66,24 @@ namespace {
 using namespace quant;
 
 constexpr int64_t kMaxDecodeRows = 16;
-// Interleaved rows keep the integer GEMM up to 128 rows of x. Measured on SmolLM2's four layer
-// matrices (2-core EPYC, AVX2): the panel path pays ~1.7 ms a layer to unpack before its first
-// row, so at 33 rows it took 3.6 ms against the integer GEMM's 2.1 ms at 32, and the integer GEMM
-// stays ahead through 128 rows (8.8 ms against the panel path's 9.7 ms at 129). A step that carries
-// a prompt chunk beside its decodes (stall-free batching: tens of rows) no longer pays the unpack.
-constexpr int64_t kMaxInterleavedDecodeRows = 128;
+// Interleaved rows keep the integer GEMM up to 256 rows of x. Measured on SmolLM2's four layer
+// matrices (2-core EPYC, AVX2, ms a layer, two runs; LENSERVE_QUANT_INT_ROWS forces the path):
+// integer GEMM 8.2/6.8 at 128 rows, 8.7/8.5 at 160, 14.2/13.6 at 256, 18.5/19.4 at 320; the panel
+// path (unpack a panel of blocks to fp32, then the 6x16 micro-kernel) 8.3/6.4, 10.2/9.2,
+// 16.4/16.8, 16.4/17.4. The integer GEMM's cost per row is flat (~0.055 ms a layer); the panel
+// path's falls with rows as its unpack is shared (~0.045 at 2048), so it wins past ~300. A step
+// that carries a prompt chunk beside its decodes (stall-free batching: 100-250 rows at the CPU's
+// default ITL target) stays on the integer GEMM.
+constexpr int64_t kMaxInterleavedDecodeRows = 256;
+
+// LENSERVE_QUANT_INT_ROWS overrides it (read once): for measuring the crossover on another CPU.
+int64_t max_interleaved_decode_rows() {
+  static const int64_t rows = [] {
+    const char* env = std::getenv("LENSERVE_QUANT_INT_ROWS");
+    return env != nullptr && std::atoll(env) > 0 ? static_cast<int64_t>(std::atoll(env)) : kMaxInterleavedDecodeRows;
+  }();
+  return rows;
+}
 
 void dequant_row_f16(const uint8_t* row, float* out, int64_t K) {
   const auto* h = reinterpret_cast<const uint16_t*>(row);
@@ -294,7 +307,7 @@ torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  if (M <= (is_interleaved(weight_type) ? kMaxInterleavedDecodeRows : kMaxDecodeRows)) {
+  if (M <= (is_interleaved(weight_type) ? max_interleaved_decode_rows() : kMaxDecodeRows)) {
     decode_rows(xp, x.stride(0), M, wp, row_bytes, weight_type, K, N, op);
     if (b != nullptr)
       for (int64_t m = 0; m < M; ++m)

@@ -161,8 +161,8 @@ def test_interleaving_is_the_documented_layout(weight_type):
 
 
 # rows of x: every remainder of the 4-row register tile, up to the interleaved integer GEMM's
-# limit (128), and the fp32 panel path past it; rows of W: one group, odd groups, 300+
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 9, 53, 128, 129])
+# limit (256), and the fp32 panel path past it; rows of W: one group, odd groups, 300+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 9, 53, 128, 256, 257])
 @pytest.mark.parametrize("weight_type", LEGACY)
 def test_interleaved_linear_matches_fp64_dequantize(weight_type, m):
     for n in (8, 40, 304):

@@ -87,12 +87,12 @@ def test_simulate_routes_by_prefix(trace, extra, capsys):
         assert 0.0 <= summary["prefix_hit_rate"] <= 1.0 and summary["num_requests"] > 0
 
 
-def _metrics_text(terms: dict, ratios, lifetime: dict | None = None) -> str:
+def _metrics_text(terms: dict, ratios, lifetime: dict | None = None, replica: str | None = None) -> str:
     """What a server's /metrics says after steps that ran `ratios` x their predicted time."""
     from lenserve.engine.stats import IterationStats
     from lenserve.server.metrics import Metrics
 
-    m = Metrics("m")
+    m = Metrics("m", extra_labels={"replica": replica} if replica else None)
     m.record_iteration(IterationStats(cost_model=terms, cost_model_lifetime=lifetime))
     for r in ratios:
         m.record_iteration(IterationStats(step_time_over_predicted=r))
@@ -116,6 +116,26 @@ def test_served_cost_model_reads_the_fit_and_the_step_scatter():
         assert np.percentile(noise, q) == pytest.approx(np.percentile(ratios, q), rel=0.1)
     empty = served_cost_model("")
     assert empty.model is None and empty.lifetime is None and len(empty.step_noise) == 0
+
+
+def test_served_cost_models_of_replicas_are_read_apart_and_pooled():
+    """An ingress's /metrics carries every replica's fit (a `replica` label): read one by one, or
+    pooled for a simulation of identical replicas (coefficients averaged, scatter concatenated)."""
+    import numpy as np
+
+    from lenserve.server.metrics import served_cost_model, served_cost_models
+
+    a = {"step_base_s": 0.02, "token_s": 0.002, "sample_s": 0.0, "prefill_attention_s": 1e-6, "decode_context_s": 0.0}
+    b = {**a, "step_base_s": 0.04, "token_s": 0.004}
+    rng = np.random.default_rng(1)
+    text = _metrics_text(a, rng.lognormal(0, 0.1, 100), a, "r0") + _metrics_text(b, rng.lognormal(0.5, 0.1, 50), b, "r1")
+    per = served_cost_models(text)
+    assert set(per) == {"r0", "r1"}
+    assert per["r0"].lifetime.token_s == pytest.approx(0.002) and per["r1"].lifetime.token_s == pytest.approx(0.004)
+    assert len(per["r0"].step_noise) == 100 and np.median(per["r1"].step_noise) == pytest.approx(np.exp(0.5), rel=0.1)
+    pooled = served_cost_model(text)
+    assert pooled.lifetime.step_base_s == pytest.approx(0.03) and pooled.model.token_s == pytest.approx(0.003)
+    assert len(pooled.step_noise) == 150
 
 
 def test_simulate_from_server_replays_its_cost_model_and_scatter(capsys):
