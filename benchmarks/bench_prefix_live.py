@@ -3,17 +3,17 @@ then cache-aware, each replaying the same time-scaled multi-turn trace with real
 (exact mode, every trace block a deterministic block of `--block-tokens` tokens, so a session's
 later turns and the shared system prompts hit the engines' prefix caches). The trace is the
 generator's (lenserve.traces.sessions, its own length distributions, as the simulator benchmark
-runs it); the time scale puts the simulated pow2 replicas at `--busy` (0.6) with one replica's cost
+runs it); the time scale puts the simulated pow2 replicas at `--busy` (0.55) with one replica's cost
 model measured in-process first.
 
-    python benchmarks/bench_prefix_live.py [--sessions 48] [--time-scale S] [--routers pow2,cache-aware]
+    python benchmarks/bench_prefix_live.py [--sessions 32] [--time-scale S] [--routers pow2,cache-aware]
     python benchmarks/bench_prefix_live.py --smoke     # a few sessions, to check the plumbing
 
 Measured per router: token-level prefix hit rate (lenserve:prefix_cache_hits_total over
 queries_total, both replicas, over the replay), mean / p50 / p99 TTFT and E2E at the client, the
 engines' own mean TTFT (the rest is HTTP, ingress and Ray), the router's decision time p99
-(lenserve:router_decision_seconds histogram on the ingress; pow2 is Ray's own router and is not
-timed). Beside the measurement, the cluster simulator runs the same trace with the cost model the
+(lenserve:router_decision_seconds histogram on the ingress, and the routing thread's CPU time of the
+same decisions, lenserve:router_decision_cpu_seconds; pow2 is Ray's own router and is not timed). Beside the measurement, the cluster simulator runs the same trace with the cost model the
 replicas fitted over all their steps in the first run (lenserve:step_cost_model_lifetime_seconds,
 pooled) plus the overhead measured there, so its cache-aware / pow2 TTFT ratio can be checked
 against the measured one; references: one cache as large as both replicas that every request
@@ -81,7 +81,7 @@ def scrape(url: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(url + "/metrics", timeout=30).text
-    out = {"queries": 0.0, "hits": 0.0, "kv_blocks": 0.0, "decision_buckets": {}, "decision_count": 0.0,
+    out = {"queries": 0.0, "hits": 0.0, "kv_blocks": 0.0, "decision_buckets": {}, "decision_cpu_buckets": {}, "decision_count": 0.0,
            "engine_ttft_sum": 0.0, "engine_ttft_count": 0.0, "text": text}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -91,9 +91,10 @@ def scrape(url: str) -> dict:
                 out["hits"] += s.value
             elif s.name == "lenserve:kv_cache_total_blocks":
                 out["kv_blocks"] = max(out["kv_blocks"], s.value)
-            elif s.name == "lenserve:router_decision_seconds_bucket":
+            elif s.name in ("lenserve:router_decision_seconds_bucket", "lenserve:router_decision_cpu_seconds_bucket"):
+                key = "decision_cpu_buckets" if "cpu" in s.name else "decision_buckets"
                 le = float(s.labels["le"])
-                out["decision_buckets"][le] = out["decision_buckets"].get(le, 0.0) + s.value
+                out[key][le] = out[key].get(le, 0.0) + s.value
             elif s.name == "lenserve:router_decision_seconds_count":
                 out["decision_count"] += s.value
             elif s.name == "lenserve:time_to_first_token_seconds_sum":
@@ -130,7 +131,8 @@ def run_live(router: str, trace, args, out_dir: str, log) -> dict:
         proc.wait_healthy(600, ready=lambda: len(_replicas(proc.url)) == 2)
         before = scrape(proc.url)
         cfg = ReplayConfig(url=proc.url, mode="exact", time_scale=args.time_scale, prefix_block_tokens=args.block_tokens,
-                           metrics_interval_s=0, show_progress=False, request_timeout_s=args.request_timeout_s, seed=args.seed)
+                           metrics_interval_s=0, show_progress=False, request_timeout_s=args.request_timeout_s, seed=args.seed,
+                           temperature=0.0)
         replayer = Replayer(trace, cfg)
         t0 = time.monotonic()
         asyncio.run(replayer.run())
@@ -143,7 +145,8 @@ def run_live(router: str, trace, args, out_dir: str, log) -> dict:
     queries, hits = after["queries"] - before["queries"], after["hits"] - before["hits"]
     engine_ttft_n = after["engine_ttft_count"] - before["engine_ttft_count"]
     engine_ttft = (after["engine_ttft_sum"] - before["engine_ttft_sum"]) / engine_ttft_n if engine_ttft_n else None
-    buckets = {le: after["decision_buckets"].get(le, 0.0) - before["decision_buckets"].get(le, 0.0) for le in after["decision_buckets"]}
+    buckets, cpu_buckets = ({le: after[key].get(le, 0.0) - before[key].get(le, 0.0) for le in after[key]}
+                            for key in ("decision_buckets", "decision_cpu_buckets"))
     res = {
         "router": router, "num_requests": len(replayer.records), "num_ok": len(ok),
         "errors": sorted({str(r.status) for r in replayer.records if not r.ok}),
@@ -154,7 +157,9 @@ def run_live(router: str, trace, args, out_dir: str, log) -> dict:
         # what the client waits beyond the engines' own time to first token (HTTP, ingress, Ray)
         "overhead_mean_ttft_s": float(ttft.mean()) - engine_ttft if len(ttft) and engine_ttft is not None else None,
         "mean_e2e_s": float(e2e.mean()) if len(e2e) else None, "p99_e2e_s": float(np.percentile(e2e, 99)) if len(e2e) else None,
-        "decision_p99_s": histogram_quantile(buckets, 0.99), "decisions": buckets.get(math.inf, 0.0),
+        "decision_p99_s": histogram_quantile(buckets, 0.99), "decision_p50_s": histogram_quantile(buckets, 0.5),
+        "decision_cpu_p99_s": histogram_quantile(cpu_buckets, 0.99), "decision_buckets": {str(k): v for k, v in sorted(buckets.items())},
+        "decisions": buckets.get(math.inf, 0.0),
         "replica_kv_blocks": after["kv_blocks"], "wall_s": round(wall, 1), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "prompt_tokens_mismatch": sum(1 for r in ok if r.prompt_tokens_server is not None and r.prompt_tokens_server != r.prompt_tokens),
     }
@@ -188,7 +193,7 @@ def replica_cost(args):
     from lenserve.sim_cli import measure_cost_model
 
     return measure_cost_model(EngineConfig(max_model_len=args.max_model_len, num_threads=default_threads(2),
-                                           kv_cache_memory_gb=args.kv_gb), quick=True)
+                                           kv_cache_memory_gb=args.kv_gb), quick=True, temperature=0.0)
 
 
 def sim_requests(trace, args, time_scale: float):
@@ -273,7 +278,7 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sessions", type=int, default=48)
+    p.add_argument("--sessions", type=int, default=32)
     p.add_argument("--session-rate", type=float, default=0.25, help="sessions starting per second (trace time)")
     p.add_argument("--turns", type=float, default=4.0)
     p.add_argument("--think-time-s", type=float, default=20.0)
@@ -283,7 +288,7 @@ def main(argv=None) -> int:
     p.add_argument("--block-tokens", type=int, default=16)
     p.add_argument("--time-scale", type=float, default=None,
                    help="replay speed-up (default: where simulated pow2 replicas, with a replica's cost model measured first, are --busy)")
-    p.add_argument("--busy", type=float, default=0.6, help="pow2's simulated mean busy fraction that sets the default time scale")
+    p.add_argument("--busy", type=float, default=0.55, help="pow2's simulated mean busy fraction that sets the default time scale")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--kv-gb", type=float, default=0.3, help="--kv-cache-memory-gb of each replica")
     p.add_argument("--predictor", default="default")

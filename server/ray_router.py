@@ -206,7 +206,7 @@ class CacheAwareRouter(LeastWorkRouter):
                 + sum(1 for r, _ in self._provisional.values() if r == rid))
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         now = time.time()
         if self._provisional:
             self._provisional = {k: v for k, v in self._provisional.items() if v[1] > now - PROVISIONAL_KEPT_S}
@@ -224,7 +224,7 @@ class CacheAwareRouter(LeastWorkRouter):
             self._pending_ids[rid] = ids
             if len(self._pending_ids) > MAX_COMPLETIONS:  # choices never routed (cancelled)
                 self._pending_ids.pop(next(iter(self._pending_ids)))
-        router_metrics.observe_decision("cache-aware", time.perf_counter() - t0)
+        router_metrics.observe_decision("cache-aware", time.perf_counter() - t0, time.thread_time() - cpu0)
         return ranks
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:

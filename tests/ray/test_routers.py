@@ -151,11 +151,12 @@ def test_cache_aware_times_its_decisions():
     from lenserve.server import router_metrics
     from lenserve.server.ray_router import CacheAwareRouter
 
-    def count() -> float:
+    def count(name: str) -> float:  # wall time, and the routing thread's CPU time
         return sum(s.value for m in router_metrics.REGISTRY.collect() for s in m.samples
-                   if s.name.endswith("_count") and s.labels.get("router") == "cache-aware")
+                   if s.name == f"lenserve:{name}_count" and s.labels.get("router") == "cache-aware")
 
-    before = count()
+    names = ("router_decision_seconds", "router_decision_cpu_seconds")
+    before = [count(n) for n in names]
     router = _router(CacheAwareRouter)
     _choose(router, [_replica("a"), _replica("b")], _request({"prompt": "hello " * 50}, rid="d1"))
-    assert count() == before + 1
+    assert [count(n) for n in names] == [b + 1 for b in before]
