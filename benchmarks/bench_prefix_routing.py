@@ -45,6 +45,7 @@ from lenserve.scheduler.cost_model import load_default  # noqa: E402
 from lenserve.scheduler.routing import CacheAwarePolicy  # noqa: E402
 from lenserve.scheduler.simulator import SimRequests, make_predictions, scheduler_config_for  # noqa: E402
 from lenserve.traces.sessions import MultiTurnConfig, shared_cache_hit_rate, synthesize_multiturn  # noqa: E402
+from lenserve.traces.synth import LengthDist  # noqa: E402
 
 MOONCAKE = "../shared/data/traces/mooncake_synthetic_trace.jsonl"
 ROUTERS = ("pow2", "least-work", "cache-aware", "ray-prefix", "affinity", "prefix-affinity", "cache-aware-nolength", "cache-oracle")
@@ -172,10 +173,18 @@ def main(argv=None) -> int:
     p.add_argument("--length-weights", default="0.3,1", help="cache-aware's length_weight sweep (its default is 0.1) (runs named cache-aware@W)")
     p.add_argument("--residuals", default=RESIDUALS)
     p.add_argument("--max-requests", type=int, default=None, help="first N requests of each trace (smoke runs)")
+    p.add_argument("--holdout", action="store_true",
+                   help="validate the length weight off the development traces: only a multi-turn family none of the "
+                        "constants were chosen on (another seed, 6 turns, 16 system prompts of 512 tokens, shorter "
+                        "messages, longer answers); writes prefix_routing_holdout.json/.png")
     p.add_argument("--out", default=os.path.join(RESULTS, "prefix_routing_sim.json"))
     p.add_argument("--plot", default=os.path.join(RESULTS, "prefix_routing_sim.png"))
     p.add_argument("--replot", action="store_true", help="redraw --plot from --out and exit")
     args = p.parse_args(argv)
+    if args.holdout:
+        args.mooncake = ""
+        if args.out == os.path.join(RESULTS, "prefix_routing_sim.json"):
+            args.out, args.plot = (os.path.join(RESULTS, f"prefix_routing_holdout.{ext}") for ext in ("json", "png"))
     if args.replot:
         with open(args.out) as f:
             plot(json.load(f), args.plot)
@@ -194,6 +203,10 @@ def main(argv=None) -> int:
         traces.append(("mooncake", t.head(args.max_requests) if args.max_requests else t, ["gpu"]))
     if args.sessions:
         cfg = MultiTurnConfig(num_sessions=args.sessions, seed=1)
+        if args.holdout:
+            cfg = dataclasses.replace(cfg, seed=11, mean_turns=6.0, num_system_prompts=16, system_tokens=512,
+                                      message=LengthDist(mu=math.log(60), sigma=0.9, max_tokens=1024),
+                                      answer=LengthDist(mu=math.log(300), sigma=0.8, max_tokens=1024))
         t = synthesize_multiturn(cfg)
         traces.append(("multiturn", t.head(args.max_requests) if args.max_requests else t, args.multiturn_costs.split(",")))
     t0 = time.monotonic()
