@@ -276,6 +276,60 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def judge(result: dict, trace, args, fitted, offline, overhead: float) -> None:
+    """The simulator's runs beside the live ones (fitted costs plus overhead; offline costs), the
+    references, the ratios and the criteria, into `result`."""
+    result["sim"] = run_sim(trace, args, fitted, args.time_scale, overhead)
+    result["sim_offline_model"] = run_sim(trace, args, offline, args.time_scale)
+    kv_tokens = offline.num_kv_blocks * offline.block_size
+    result["reference"] = {"shared_cache_hit_rate": shared_cache_hit_rate(trace, 2 * kv_tokens), "replica_kv_tokens": kv_tokens,
+                           "sim_over_pow2": _ratios(result["sim"]), "sim_offline_model_over_pow2": _ratios(result["sim_offline_model"])}
+    if "pow2" in result["live"] and "cache-aware" in result["live"]:
+        lp, lc = result["live"]["pow2"], result["live"]["cache-aware"]
+        sp, sc = result["sim"]["pow2"], result["sim"]["cache-aware"]
+        # the most any router could gain in hit rate: one cache as large as both, every request through it
+        result["reference"]["shared_cache_hit_rate_over_pow2"] = (result["reference"]["shared_cache_hit_rate"] / lp["prefix_hit_rate"]
+                                                                  if lp["prefix_hit_rate"] else None)
+        measured = lc["mean_ttft_s"] / lp["mean_ttft_s"] if lp["mean_ttft_s"] else None
+        simulated = sc["mean_ttft_s"] / sp["mean_ttft_s"] if sp["mean_ttft_s"] else None
+        hit_ratio = lc["prefix_hit_rate"] / lp["prefix_hit_rate"] if lp["prefix_hit_rate"] else None
+        result["ratios"] = {"hit_rate_over_pow2": hit_ratio, "mean_ttft_over_pow2": measured, "sim_mean_ttft_over_pow2": simulated,
+                            "sim_over_measured_ttft_ratio": simulated / measured if measured and simulated else None}
+        result["criteria"] = {
+            "hit_rate_ge_1.3x_pow2": hit_ratio is not None and hit_ratio >= 1.3,
+            "mean_ttft_le_0.75x_pow2": measured is not None and measured <= 0.75,
+            "decision_p99_le_2ms": lc["decision_p99_s"] is not None and lc["decision_p99_s"] <= 0.002,
+            "sim_ttft_ratio_within_15pct": result["ratios"]["sim_over_measured_ttft_ratio"] is not None
+            and abs(result["ratios"]["sim_over_measured_ttft_ratio"] - 1) <= 0.15,
+        }
+
+
+def resim(args) -> int:
+    """The simulator side again, on a results file's live runs: after a change to the simulator."""
+    from lenserve.scheduler.cost_model import CostModel
+
+    with open(args.out) as f:
+        result = json.load(f)
+    for key, value in result["config"].items():
+        if key not in ("resim",):
+            setattr(args, key, value)
+    trace = make_trace(args)
+    kv = {"num_kv_blocks": result["reference"]["replica_kv_tokens"] // args.block_tokens, "block_size": args.block_tokens,
+          "max_model_len": args.max_model_len}
+    fitted = CostModel(**result["sim_cost_model"]["terms"], **kv)
+    offline = CostModel(**result["sim_cost_model"]["offline_terms"], **kv)
+    judge(result, trace, args, fitted, offline, result["sim_cost_model"]["ttft_overhead_s"])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result["meta"]["resimulated_at_commit"] = commit
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    plot(result, args.plot)
+    json.dump({k: result.get(k) for k in ("ratios", "criteria")}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sessions", type=int, default=32)
@@ -298,7 +352,11 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="6 sessions, fast: checks the plumbing, numbers mean nothing")
     p.add_argument("--out", default=os.path.join(RESULTS, "prefix_routing_live.json"))
     p.add_argument("--plot", default=os.path.join(RESULTS, "prefix_routing_live.png"))
+    p.add_argument("--resim", action="store_true",
+                   help="rerun only the simulator side of --out's live runs (same trace, time scale, fitted and offline costs)")
     args = p.parse_args(argv)
+    if args.resim:
+        return resim(args)
     if args.smoke:
         args.sessions, args.turns, args.think_time_s, args.session_rate, args.time_scale = 6, 3.0, 3.0, 2.0, 1.0
         args.system_tokens, args.message_tokens, args.answer_tokens, args.predictor = 64, 16, 6, "none"
@@ -336,29 +394,7 @@ def main(argv=None) -> int:
     overhead = result["live"][first]["overhead_mean_ttft_s"] or 0.0
     result["sim_cost_model"] = {"from": f"the replicas' lifetime fit in the {first} run", "terms": _terms(fitted),
                                 "ttft_overhead_s": overhead, "offline_terms": _terms(offline)}
-    result["sim"] = run_sim(trace, args, fitted, args.time_scale, overhead)
-    result["sim_offline_model"] = run_sim(trace, args, offline, args.time_scale)
-    kv_tokens = offline.num_kv_blocks * offline.block_size
-    result["reference"] = {"shared_cache_hit_rate": shared_cache_hit_rate(trace, 2 * kv_tokens), "replica_kv_tokens": kv_tokens,
-                           "sim_over_pow2": _ratios(result["sim"]), "sim_offline_model_over_pow2": _ratios(result["sim_offline_model"])}
-    if "pow2" in result["live"] and "cache-aware" in result["live"]:
-        lp, lc = result["live"]["pow2"], result["live"]["cache-aware"]
-        sp, sc = result["sim"]["pow2"], result["sim"]["cache-aware"]
-        # the most any router could gain in hit rate: one cache as large as both, every request through it
-        result["reference"]["shared_cache_hit_rate_over_pow2"] = (result["reference"]["shared_cache_hit_rate"] / lp["prefix_hit_rate"]
-                                                                  if lp["prefix_hit_rate"] else None)
-        measured = lc["mean_ttft_s"] / lp["mean_ttft_s"] if lp["mean_ttft_s"] else None
-        simulated = sc["mean_ttft_s"] / sp["mean_ttft_s"] if sp["mean_ttft_s"] else None
-        hit_ratio = lc["prefix_hit_rate"] / lp["prefix_hit_rate"] if lp["prefix_hit_rate"] else None
-        result["ratios"] = {"hit_rate_over_pow2": hit_ratio, "mean_ttft_over_pow2": measured, "sim_mean_ttft_over_pow2": simulated,
-                            "sim_over_measured_ttft_ratio": simulated / measured if measured and simulated else None}
-        result["criteria"] = {
-            "hit_rate_ge_1.3x_pow2": hit_ratio is not None and hit_ratio >= 1.3,
-            "mean_ttft_le_0.75x_pow2": measured is not None and measured <= 0.75,
-            "decision_p99_le_2ms": lc["decision_p99_s"] is not None and lc["decision_p99_s"] <= 0.002,
-            "sim_ttft_ratio_within_15pct": result["ratios"]["sim_over_measured_ttft_ratio"] is not None
-            and abs(result["ratios"]["sim_over_measured_ttft_ratio"] - 1) <= 0.15,
-        }
+    judge(result, trace, args, fitted, offline, overhead)
     result["meta"]["loadavg_end"] = os.getloadavg()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -88,13 +88,15 @@ class ReplicaSim:
         self.unfinished: dict[int, SimSequence] = {}  # by request index
         self.unfinished_hint = 0.0
         self.stalled = False  # waiting requests that nothing can schedule (a fault, reported at the end)
-        # The replica's prefix cache over the trace's blocks, as large as its KV cache (LRU): a
-        # request's prompt blocks enter it when its prefill ends, and a later request computes
-        # only the prompt past its longest cached prefix.
+        # The replica's prefix cache over the trace's blocks (LRU): a request's prompt blocks
+        # enter it when its prefill ends, and a later request computes only the prompt past its
+        # longest cached prefix. It holds what the KV cache holds besides the running sequences'
+        # other tokens (their answers so far, prompts still being prefilled), as an engine's
+        # cached blocks are the ones its running sequences leave: under load it shrinks.
         self.cache: PrefixIndex | None = None
+        self.kv_tokens = bm.num_blocks * bm.block_size
         if requests.block_ids is not None:
-            kv_tokens = bm.num_blocks * bm.block_size
-            self.cache = PrefixIndex(max(kv_tokens / requests.block_tokens, 1))
+            self.cache = PrefixIndex(max(self.kv_tokens / requests.block_tokens, 1))
         self.num_prompt_tokens = 0
         self.num_cached_tokens = 0
 
@@ -125,7 +127,19 @@ class ReplicaSim:
         ids = self.requests.block_ids[i] if self.cache is not None else None
         if not ids:
             return 0
+        self._fit_cache()
         return min(self.cache.match(ids) * self.requests.block_tokens, int(self.requests.prompt_tokens[i]) - 1)
+
+    def _fit_cache(self) -> None:
+        """The prefix cache's capacity: the KV tokens that the running sequences' answers and
+        unfinished prompts leave (a finished prompt's blocks are cache entries themselves)."""
+        held = 0
+        for seq in self.sched.running:
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                held += seq.num_computed_tokens - seq.num_prompt_tokens
+            else:
+                held += seq.num_computed_tokens - seq.num_cached_tokens
+        self.cache.shrink_to((self.kv_tokens - held) / self.requests.block_tokens)
 
     # ---- requests -------------------------------------------------------------------------------------
     def add(self, i: int, work_hint: float = 0.0) -> None:
@@ -159,8 +173,12 @@ class ReplicaSim:
         """Prompts whose prefill ends in this step enter the prefix cache (as an engine registers
         a block once it is computed; the chunks before the last are left out)."""
         block_ids = self.requests.block_ids
+        fitted = False
         for seq, num_new in zip(out.seqs[: out.num_prefill_seqs], out.num_new_tokens):
             if seq.num_computed_tokens + num_new >= seq.num_prompt_tokens and block_ids[seq.index]:
+                if not fitted:
+                    self._fit_cache()
+                    fitted = True
                 self.cache.insert(block_ids[seq.index])
 
     def _record(self, finished: Iterable[Sequence]) -> None:
@@ -378,7 +396,7 @@ def _history_capacity(replicas: list[ReplicaSim]) -> float:
     rep = replicas[0]
     if rep.cache is None:
         return math.inf
-    return rep.cache.capacity_blocks
+    return max(rep.kv_tokens / rep.requests.block_tokens, 1)  # the whole KV, as a replica reports it
 
 
 class CacheAwareRouter(_HistoryMixin, LeastWorkRouter):

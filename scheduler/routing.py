@@ -60,6 +60,12 @@ class PrefixIndex:
                 blocks.move_to_end(b)
             else:
                 blocks[b] = None
+        self.shrink_to(self.capacity_blocks)
+
+    def shrink_to(self, capacity_blocks: float) -> None:
+        """Sets the capacity, evicting the least recently used blocks past it."""
+        self.capacity_blocks = max(capacity_blocks, 1)
+        blocks = self.blocks
         while len(blocks) > self.capacity_blocks:
             blocks.popitem(last=False)
 

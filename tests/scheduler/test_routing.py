@@ -92,6 +92,32 @@ def test_replica_prefix_cache_cuts_prefill():
     assert "prefix_hit_rate" not in res_plain.extra
 
 
+def test_running_answers_leave_the_prefix_cache_less_room():
+    """A replica's cached prefixes live in the KV blocks its running sequences leave: while a long
+    answer decodes, the cache holds that many tokens fewer (LRU evicts the oldest prefixes), and
+    gets the room back when it finishes."""
+    from lenserve.scheduler.cluster import ReplicaSim
+
+    B = 16
+    # three 320-token prompts of distinct blocks arriving apart, then a 2000-token answer
+    req = SimRequests.from_arrays(np.array([0.0, 10.0, 20.0, 30.0]), np.array([320, 320, 320, 64]), np.array([1, 1, 1, 2000]),
+                                  max_tokens=2048, block_ids=[tuple(range(k * 20, k * 20 + 20)) for k in range(4)], block_tokens=B)
+    cost = dataclasses.replace(COST, num_kv_blocks=128, block_size=B)  # 2048 tokens
+    rep = ReplicaSim(req, scheduler_config_for(cost), cost, None, lambda seq: None)
+    for i in range(3):
+        rep.advance_to(float(req.arrival_s[i]))
+        rep.add(i)
+    rep.advance_to(29.0)
+    assert rep.cached_tokens(0) == 319 and rep.cache.capacity_blocks == 128  # idle: the whole KV
+    rep.advance_to(30.0)
+    rep.add(3)
+    rep.advance_to(30.0 + 1500 * COST.decode_time(1, 1000, 1))  # ~1,500 tokens into the answer
+    assert rep.cached_tokens(2) == 319  # the most recent prompt stays
+    assert rep.cache.capacity_blocks < 128 - 1400 / B and rep.cached_tokens(0) == 0  # the oldest went
+    rep.drain()
+    assert rep.cached_tokens(2) == 319 and rep.cache.capacity_blocks == 128
+
+
 def test_every_router_finishes_every_request():
     trace = _multiturn(60)
     req = SimRequests.from_trace(trace, time_scale=2.0, max_tokens=2048)
