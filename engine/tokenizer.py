@@ -158,6 +158,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode`'s ids and each token's (start, end) characters in `text` (added special tokens: (0, 0))."""
+        enc = self.hf.encode(text, add_special_tokens=add_special_tokens)
+        return enc.ids, enc.offsets
+
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=add_special_tokens)]
 

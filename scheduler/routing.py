@@ -5,7 +5,9 @@ called by the live Ray Serve routers (lenserve.server.ray_router) and by the clu
 - `PrefixIndex`: the prefix blocks one cache holds, or that a router believes it holds from its own
   routing history (SGLang's approximate tree), LRU over a capacity in blocks. Blocks are named by
   ids that stand for their whole prefix (Mooncake's `hash_ids`, the engine's chain hashes, or
-  `text_block_ids` of a prompt), so a prefix match is the run of leading ids held.
+  `text_block_ids` of a prompt), so a prefix match is the run of leading ids held. Text ids are the
+  same in every process, so an engine replica can report which of them its prefix cache holds
+  (lenserve.server.prefix_digest) in the router's own terms.
 - `cache_aware_rank`: each replica's cost = prompt tokens it would have to prefill (the prompt less
   its longest cached prefix) at the scheduler's prompt weight + `length_weight` x its predicted
   outstanding work (response tokens), both in response-token units as
@@ -20,10 +22,13 @@ called by the live Ray Serve routers (lenserve.server.ray_router) and by the clu
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+TEXT_CHUNK_CHARS = 64  # characters per text block of `text_block_ids`
 
 
 class PrefixIndex:
@@ -74,15 +79,16 @@ class PrefixIndex:
             self.blocks.pop(b, None)
 
 
-def text_block_ids(text: str, chunk_chars: int = 64) -> tuple[int, ...]:
-    """Ids of a prompt's whole `chunk_chars`-character chunks, each standing for its whole prefix
-    (a chain hash): what a router that sees text, not tokens, indexes prefixes by. Stable within
-    one process (Python's string hash), which is where a router's index lives."""
+def text_block_ids(text: str, chunk_chars: int = TEXT_CHUNK_CHARS) -> tuple[int, ...]:
+    """Ids of a prompt's whole `chunk_chars`-character chunks, each standing for its whole prefix:
+    what a router that sees text, not tokens, indexes prefixes by. Id j is a 64-bit BLAKE2b of the
+    first j + 1 chunks' UTF-8 (one running hash), so it is the same in every process: a replica
+    names the prefixes it caches with the ids its router computes."""
     out = []
-    h = 0
+    h = hashlib.blake2b(digest_size=8)
     for i in range(chunk_chars, len(text) + 1, chunk_chars):
-        h = hash((h, text[i - chunk_chars : i]))
-        out.append(h)
+        h.update(text[i - chunk_chars : i].encode("utf-8", "surrogatepass"))
+        out.append(int.from_bytes(h.digest(), "little"))
     return tuple(out)
 
 

@@ -13,11 +13,15 @@ in the process that holds the deployment handle, the ingress; never by the singl
 - `AffinePowerOfTwoRouter`: Ray Serve's default (power of two choices on queue length) with
   session affinity.
 - `CacheAwareRouter` (`cache-aware`): least-work's view of each replica's predicted work, plus the
-  prefix of the prompt that replica most likely holds in its prefix cache, from an approximate
-  index of the prompts this router sent it (SGLang's approximate tree; LRU as large as the KV
-  capacity the replica reports): lenserve.scheduler.routing.cache_aware_rank ranks them, the same
-  function the simulator routes with. Prompts are indexed by 64-character chunks of their text (a
-  router sees text, not tokens); tokens are estimated at 4 characters each.
+  prefix of the prompt that replica most likely holds in its prefix cache:
+  lenserve.scheduler.routing.cache_aware_rank ranks them, the same function the simulator routes
+  with. Prompts are indexed by 64-character chunks of their text (a router sees text, not tokens;
+  `text_block_ids`, the same in every process); tokens are estimated at 4 characters each. What a
+  replica holds is its periodic prefix digest (the text ids of served completion prompts whose KV
+  blocks it still caches, lenserve.server.prefix_digest) plus the prompts this router sent it since
+  the digest was taken. For prompts no digest covers (chat, see `digest_prompt`), and before a
+  replica's first digest, an approximate index of the prompts this router sent it (SGLang's
+  approximate tree; LRU as large as the KV capacity the replica reports).
 - `PrefixAwareRouter` (`ray-prefix`): Ray Serve's own PrefixCacheAffinityRouter (ray.llm, no vLLM
   needed), reading the prompt from the body the ingress forwards; a baseline.
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import random
 import time
 from collections import OrderedDict, deque
@@ -37,7 +42,7 @@ from typing import Any
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from lenserve.scheduler.routing import CacheAwarePolicy, PrefixIndex, cache_aware_rank, text_block_ids
+from lenserve.scheduler.routing import TEXT_CHUNK_CHARS, CacheAwarePolicy, PrefixIndex, cache_aware_rank, text_block_ids
 from lenserve.server import router_metrics  # by reference: see its docstring
 
 DEFAULT_REQUEST_WORK = 256.0  # predicted work of one request (response tokens) before any replica has reported
@@ -45,10 +50,10 @@ MAX_SESSIONS = 100_000
 MAX_COMPLETIONS = 10_000  # completions remembered to discount stale reports
 COMPLETIONS_KEPT_S = 60.0  # a report older than this is long stale (they come every 0.5 s)
 PROVISIONAL_KEPT_S = 30.0  # a choice not routed by then was cancelled
-CHUNK_CHARS = 64  # prefix index granularity of the cache-aware router
+CHUNK_CHARS = TEXT_CHUNK_CHARS  # prefix index granularity of the cache-aware router (64 characters)
 CHARS_PER_TOKEN = 4.0  # its estimate of a prompt's tokens from its text
 DEFAULT_KV_TOKENS = 65536  # a replica's KV capacity before its first report
-
+MAX_SENT_KEPT = 10_000  # prompts remembered per replica until a digest covers them
 
 
 def prompt_text(body: dict) -> str:
@@ -66,6 +71,17 @@ def prompt_text(body: dict) -> str:
         elif isinstance(content, list):
             parts.extend(c.get("text", "") for c in content if isinstance(c, dict) and isinstance(c.get("text"), str))
     return "".join(parts)
+
+
+def digest_prompt(body: dict) -> str | None:
+    """The prompt text a replica's prefix digest covers (lenserve.server.prefix_digest): a
+    completion's one text prompt. Not several prompts (their joined text, which the router indexes,
+    is never tokenized as one), token ids, or a chat (its template puts text of its own between the
+    message contents the router indexes)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else None
 
 
 def request_body(pending: PendingRequest | None) -> dict:
@@ -183,6 +199,49 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         self._completed = deque((c for c in self._completed if c[0] != replica_id), maxlen=MAX_COMPLETIONS)
 
 
+class DigestIndex:
+    """What a replica's prefix cache holds by its last digest (the text ids it reported,
+    lenserve.server.prefix_digest), plus the prompts this router sent it after the digest was taken."""
+
+    def __init__(self) -> None:
+        self.time = -math.inf
+        self.ids: frozenset[int] = frozenset()
+        self.sent: deque[tuple[float, tuple[int, ...]]] = deque()  # (time sent, the prompt's ids), oldest first
+        self.recent: set[int] = set()  # the ids in `sent`, once a digest has come
+
+    def update(self, digest: list[int], at: float) -> None:
+        """Takes a digest (once per report); the sends it covers are dropped."""
+        if at == self.time:
+            return
+        self.time = at
+        self.ids = frozenset(digest)
+        sent = self.sent
+        while sent and sent[0][0] <= at:
+            sent.popleft()
+        self.recent = {b for _, ids in sent for b in ids}
+
+    def add(self, at: float, ids: tuple[int, ...]) -> None:
+        """Notes a prompt sent at `at`; counted until a digest taken after it comes."""
+        sent = self.sent
+        sent.append((at, ids))
+        if len(sent) > MAX_SENT_KEPT:  # no digest for a long while: the older half goes
+            for _ in range(len(sent) // 2):
+                sent.popleft()
+            self.recent = {b for _, ids in sent for b in ids} if self.time > -math.inf else set()
+        elif self.time > -math.inf:  # before a first digest nothing is matched here
+            self.recent.update(ids)
+
+    def match(self, ids: tuple[int, ...]) -> int:
+        """How many leading ids of `ids` are held."""
+        digest, recent = self.ids, self.recent
+        n = 0
+        for b in ids:
+            if b not in digest and b not in recent:
+                break
+            n += 1
+        return n
+
+
 class CacheAwareRouter(LeastWorkRouter):
     def initialize_state(self, session_affinity: bool = False, prompt_weight: float = 0.3, length_weight: float = 0.1,
                          balance_abs: float = 16.0, balance_rel: float = 1.5, **kwargs: Any) -> None:
@@ -191,6 +250,7 @@ class CacheAwareRouter(LeastWorkRouter):
                                        balance_abs=balance_abs, balance_rel=balance_rel)
         self._history: dict[str, PrefixIndex] = {}  # by replica unique_id
         self._pending_ids: dict[str, tuple[int, ...]] = {}  # internal id -> the prompt's chunk ids, until routed
+        self._digests: dict[str, DigestIndex] = {}  # by replica unique_id
 
     def history_of(self, replica: RunningReplica) -> PrefixIndex:
         kv_tokens = float((replica.routing_stats or {}).get("kv_tokens") or DEFAULT_KV_TOKENS)
@@ -198,6 +258,19 @@ class CacheAwareRouter(LeastWorkRouter):
         if index is None:
             index = self._history[replica.replica_id.unique_id] = PrefixIndex()
         index.capacity_blocks = max(kv_tokens * CHARS_PER_TOKEN / CHUNK_CHARS, 1)
+        return index
+
+    def index_of(self, replica: RunningReplica, in_digest: bool = True) -> DigestIndex | PrefixIndex:
+        """For a prompt a digest covers (`in_digest`), the replica's reported prefix digest with this
+        router's sends since, once it reports one; else this router's history of what it sent there."""
+        stats = replica.routing_stats or {}
+        at = stats.get("prefix_digest_time")
+        if at is None or not in_digest:
+            return self.history_of(replica)
+        index = self._digests.get(replica.replica_id.unique_id)
+        if index is None:
+            index = self._digests[replica.replica_id.unique_id] = DigestIndex()
+        index.update(stats.get("prefix_digest") or (), float(at))
         return index
 
     def ongoing(self, replica: RunningReplica) -> int:
@@ -210,10 +283,12 @@ class CacheAwareRouter(LeastWorkRouter):
         now = time.time()
         if self._provisional:
             self._provisional = {k: v for k, v in self._provisional.items() if v[1] > now - PROVISIONAL_KEPT_S}
-        text = prompt_text(request_body(pending_request))
+        body = request_body(pending_request)
+        text = prompt_text(body)
         ids = text_block_ids(text, CHUNK_CHARS)
         num_prompt = max(int(len(text) / CHARS_PER_TOKEN), 1)
-        cached = [min(int(self.history_of(r).match(ids) * CHUNK_CHARS / CHARS_PER_TOKEN), num_prompt - 1) for r in candidate_replicas]
+        in_digest = digest_prompt(body) is not None
+        cached = [min(int(self.index_of(r, in_digest).match(ids) * CHUNK_CHARS / CHARS_PER_TOKEN), num_prompt - 1) for r in candidate_replicas]
         work = [self.work_of(r) for r in candidate_replicas]
         ongoing = [self.ongoing(r) for r in candidate_replicas]
         order = cache_aware_rank(num_prompt, cached, work, ongoing, self.policy, [random.random() for _ in candidate_replicas])
@@ -235,10 +310,15 @@ class CacheAwareRouter(LeastWorkRouter):
             if index is None:
                 index = self._history[replica_id.unique_id] = PrefixIndex()
             index.insert(ids)
+            digest = self._digests.get(replica_id.unique_id)
+            if digest is None:
+                digest = self._digests[replica_id.unique_id] = DigestIndex()
+            digest.add(time.time(), ids)
 
     def on_replica_actor_died(self, replica_id: ReplicaID):
         super().on_replica_actor_died(replica_id)
         self._history.pop(replica_id.unique_id, None)
+        self._digests.pop(replica_id.unique_id, None)
 
 
 @functools.cache

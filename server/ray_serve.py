@@ -126,12 +126,13 @@ class _NoDisconnect:
 class EngineReplica:
     """One engine, serving requests forwarded by the ingress exactly as the single server would."""
 
-    async def __init__(self, config: ServerConfig) -> None:
+    async def __init__(self, config: ServerConfig, prefix_digest: bool = False) -> None:
         from lenserve.engine.async_engine import AsyncEngine
         from lenserve.engine.llm_engine import LLMEngine
         from lenserve.engine.cpu_threads import run_in_fresh_thread
         from lenserve.server.app import file_fault_hook, load_length_models
         from lenserve.server.metrics import Metrics
+        from lenserve.server.prefix_digest import PrefixDigest
         from lenserve.server.serving import OpenAIServing
 
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -150,11 +151,15 @@ class EngineReplica:
         self._mean_request_work: float | None = None
         bm = eng.block_manager
         self._prefix: dict = {"kv_tokens": bm.num_blocks * bm.block_size}  # and the prefix cache's counters, after each step
+        # which of the cache-aware router's text block ids the prefix cache holds (only that router reads it)
+        self.prefix_digest = PrefixDigest(bm) if prefix_digest else None
         # in a thread that exits: the predictor's loading runs OpenMP work (LightGBM), and a second
         # long-lived OpenMP team slows every parallel region of the engine's steps (cpu_threads.py)
         predictor = run_in_fresh_thread(load_length_models, config, eng)
         self.engine.start(asyncio.get_running_loop())
         self.serving = OpenAIServing(self.engine, names, self.metrics, predictor, config.request_timeout_s)
+        if self.prefix_digest is not None:
+            self.serving.prompt_listener = self.prefix_digest.record
         self.started = time.time()
         self._hub = get_hub()
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
@@ -181,7 +186,10 @@ class EngineReplica:
 
     def record_routing_stats(self) -> dict:
         work, at, unfinished = self._work
-        return {"work": work, "time": at, "unfinished": unfinished, "mean_request_work": self._mean_request_work, **self._prefix}
+        stats = {"work": work, "time": at, "unfinished": unfinished, "mean_request_work": self._mean_request_work, **self._prefix}
+        if self.prefix_digest is not None:
+            stats.update(self.prefix_digest.report())
+        return stats
 
     async def _push_metrics(self) -> None:
         while True:
@@ -535,7 +543,7 @@ def build_application(cfg: ScaleOutConfig):
             # a routing decision (a few ms of a request's latency); vLLM freezes its heap alike.
             gc.freeze()
 
-    return LenserveIngress.bind(engine_deployment.bind(server))
+    return LenserveIngress.bind(engine_deployment.bind(server, prefix_digest=cfg.router == "cache-aware"))
 
 
 def app_builder(args: dict):

@@ -19,7 +19,7 @@ class OpenAIServingCompletion(OpenAIServingBase):
             raise APIError(400, "echo together with logprobs is not supported", "echo")
         params = await constrained_params(self, req, req.max_tokens, req.logprobs)
         prompts = [(p, None) if isinstance(p, str) else (None, list(p)) for p in req.prompts()]
-        prompts = [(t, self.tokenizer.encode(t) if ids is None else ids) for t, ids in prompts]
+        prompts = [(t, self.encode_prompt(t) if ids is None else ids) for t, ids in prompts]
         rid = random_id("cmpl")
         jobs = self._submit(rid, prompts, params, req.priority)
         n = params.n

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -71,8 +71,19 @@ class OpenAIServingBase:
             logger.info("length predictor answers as %s", self.predictor_model)
         self.request_timeout_s = request_timeout_s
         self.tokenizer = engine.tokenizer
+        # gets each completion prompt's text, token ids and their characters (a Ray replica's prefix digest)
+        self.prompt_listener: Callable[[str, list[int], list[tuple[int, int]]], None] | None = None
 
     # ---- shared -----------------------------------------------------------------------------------
+    def encode_prompt(self, text: str) -> list[int]:
+        """A completion prompt's token ids; with a prompt listener, from the same one encoding that
+        gives it their characters."""
+        if self.prompt_listener is None:
+            return self.tokenizer.encode(text)
+        ids, offsets = self.tokenizer.encode_with_offsets(text)
+        self.prompt_listener(text, ids, offsets)
+        return ids
+
     def tokenize(self, req) -> dict:
         """POST /tokenize (a TokenizeRequest): the prompt or chat messages as the model's token ids."""
         self.check_model(req.model)

@@ -1,5 +1,6 @@
 """The Ray Serve routers' choices, on stand-in replicas (no cluster): least predicted work with
-the requests sent since each report, round-robin turns, session affinity."""
+the requests sent since each report, round-robin turns, session affinity, cache-aware matching on
+the replicas' history or prefix digests."""
 import asyncio
 import time
 from types import SimpleNamespace
@@ -125,6 +126,54 @@ def test_cache_aware_follows_the_prefix_it_sent_and_yields_to_load():
     by_id[chosen].routing_stats["work"] = 10_000  # far more than 0.3 x 520 tokens of prefill
     assert _choose(router, reps, _request({"prompt": history + " later"}, rid="late"))[0] == other
     assert prompt_text({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]}) == "hiyo"
+
+
+def test_cache_aware_matches_the_replicas_digests_and_its_sends_since():
+    """Once replicas report prefix digests, a replica holds what its last digest lists plus what
+    this router sent it after the digest was taken: a prompt sent to a is matched there until a's
+    next digest (which no longer lists it: evicted), then the replica whose digest holds the prefix
+    wins although this router's history says a. A chat prompt (no digest covers it) still follows
+    the history."""
+    from lenserve.scheduler.routing import text_block_ids
+    from lenserve.server.ray_router import CHUNK_CHARS, CacheAwareRouter
+
+    now = time.time()
+    a, b = _replica("a", at=now, mean=50), _replica("b", at=now, mean=50)
+    for r in (a, b):
+        r.routing_stats.update(kv_tokens=100_000, prefix_digest=[], prefix_digest_time=now - 10)
+    router = _router(CacheAwareRouter, prompt_weight=0.3)
+    history = "a long shared conversation so far. " * 60  # ~2,100 characters, ~520 tokens
+    ids = text_block_ids(history, CHUNK_CHARS)
+
+    first = _request({"prompt": history}, rid="t1")
+    _choose(router, [a, b], first)
+    router.on_request_routed(first, a.replica_id, None)
+    router.on_request_completed(a.replica_id, "t1")
+    router._provisional.clear()
+    assert router.index_of(a).match(ids) == len(ids) and router.index_of(b).match(ids) == 0
+    assert _choose(router, [a, b], _request({"prompt": history + " turn 1"}, rid="c1"))[0] == "a"
+    router._provisional.clear()
+
+    # a's next digest, taken after the send, no longer holds it; b's holds it (another ingress sent it there)
+    a.routing_stats.update(prefix_digest=[], prefix_digest_time=time.time())
+    b.routing_stats.update(prefix_digest=list(ids), prefix_digest_time=time.time())
+    assert router.history_of(a).match(ids) == len(ids)
+    assert router.index_of(a).match(ids) == 0 and router.index_of(b).match(ids) == len(ids)
+    for i in range(3):
+        assert _choose(router, [a, b], _request({"prompt": history + f" turn {i}"}, rid=f"d{i}"))[0] == "b"
+        router._provisional.clear()
+    chat = {"messages": [{"role": "user", "content": history}, {"role": "user", "content": " more"}]}
+    assert _choose(router, [a, b], _request(chat, rid="chat"))[0] == "a"
+    router._provisional.clear()
+
+    # a send counts only until a digest taken after it: sent to a now, matched there, then dropped
+    later = _request({"prompt": "another long prompt. " * 40}, rid="t2")
+    later_ids = text_block_ids("another long prompt. " * 40, CHUNK_CHARS)
+    _choose(router, [a, b], later)
+    router.on_request_routed(later, a.replica_id, None)
+    assert router.index_of(a).match(later_ids) == len(later_ids)
+    a.routing_stats.update(prefix_digest=list(later_ids[:3]), prefix_digest_time=time.time())
+    assert router.index_of(a).match(later_ids) == 3 and not router._digests["a"].sent
 
 
 def test_ray_prefix_router_class_imports_without_vllm():

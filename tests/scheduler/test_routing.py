@@ -34,6 +34,24 @@ def test_text_block_ids_are_prefix_chains_of_whole_chunks():
     assert c[1] != a[1]  # the same chunk after a different prefix is a different block
 
 
+def test_text_block_ids_are_the_same_in_every_process():
+    """A replica names the prefixes it caches by the ids its router computes: Python's string hash
+    (salted per process) would not do."""
+    import os
+    import subprocess
+    import sys
+
+    text = "héllo wörld, 漢字 and a lone surrogate \ud800. " * 30
+    code = ("from lenserve.scheduler.routing import text_block_ids\n"
+            "print(list(text_block_ids('héllo wörld, 漢字 and a lone surrogate \\ud800. ' * 30)))")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    outs = [subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")]
+    ids = text_block_ids(text)
+    assert len(ids) == len(text) // 64 and all(0 <= i < 2**64 for i in ids)
+    assert outs[0] == outs[1] == str(list(ids))
+
+
 def test_cost_is_prefill_left_plus_weighted_work():
     policy = CacheAwarePolicy(prompt_weight=0.5, length_weight=2.0)
     assert cache_aware_costs(1000, [0, 800], [100.0, 300.0], policy) == [500 + 200, 100 + 600]

@@ -1,0 +1,93 @@
+"""What an engine replica tells the cache-aware router (lenserve.server.ray_router) about its prefix
+cache, in the router's own terms: which text block ids (lenserve.scheduler.routing.text_block_ids)
+of the prompts it served are still cached.
+
+For each completion prompt it serves, the replica takes the token ids the engine gets and notes,
+for each whole chunk, the chain hash of the KV block that holds the token containing the chunk's
+last character (the tokenizer's character offsets say which token that is); the engine's block
+manager names its cached blocks by the same hashes. A chunk is held while that hash is in the
+block manager's prefix cache: `report()` lists those ids, so the router sees what the engine
+evicted, and what other ingresses sent it.
+
+Exact for the prompt that was served; a later prompt sharing its first chunks may tokenize the last
+shared word differently, so its own cache hit can end up to a block short of what the digest says.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Sequence
+
+from lenserve.scheduler.routing import TEXT_CHUNK_CHARS, text_block_ids
+
+DIGEST_IDS_PER_BLOCK = 2  # text ids remembered per KV block (a block of 16 tokens is ~1 chunk of 64 characters)
+
+
+def chunk_end_tokens(offsets: Sequence[tuple[int, int]], num_chunks: int, chunk_chars: int) -> list[int]:
+    """For chunk j (characters up to chunk_chars x (j + 1)), the index of the token that holds its
+    last character, for as many leading chunks as the tokens reach. `offsets` are the tokens'
+    (start, end) characters, in order; whitespace a token's offsets leave out (byte-level BPE trims
+    a leading space) belongs to the token after it, and a character split over several tokens
+    (byte fallback) ends in the last of them."""
+    out: list[int] = []
+    n = len(offsets)
+    t = 0
+    for j in range(num_chunks):
+        end = chunk_chars * (j + 1)
+        while t < n and offsets[t][1] < end:
+            t += 1
+        if t == n:
+            break
+        while t + 1 < n and offsets[t + 1][0] < end:
+            t += 1
+        out.append(t)
+    return out
+
+
+class PrefixDigest:
+    """Text id -> chain hash of the KV block its chunk ends in, LRU over `max_ids` (default
+    DIGEST_IDS_PER_BLOCK x the cache's blocks). `record` runs on the replica's event loop, `report`
+    where Ray Serve asks for routing stats; the engine core changes the block manager meanwhile,
+    which is only read by single dict lookups."""
+
+    def __init__(self, block_manager, chunk_chars: int = TEXT_CHUNK_CHARS, max_ids: int | None = None) -> None:
+        self.block_manager = block_manager
+        self.chunk_chars = chunk_chars
+        self.max_ids = max_ids if max_ids is not None else DIGEST_IDS_PER_BLOCK * block_manager.num_blocks
+        self._block_of: OrderedDict[int, int] = OrderedDict()  # least recently served first
+        self._lock = threading.Lock()
+
+    def record(self, text: str, token_ids: list[int], offsets: Sequence[tuple[int, int]]) -> None:
+        """Notes a completion prompt about to be served: its text, the engine's token ids for it and
+        each token's (start, end) characters (OpenAIServingBase.encode_prompt hands them over)."""
+        bm = self.block_manager
+        ids = text_block_ids(text, self.chunk_chars)
+        if not ids or not bm.enable_prefix_caching:
+            return
+        ends = chunk_end_tokens(offsets, len(ids), self.chunk_chars)
+        bs = bm.block_size
+        num_blocks = min(len(token_ids) // bs, ends[-1] // bs + 1) if ends else 0  # only full blocks are cached
+        hashes = []
+        parent = None
+        for i in range(num_blocks):
+            parent = bm._chain_hash(parent, tuple(token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(parent)
+        pairs = [(text_id, hashes[t // bs]) for text_id, t in zip(ids, ends) if t // bs < num_blocks]
+        with self._lock:
+            block_of = self._block_of
+            for text_id, h in reversed(pairs):  # the tail first: a shared prefix is the most recent
+                block_of[text_id] = h
+                block_of.move_to_end(text_id)
+            while len(block_of) > self.max_ids:
+                block_of.popitem(last=False)
+
+    def report(self) -> dict:
+        """{"prefix_digest": text ids whose block is cached now (most recently served first),
+        "prefix_digest_time": unix time, taken before the cache is read}."""
+        at = time.time()
+        with self._lock:
+            items = list(self._block_of.items())
+        cached = self.block_manager.hash_to_block
+        held = [text_id for text_id, h in reversed(items) if h in cached]
+        return {"prefix_digest": held, "prefix_digest_time": at}
