@@ -304,6 +304,17 @@ def judge(result: dict, trace, args, fitted, offline, overhead: float) -> None:
         }
 
 
+def write(result: dict, args) -> int:
+    """The results file, its plot, and the ratios and criteria on stdout."""
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    plot(result, args.plot)
+    json.dump({k: result.get(k) for k in ("ratios", "criteria")}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
 def resim(args) -> int:
     """The simulator side again, on a results file's live runs: after a change to the simulator."""
     from lenserve.scheduler.cost_model import CostModel
@@ -321,13 +332,7 @@ def resim(args) -> int:
     judge(result, trace, args, fitted, offline, result["sim_cost_model"]["ttft_overhead_s"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result["meta"]["resimulated_at_commit"] = commit
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    plot(result, args.plot)
-    json.dump({k: result.get(k) for k in ("ratios", "criteria")}, sys.stdout, indent=1)
-    sys.stdout.write("\n")
-    return 0
+    return write(result, args)
 
 
 def main(argv=None) -> int:
@@ -396,13 +401,7 @@ def main(argv=None) -> int:
                                 "ttft_overhead_s": overhead, "offline_terms": _terms(offline)}
     judge(result, trace, args, fitted, offline, overhead)
     result["meta"]["loadavg_end"] = os.getloadavg()
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    plot(result, args.plot)
-    json.dump({k: result.get(k) for k in ("ratios", "criteria")}, sys.stdout, indent=1)
-    sys.stdout.write("\n")
-    return 0
+    return write(result, args)
 
 
 if __name__ == "__main__":
