@@ -62,8 +62,10 @@ class PrefixDigest:
         """Notes a completion prompt about to be served: its text, the engine's token ids for it and
         each token's (start, end) characters (OpenAIServingBase.encode_prompt hands them over)."""
         bm = self.block_manager
+        if not bm.enable_prefix_caching:
+            return
         ids = text_block_ids(text, self.chunk_chars)
-        if not ids or not bm.enable_prefix_caching:
+        if not ids:
             return
         ends = chunk_end_tokens(offsets, len(ids), self.chunk_chars)
         bs = bm.block_size
@@ -83,11 +85,12 @@ class PrefixDigest:
                 block_of.popitem(last=False)
 
     def report(self) -> dict:
-        """{"prefix_digest": text ids whose block is cached now (most recently served first),
-        "prefix_digest_time": unix time, taken before the cache is read}."""
+        """{"prefix_digest": the frozenset of text ids whose block is cached now, "prefix_digest_time":
+        unix time, taken before the cache is read}. A frozenset, so that the router's intake of it
+        (DigestIndex.update: frozenset() of a frozenset is that object) costs nothing in a routing
+        decision: Ray Serve unpickles the stats outside it."""
         at = time.time()
         with self._lock:
             items = list(self._block_of.items())
         cached = self.block_manager.hash_to_block
-        held = [text_id for text_id, h in reversed(items) if h in cached]
-        return {"prefix_digest": held, "prefix_digest_time": at}
+        return {"prefix_digest": frozenset(text_id for text_id, h in items if h in cached), "prefix_digest_time": at}

@@ -209,8 +209,9 @@ class DigestIndex:
         self.sent: deque[tuple[float, tuple[int, ...]]] = deque()  # (time sent, the prompt's ids), oldest first
         self.recent: set[int] = set()  # the ids in `sent`, once a digest has come
 
-    def update(self, digest: list[int], at: float) -> None:
-        """Takes a digest (once per report); the sends it covers are dropped."""
+    def update(self, digest, at: float) -> None:
+        """Takes a digest (once per report; a replica reports a frozenset, taken as it is); the
+        sends it covers are dropped."""
         if at == self.time:
             return
         self.time = at
@@ -267,10 +268,14 @@ class CacheAwareRouter(LeastWorkRouter):
         at = stats.get("prefix_digest_time")
         if at is None or not in_digest:
             return self.history_of(replica)
-        index = self._digests.get(replica.replica_id.unique_id)
-        if index is None:
-            index = self._digests[replica.replica_id.unique_id] = DigestIndex()
+        index = self._digest_of(replica.replica_id.unique_id)
         index.update(stats.get("prefix_digest") or (), float(at))
+        return index
+
+    def _digest_of(self, unique_id: str) -> DigestIndex:
+        index = self._digests.get(unique_id)
+        if index is None:
+            index = self._digests[unique_id] = DigestIndex()
         return index
 
     def ongoing(self, replica: RunningReplica) -> int:
@@ -310,10 +315,7 @@ class CacheAwareRouter(LeastWorkRouter):
             if index is None:
                 index = self._history[replica_id.unique_id] = PrefixIndex()
             index.insert(ids)
-            digest = self._digests.get(replica_id.unique_id)
-            if digest is None:
-                digest = self._digests[replica_id.unique_id] = DigestIndex()
-            digest.add(time.time(), ids)
+            self._digest_of(replica_id.unique_id).add(time.time(), ids)
 
     def on_replica_actor_died(self, replica_id: ReplicaID):
         super().on_replica_actor_died(replica_id)
