@@ -56,6 +56,12 @@ class SchedulerConfig:
     target_itl_s: float | None = None
     # The fewest prompt tokens a step takes under target_itl_s, so a prompt always progresses.
     min_prefill_chunk: int = 16
+    # Under target_itl_s with a length-aware policy (sjf, oracle): a waiting request whose policy
+    # key is below that of the first prompt in progress starts ahead of that prompt's remaining
+    # chunks, which keep min_prefill_chunk tokens of the step (shortest remaining prefill first:
+    # a short prompt does not wait out a long one's chunking, which the target stretches to many
+    # steps). False: prompts in progress always take the budget before new ones.
+    prefill_srpt: bool = True
     # Free blocks kept back when admitting new sequences, so running ones can grow without preemption.
     watermark: float = 0.01
 

@@ -258,7 +258,17 @@ class Scheduler:
         prefills = sorted((s for s in self.running if s.num_tokens - s.num_computed_tokens > 1), key=self.policy.key)
         budget = self.token_budget(decodes, prefills)
         self.last_token_budget = budget
-        if self.running:
+        if self.running and self._waiting_goes_first(now, prefills):
+            # Decodes, then the shorter waiting prompts, then the prompts in progress (which keep
+            # min_prefill_chunk of the step, so none waits forever).
+            budget = self._schedule_running(decodes, budget, scheduled, preempted)
+            keep = min(self.config.min_prefill_chunk, prefills[0].num_tokens - prefills[0].num_computed_tokens)
+            if not preempted and budget > keep and len(self.running) < self.config.max_num_seqs:
+                before = sum(n for _, n in scheduled)
+                self._admit(now, budget - keep, scheduled)
+                budget -= sum(n for _, n in scheduled) - before
+            budget = self._schedule_running(prefills, budget, scheduled, preempted)
+        elif self.running:
             budget = self._schedule_running(decodes + prefills, budget, scheduled, preempted)
         if not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs and self.waiting:
             if self._bucketed:
@@ -277,6 +287,17 @@ class Scheduler:
             num_prefill_seqs=len(prefill_work),
             preempted=preempted,
         )
+
+    def _waiting_goes_first(self, now: float, prefills: list[Sequence]) -> bool:
+        """Whether the waiting queue's head starts ahead of the prompts in progress this step
+        (SchedulerConfig.prefill_srpt): under a target, with a length-aware policy, when its
+        policy key is the smaller."""
+        cfg = self.config
+        if not (cfg.prefill_srpt and cfg.target_itl_s is not None and prefills and self.waiting and cfg.policy != "fcfs"
+                and not self._bucketed):
+            return False
+        head = self.waiting.peek(now, self.work_done)
+        return head is not None and self.policy.key(head) < self.policy.key(prefills[0])
 
     def token_budget(self, decodes: list[Sequence], prefills: list[Sequence]) -> int:
         """This step's token budget: max_num_batched_tokens, or under target_itl_s what keeps the

@@ -448,3 +448,41 @@ def test_lifetime_model_is_the_fit_over_every_step_but_stalls():
         pytest.approx(ref, rel=1e-5, abs=1e-12)
     assert got.step_time(20, 20, 0.0, 8000) == pytest.approx(1.3 * COST.step_time(20, 20, 0.0, 8000), rel=0.05)
     assert OnlineCostModel(prior=COST).lifetime_model() is None
+
+
+@pytest.mark.parametrize("srpt", [True, False])
+def test_a_short_prompt_starts_ahead_of_a_long_prompt_in_progress(srpt):
+    """Under a target with sjf, a short request arriving while a long prompt is being chunked
+    starts at once (shortest remaining prefill first), and the long prompt keeps the minimum chunk
+    every step; with prefill_srpt off, the short one waits out the long prompt's chunking."""
+    clock = Clock()
+    config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=8192, target_itl_s=0.25,
+                             min_prefill_chunk=16, policy="sjf", prefill_srpt=srpt)
+    sched = Scheduler(config, BlockManager(20000, 16), clock=clock, cost_model=COST)
+    sched.add(make_seq("d0", 20, 1000, max_tokens=1000, pred=prediction(1000)))
+    for _ in range(2):  # d0 decoding
+        out = sched.schedule()
+        sched.update(out, sample_tokens(out))
+    distinct = [3 + (i * 7919) % 40000 for i in range(3000)]
+    sched.add(make_seq("long", 3000, 10, pred=prediction(10), prompt=distinct))
+    out = sched.schedule()
+    sched.update(out, sample_tokens(out))
+    chunk = dict(zip([s.request_id for s in out.seqs], out.num_new_tokens))["long"]
+    assert 16 < chunk < 3000  # chunked under the target
+    sched.add(make_seq("short", 40, 10, pred=prediction(10), prompt=[40000 + i for i in range(40)]))
+    long = sched.requests["long"]
+    first_token_step = None
+    for step in range(60):
+        out = sched.schedule()
+        took = dict(zip([s.request_id for s in out.seqs], out.num_new_tokens))
+        if srpt and step == 0:
+            assert took["short"] == 40 and took["long"] >= 16 and took["d0"] == 1
+        sched.update(out, sample_tokens(out))
+        if first_token_step is None and sched.requests["short"].num_output_tokens:
+            first_token_step = step
+    if srpt:
+        assert first_token_step == 0
+    else:
+        # the long prompt's chunks all come first: ~3000 / chunk steps
+        assert first_token_step >= (3000 - chunk) // chunk - 1
+    assert long.num_computed_tokens >= 3000  # and the long prompt still finished its prefill
