@@ -117,12 +117,23 @@ def _replays(trace: Trace, time_scale: float, targets: list[float], args, max_qu
 
         asyncio.run(run_all())
         fitted = [fetch_served_cost_model(url) for url in urls]
+        busy = [_busy_s(url) for url in urls]
         runs = []
         for i, (target, replayer) in enumerate(zip(targets, replayers)):
             write_outputs(replayer, Path(tmp) / f"run{i}")
             records = read_jsonl(Path(tmp) / f"run{i}" / "requests.jsonl")
-            runs.append(_summarize(trace, time_scale, target, records, fitted[i], time.monotonic() - t0, log))
+            runs.append(_summarize(trace, time_scale, target, records, fitted[i], time.monotonic() - t0, log, busy[i]))
     return runs
+
+
+def _busy_s(url: str) -> float:
+    """Seconds the server at `url` spent in engine steps (lenserve:step_duration_seconds' sum)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "lenserve:step_duration_seconds_sum")
 
 
 def _window_tokens(records: list[dict]) -> int:
@@ -140,7 +151,8 @@ def _window_tokens(records: list[dict]) -> int:
     return count
 
 
-def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: list[dict], served, wall_s: float, log) -> dict:
+def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: list[dict], served, wall_s: float, log,
+               busy_s: float | None = None) -> dict:
     fitted, step_noise = served.lifetime or served.model, served.step_noise
     ok = [r for r in records if r["ok"]]
     itl = np.array([x for r in ok for x in r["itl_s"]])
@@ -166,11 +178,15 @@ def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: l
         # server keeps up with the offered load, without the drain of the last requests
         "arrival_window_throughput_tok_s": _window_tokens(ok) / window if (window := max(r["sent_s"] for r in ok) - min(r["sent_s"] for r in ok)) > 0 else None,
         "span_s": span,
+        # measured utilisation: the share of the replay the engine spent stepping (the offered
+        # load as the server saw it, no model in between)
+        "busy_s": busy_s,
+        "busy_fraction": busy_s / span if busy_s is not None and span > 0 else None,
         "wall_s": round(wall_s, 1),
     }
     log(f"  {trace.name} x{time_scale:.3g} target={target_itl_ms or 'fixed'}: "
         + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()
-                      if k in ("num_ok", "num_rejected_429", "itl_p50_s", "itl_p99_s", "ttft_p50_s", "output_throughput_tok_s")}))
+                      if k in ("num_ok", "num_rejected_429", "itl_p50_s", "itl_p99_s", "ttft_p50_s", "output_throughput_tok_s", "busy_fraction")}))
     fitted_terms = _without_meta(fitted)
     noise = {"num_steps": int(len(step_noise))}
     if len(step_noise):
@@ -240,7 +256,11 @@ def capacity_price(trace: Trace, entry: dict, args) -> dict:
     """What holding every step within the target costs in capacity, whatever the scheduler: the
     most output tokens per second any schedule sustains on the trace's lengths with and without
     the target (`step_budget.max_throughput`, with the cost model the target server fitted), and
-    the shares of each that the replay's offered output rate asks for."""
+    the shares of each that the replay's offered output rate asks for. The fit describes the steps
+    that server ran, so pricing every other schedule with it extrapolates (a target server's fit
+    over small chunks put the long mix 1.25x over capacity; the same replay, rerun, kept that
+    server's engine busy 69% of the time): `busy_fraction_*`, the engines' measured step time over the replay span, is the
+    load as the servers saw it."""
     from lenserve.scheduler.cost_model import CostModel
     from lenserve.scheduler.step_budget import max_throughput
 
@@ -253,7 +273,8 @@ def capacity_price(trace: Trace, entry: dict, args) -> dict:
     held = max_throughput(cost, c.prompt_tokens, c.output_tokens, args.target_itl_ms / 1000, cost.max_num_seqs)
     offered = float(c.output_tokens.sum()) * entry["time_scale"] / trace.duration_s
     return {"max_output_tok_s": float(free), "max_output_tok_s_within_target": float(held), "target_over_free": float(held / free),
-            "offered_output_tok_s": offered, "offered_over_max": offered / free, "offered_over_max_within_target": offered / held}
+            "offered_output_tok_s": offered, "offered_over_max": offered / free, "offered_over_max_within_target": offered / held,
+            "busy_fraction_fixed": entry["fixed"]["summary"]["busy_fraction"], "busy_fraction_target": entry["target"]["summary"]["busy_fraction"]}
 
 
 def criteria(result: dict, target_s: float) -> dict:
@@ -313,7 +334,7 @@ def main(argv=None) -> int:
     p.add_argument("--overload", type=float, default=3.0, help="the heavy-overload run's load (0: skip)")
     p.add_argument("--overload-max-queue", type=int, default=8)
     p.add_argument("--azure-requests", type=int, default=48)
-    p.add_argument("--long-requests", type=int, default=20)
+    p.add_argument("--long-requests", type=int, default=40)
     p.add_argument("--capacity", default="calibrated", choices=["calibrated", "offline", "live"],
                    help="how the capacity that --load scales is measured (see capacity())")
     p.add_argument("--capacity-requests", type=int, default=16, help="requests of the live saturation run (calibrated, live)")
