@@ -97,6 +97,8 @@ class ReplicaSim:
         self.kv_tokens = bm.num_blocks * bm.block_size
         if requests.block_ids is not None:
             self.cache = PrefixIndex(max(self.kv_tokens / requests.block_tokens, 1))
+            self.sched.prefix_lookup = self._lookup
+        self._looked_up: set[int] = set()
         self.num_prompt_tokens = 0
         self.num_cached_tokens = 0
 
@@ -130,10 +132,11 @@ class ReplicaSim:
         self._fit_cache()
         return min(self.cache.match(ids) * self.requests.block_tokens, int(self.requests.prompt_tokens[i]) - 1)
 
-    def _fit_cache(self) -> None:
+    def _fit_cache(self, extra_tokens: int = 0) -> None:
         """The prefix cache's capacity: the KV tokens that the running sequences' answers and
-        unfinished prompts leave (a finished prompt's blocks are cache entries themselves)."""
-        held = 0
+        unfinished prompts leave (a finished prompt's blocks are cache entries themselves), less
+        `extra_tokens` they are about to take."""
+        held = extra_tokens
         for seq in self.sched.running:
             if seq.num_computed_tokens >= seq.num_prompt_tokens:
                 held += seq.num_computed_tokens - seq.num_prompt_tokens
@@ -155,19 +158,29 @@ class ReplicaSim:
             prediction=self.predictions.at(i) if self.predictions is not None else None,
             true_output_len=int(r.output_tokens[i]),
         )
-        cached = self.cached_tokens(i)
-        if cached:
-            self.cache.insert(r.block_ids[i][: cached // r.block_tokens])  # a hit refreshes its blocks
-            seq.num_computed_tokens = seq.num_cached_tokens = cached
-            work_hint = max(work_hint - self.config.prompt_weight * cached, 0.0)
+        # The router's view: what the cache holds as the request arrives. The hit itself is
+        # taken at admission (_lookup), after any wait, from what the cache holds then.
+        work_hint = max(work_hint - self.config.prompt_weight * self.cached_tokens(i), 0.0)
         self.num_prompt_tokens += seq.num_prompt_tokens
-        self.num_cached_tokens += cached
         seq.work_hint = work_hint
         self.unfinished_hint += work_hint
         self.sched.add(seq)
         self.unfinished[i] = seq
         self.num_assigned += 1
         self.stalled = False
+
+    def _lookup(self, seq: Sequence) -> None:
+        """Scheduler.prefix_lookup: a sequence about to start (first time or after a preemption)
+        computes only the prompt past its longest prefix cached now; the hit rate counts each
+        request's first start."""
+        i = seq.index
+        cached = self.cached_tokens(i)
+        if cached:
+            self.cache.insert(self.requests.block_ids[i][: cached // self.requests.block_tokens])  # a hit refreshes its blocks
+        seq.num_computed_tokens = seq.num_cached_tokens = cached
+        if i not in self._looked_up:
+            self._looked_up.add(i)
+            self.num_cached_tokens += cached
 
     def _cache_prompts(self, out) -> None:
         """Prompts whose prefill ends in this step enter the prefix cache (as an engine registers
@@ -211,6 +224,8 @@ class ReplicaSim:
                     ending = []
                     end = now + cost.decode_time(num_seqs, context, k)
                 stops = run_stops(ending, k)
+                if self.cache is not None:  # the answers' KV at the run's end (every sequence runs all k steps) evicts
+                    self._fit_cache(k * num_seqs)
                 self.max_concurrent = max(self.max_concurrent, num_seqs)
                 self.busy_s += end - now
                 self.num_steps += k
@@ -231,6 +246,7 @@ class ReplicaSim:
             self.now = now + dt
             sched.record_step_time(dt)
             if self.cache is not None:
+                self._fit_cache(num_tokens)  # the step's new KV evicts (before update frees what finishes)
                 self._cache_prompts(out)
             self._record(sched.update(out, sampled))
 

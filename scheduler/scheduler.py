@@ -86,6 +86,10 @@ class Scheduler:
         self.cost_model = cost_model
         self.last_token_budget = config.max_num_batched_tokens  # the budget of the latest schedule()
         self._last_features: dict | None = None  # step_features of the latest schedule(), for the online fit
+        # Called with each sequence about to start (admission), before its prompt is packed: the
+        # simulator's replicas look their prefix caches up here, when an engine's block manager
+        # does, rather than at arrival (None: nothing).
+        self.prefix_lookup: Callable[[Sequence], None] | None = None
 
     # ---- requests ----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -487,6 +491,9 @@ class Scheduler:
         """Prepacks the selected prompts into the budget and starts those that got tokens (all of
         them for a static batch; the rest of a continuous selection goes back to the queue)."""
         bm = self.block_manager
+        if self.prefix_lookup is not None:
+            for seq, _ in selected:
+                self.prefix_lookup(seq)
         takes = prepack(
             # (a sequence may arrive with a computed prefix: the simulator's cached tokens)
             [seq.num_tokens - max(len(matched) * bm.block_size, seq.num_computed_tokens) for seq, matched in selected],

@@ -133,7 +133,34 @@ def test_running_answers_leave_the_prefix_cache_less_room():
     assert rep.cached_tokens(2) == 319  # the most recent prompt stays
     assert rep.cache.capacity_blocks < 128 - 1400 / B and rep.cached_tokens(0) == 0  # the oldest went
     rep.drain()
-    assert rep.cached_tokens(2) == 319 and rep.cache.capacity_blocks == 128
+    # the room comes back when the answer ends, but at its peak (2,064 tokens of a 2,048-token KV)
+    # it had evicted every cached prefix
+    assert rep.cached_tokens(2) == 0 and rep.cache.capacity_blocks == 128
+
+
+def test_a_waiting_request_finds_its_prefix_at_admission_not_at_arrival():
+    """As in an engine, the cache is looked up when a request starts: the part of a prefix cached
+    when the request arrived but evicted while it waited (a long answer took the KV) is computed
+    again; the router's view at arrival (cached_tokens) does not count as a hit."""
+    from lenserve.scheduler.cluster import ReplicaSim
+
+    B = 16
+    shared = tuple(range(20))
+    req = SimRequests.from_arrays(np.array([0.0, 10.0, 11.0]), np.array([320, 64, 400]), np.array([1, 1800, 1]), max_tokens=2048,
+                                  block_ids=[shared, tuple(range(100, 104)), shared + tuple(range(200, 205))], block_tokens=B)
+    cost = dataclasses.replace(COST, num_kv_blocks=128, block_size=B)  # 2048 tokens
+    config = dataclasses.replace(scheduler_config_for(cost), max_num_seqs=1)  # the third waits for the second
+    rep = ReplicaSim(req, config, cost, None, lambda seq: None)
+    for i in range(3):
+        rep.advance_to(float(req.arrival_s[i]))
+        if i == 2:
+            assert rep.cached_tokens(2) == 320  # the prefix is there as it arrives...
+        rep.add(i)
+    rep.drain()
+    # ...and by its start the 1,864-token sequence had left room for 11 blocks: the prefix's first
+    # 11 (tails go first), not the 20 it found on arrival
+    assert rep.num_cached_tokens == 11 * B
+    assert rep.num_prompt_tokens == 784
 
 
 def test_every_router_finishes_every_request():
