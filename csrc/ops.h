@@ -28,6 +28,13 @@ void reshape_and_cache_cpu(const torch::Tensor& key, const torch::Tensor& value,
 torch::Tensor varlen_attention_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                    const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
                                    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal);
+// varlen_attention whose keys are rows of k, v picked by k_index int64 [total_k] (a paged cache
+// flattened to [slots, num_kv_heads, head_dim], in any of float32/bfloat16/float16 independent of
+// q's dtype): a prompt chunk attends to its cached context without a gathered copy (CPU only).
+torch::Tensor varlen_attention_indexed_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                           const torch::Tensor& k_index, const torch::Tensor& cu_seqlens_q,
+                                           const torch::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, double softmax_scale, bool causal);
 // q [num_seqs, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim] (any of
 // float32/bfloat16/float16, independent of q's dtype); block_tables int32 [num_seqs, max_blocks];
 // context_lens int32 [num_seqs]. -> [num_seqs, num_heads, head_dim]

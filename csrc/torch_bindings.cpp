@@ -33,6 +33,9 @@ TORCH_LIBRARY(lenserve, m) {
       "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, float softmax_scale, bool causal) -> Tensor");
   m.def(
+      "varlen_attention_indexed(Tensor q, Tensor k, Tensor v, Tensor k_index, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> Tensor");
+  m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
       "float softmax_scale) -> Tensor");
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
@@ -56,6 +59,7 @@ TORCH_LIBRARY_IMPL(lenserve, CPU, m) {
   m.impl("rotary_embedding", &lenserve::rotary_embedding_cpu);
   m.impl("reshape_and_cache", &lenserve::reshape_and_cache_cpu);
   m.impl("varlen_attention", &lenserve::varlen_attention_cpu);
+  m.impl("varlen_attention_indexed", &lenserve::varlen_attention_indexed_cpu);
   m.impl("paged_decode_attention", &lenserve::paged_decode_attention_cpu);
   m.impl("pack_linear_weight", &lenserve::pack_linear_weight_cpu);
   m.impl("packed_linear", &lenserve::packed_linear_cpu);

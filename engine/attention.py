@@ -383,6 +383,17 @@ class Attention:
 
     def _prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         p = meta.num_prefill_seqs
+        if meta.prefill_kv_slots is not None and _backend_for(self.backend, q) == "kernels" \
+                and has_op("varlen_attention_indexed", q.device):
+            # The chunk attends to its context in place in the cache (converted tile by tile): a
+            # gathered fp32 copy of the whole context per layer costs as much as the attention
+            # itself for a small chunk over a long context.
+            _log_choice("varlen_attention", "lenserve._C indexed (cpu)")
+            return torch.ops.lenserve.varlen_attention_indexed(
+                q, k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:]), meta.prefill_kv_slots,
+                meta.cu_seqlens_q[: p + 1], meta.cu_seqlens_k[: p + 1], meta.prefill_max_seqlen_q,
+                meta.prefill_max_seqlen_k, self.scale, True,
+            )
         if meta.prefill_kv_slots is not None:
             k = k_cache.view(-1, *k_cache.shape[2:])[meta.prefill_kv_slots].to(q.dtype)
             v = v_cache.view(-1, *v_cache.shape[2:])[meta.prefill_kv_slots].to(q.dtype)

@@ -32,6 +32,10 @@ def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return torch.empty_like(q)
 
 
+def _varlen_attention_indexed(q, k, v, k_index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return torch.empty_like(q)
+
+
 def _paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, softmax_scale):
     return torch.empty_like(q)
 
@@ -62,6 +66,7 @@ _register("silu_and_mul", _silu_and_mul)
 _register("rotary_embedding", _inplace)
 _register("reshape_and_cache", _inplace)
 _register("varlen_attention", _varlen_attention)
+_register("varlen_attention_indexed", _varlen_attention_indexed)
 _register("paged_decode_attention", _paged_decode_attention)
 _register("pack_linear_weight", _pack_linear_weight)
 _register("packed_linear", _packed_linear)

@@ -85,8 +85,12 @@ void softmax_update(float* s, int64_t num_keys, int64_t ld, int64_t key_start, b
   }
 }
 
-template <typename T>
-void attend(const Problem& p, const WorkItem& w, const T* q, const T* k, const T* v, T* out, Scratch& sc) {
+// `k_index` (nullptr: none): key position j of sequence s reads row k_index[cu_seqlens_k[s] + j] of
+// k and v (a paged cache flattened to [slots, kv_heads, head_dim]), converted to fp32 tile by tile,
+// so a prompt chunk attends to its cached context without a gathered copy of it.
+template <typename T, typename TKV>
+void attend(const Problem& p, const WorkItem& w, const T* q, const TKV* k, const TKV* v, T* out, Scratch& sc,
+            const int64_t* k_index) {
   using namespace vec;
   const int64_t D = p.head_dim, G = p.group;
   const int64_t q_begin = p.cu_seqlens_q[w.seq], k_begin = p.cu_seqlens_k[w.seq];
@@ -113,16 +117,17 @@ void attend(const Problem& p, const WorkItem& w, const T* q, const T* k, const T
 
   for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
     const int64_t num_keys = std::min(kBlockK, key_end - j0);
-    const T* k_tile = k + (k_begin + j0) * p.k_stride + w.kv_head * D;
-    const T* v_tile = v + (k_begin + j0) * p.v_stride + w.kv_head * D;
     const float *kt, *vt;
     int64_t k_ld, v_ld;
-    if constexpr (std::is_same_v<T, float>) {
-      kt = k_tile, vt = v_tile, k_ld = p.k_stride, v_ld = p.v_stride;
+    if (std::is_same_v<TKV, float> && k_index == nullptr) {  // fp32 keys and values read in place
+      kt = reinterpret_cast<const float*>(k + (k_begin + j0) * p.k_stride + w.kv_head * D);
+      vt = reinterpret_cast<const float*>(v + (k_begin + j0) * p.v_stride + w.kv_head * D);
+      k_ld = p.k_stride, v_ld = p.v_stride;
     } else {
       for (int64_t j = 0; j < num_keys; ++j) {
-        convert(k_tile + j * p.k_stride, sc.kbuf.data() + j * D, D);
-        convert(v_tile + j * p.v_stride, sc.vbuf.data() + j * D, D);
+        const int64_t row = k_index != nullptr ? k_index[k_begin + j0 + j] : k_begin + j0 + j;
+        convert(k + row * p.k_stride + w.kv_head * D, sc.kbuf.data() + j * D, D);
+        convert(v + row * p.v_stride + w.kv_head * D, sc.vbuf.data() + j * D, D);
       }
       kt = sc.kbuf.data(), vt = sc.vbuf.data(), k_ld = D, v_ld = D;
     }
@@ -174,18 +179,39 @@ int64_t check_cu_seqlens(const torch::Tensor& cu, const char* name, int64_t tota
 
 }  // namespace
 
-torch::Tensor varlen_attention_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                   const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
-                                   int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal) {
+namespace {
+
+torch::Tensor varlen_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                    const torch::Tensor* k_index, const torch::Tensor& cu_seqlens_q,
+                                    const torch::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                    double softmax_scale, bool causal) {
   check_rows(q, "q");
   check_rows(k, "k");
   check_rows(v, "v");
-  LS_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-           "varlen_attention: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-           v.scalar_type());
+  if (k_index == nullptr) {
+    LS_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+             "varlen_attention: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+             v.scalar_type());
+  } else {
+    LS_CHECK(v.scalar_type() == k.scalar_type(), "varlen_attention_indexed: k and v must share a dtype, got ",
+             k.scalar_type(), ", ", v.scalar_type());
+  }
   LS_CHECK(k.sizes() == v.sizes(), "varlen_attention: k ", k.sizes(), " and v ", v.sizes(), " shapes differ");
   const int64_t total_q = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t total_k = k.size(0), num_kv_heads = k.size(1);
+  const int64_t num_kv_heads = k.size(1);
+  int64_t total_k = k.size(0);
+  if (k_index != nullptr) {
+    const torch::Tensor& idx = *k_index;
+    LS_CHECK_CPU(idx);
+    LS_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.is_contiguous(),
+             "varlen_attention_indexed: k_index must be a contiguous 1-D int64 tensor");
+    const int64_t* ix = idx.data_ptr<int64_t>();
+    for (int64_t i = 0; i < idx.size(0); ++i) {
+      LS_CHECK(ix[i] >= 0 && ix[i] < k.size(0), "varlen_attention_indexed: k_index[", i, "] = ", ix[i],
+               " is outside k's ", k.size(0), " rows");
+    }
+    total_k = idx.size(0);  // the keys are the indexed rows
+  }
   LS_CHECK(k.size(2) == head_dim, "varlen_attention: q head_dim ", head_dim, " != k head_dim ", k.size(2));
   LS_CHECK(head_dim % kGemmNR == 0 && head_dim > 0 && head_dim <= kMaxHeadDim,
            "varlen_attention: head_dim must be a multiple of ", kGemmNR, " up to ", kMaxHeadDim,
@@ -229,17 +255,43 @@ torch::Tensor varlen_attention_cpu(const torch::Tensor& q, const torch::Tensor& 
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
   const int64_t max_ld = round_up(group * block_q, kGemmNR);
 
+  const int64_t* ix = k_index != nullptr ? k_index->data_ptr<int64_t>() : nullptr;
   dispatch_float_types(q.scalar_type(), "varlen_attention: q", [&](auto tag) {
     using T = decltype(tag);
     const T* qp = q.data_ptr<T>();
-    const T* kp = k.data_ptr<T>();
-    const T* vp = v.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    parallel_dynamic(
-        static_cast<int64_t>(items.size()), [&] { return Scratch(max_ld, head_dim); },
-        [&](int64_t i, Scratch& sc) { attend<T>(p, items[i], qp, kp, vp, op, sc); });
+    auto run = [&](auto kv_tag) {
+      using TKV = decltype(kv_tag);
+      const TKV* kp = k.data_ptr<TKV>();
+      const TKV* vp = v.data_ptr<TKV>();
+      parallel_dynamic(
+          static_cast<int64_t>(items.size()), [&] { return Scratch(max_ld, head_dim); },
+          [&](int64_t i, Scratch& sc) { attend<T, TKV>(p, items[i], qp, kp, vp, op, sc, ix); });
+    };
+    if (ix == nullptr) {
+      run(T{});  // one dtype
+    } else {
+      dispatch_float_types(k.scalar_type(), "varlen_attention_indexed: k", run);
+    }
   });
   return out;
+}
+
+}  // namespace
+
+torch::Tensor varlen_attention_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                   const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
+                                   int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal) {
+  return varlen_attention_impl(q, k, v, nullptr, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                               causal);
+}
+
+torch::Tensor varlen_attention_indexed_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                           const torch::Tensor& k_index, const torch::Tensor& cu_seqlens_q,
+                                           const torch::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, double softmax_scale, bool causal) {
+  return varlen_attention_impl(q, k, v, &k_index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               softmax_scale, causal);
 }
 
 }  // namespace lenserve

@@ -148,6 +148,58 @@ def test_varlen_does_not_depend_on_thread_count():
     assert torch.equal(one, torch.ops.lenserve.varlen_attention(*args))
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 1, 128), (4, 4, 80)])
+def test_varlen_indexed_reads_the_context_in_place(cache_dtype, q_dtype, num_heads, num_kv_heads, head_dim):
+    """Chunked prefill over a paged cache: each sequence's keys are rows of the flattened cache in
+    its block table's (scattered) order; the kernel must equal plain varlen attention on the
+    gathered keys, whatever the cache's dtype against q's, over odd chunk and context lengths."""
+    gen = torch.Generator().manual_seed(11)
+    block_size = 16
+    lens_q, lens_k = [1, 7, 64, 33, 129, 5], [1, 300, 64, 1000, 257, 5]
+    blocks = [math.ceil(n / block_size) for n in lens_k]
+    num_blocks = sum(blocks) + 7
+    order = torch.randperm(num_blocks, generator=gen)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(cache_dtype)
+    slots, used = [], 0
+    for n, b in zip(lens_k, blocks):
+        table = order[used: used + b]
+        used += b
+        slots.append((table[:, None] * block_size + torch.arange(block_size)).flatten()[:n])
+    slots = torch.cat(slots)
+    q = torch.randn(sum(lens_q), num_heads, head_dim, generator=gen).to(q_dtype)
+    flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    scale = 1.0 / math.sqrt(head_dim)
+    for causal in (True, False):
+        args = (cu_q, cu_k, max(lens_q), max(lens_k), scale, causal)
+        out = torch.ops.lenserve.varlen_attention_indexed(q, flat_k, flat_v, slots, *args)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        gathered_k, gathered_v = flat_k[slots].to(q_dtype), flat_v[slots].to(q_dtype)
+        # the keys as fp32 exactly as the cache holds them: the reference sees what the kernel reads
+        ref = attention.reference_varlen_attention(q.float(), flat_k[slots].float(), flat_v[slots].float(), *args)
+        plain = torch.ops.lenserve.varlen_attention(q, gathered_k, gathered_v, *args)
+        tol = 2 * _max_err(plain, ref) + FLOOR[q_dtype]
+        assert _max_err(out, ref) <= tol
+        if q_dtype == torch.float32 or q_dtype == cache_dtype:
+            assert torch.equal(out, plain)  # the same arithmetic on the same numbers (the gather lost nothing)
+
+
+def test_varlen_indexed_rejects_bad_indices():
+    q, k, v = torch.randn(4, 4, 64), torch.randn(10, 2, 64).half(), torch.randn(10, 2, 64).half()
+    cu = _cu([4])
+    with pytest.raises(RuntimeError, match="outside k's 10 rows"):
+        torch.ops.lenserve.varlen_attention_indexed(q, k, v, torch.tensor([0, 1, 2, 10]), cu, cu, 4, 4, 0.125, True)
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.lenserve.varlen_attention_indexed(q, k, v, torch.tensor([0, 1, 2, 3], dtype=torch.int32), cu, cu, 4, 4, 0.125, True)
+    with pytest.raises(RuntimeError, match="k and v must share a dtype"):
+        torch.ops.lenserve.varlen_attention_indexed(q, k, v.float(), torch.arange(4), cu, cu, 4, 4, 0.125, True)
+    with pytest.raises(RuntimeError, match="must equal the number of tokens"):
+        torch.ops.lenserve.varlen_attention_indexed(q, k, v, torch.arange(5), cu, cu, 4, 4, 0.125, True)
+
+
 def test_engine_dispatches_to_the_kernels():
     assert attention.resolve_backend("auto", torch.device("cpu")) == "kernels"
 
