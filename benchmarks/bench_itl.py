@@ -18,8 +18,9 @@ one after the other instead, each alone with all cores (what a deployment has).
 3. the simulator on the same send times and lengths under the same budget rule, as
    `lenserve simulate --from-server` runs it: the cost model the server fitted over all its steps
    (`lenserve:step_cost_model_lifetime_seconds`), each step's time scattered as the server's steps
-   scattered around its predictions (`lenserve:step_time_over_predicted`): its ITL p99 beside the
-   live one (and, for reference, the same without scatter, and with the model measured before);
+   scattered around that model (`lenserve:step_time_over_lifetime_model`): its ITL p99 beside the
+   live one (and, for reference, the same without scatter, with the scatter around the online
+   model that sized each step, and with the model measured before);
 4. heavy overload: the first trace at `--overload` (3) x capacity with a short queue
    (`--max-queue`): ITL p99 while excess requests get 429.
 
@@ -153,7 +154,7 @@ def _window_tokens(records: list[dict]) -> int:
 
 def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: list[dict], served, wall_s: float, log,
                busy_s: float | None = None) -> dict:
-    fitted, step_noise = served.lifetime or served.model, served.step_noise
+    fitted, step_noise = served.for_simulation()
     ok = [r for r in records if r["ok"]]
     itl = np.array([x for r in ok for x in r["itl_s"]])
     ttft = np.array([r["ttft_s"] for r in ok if r["ttft_s"] is not None])
@@ -188,12 +189,14 @@ def _summarize(trace: Trace, time_scale: float, target_itl_ms: float, records: l
         + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()
                       if k in ("num_ok", "num_rejected_429", "itl_p50_s", "itl_p99_s", "ttft_p50_s", "output_throughput_tok_s", "busy_fraction")}))
     fitted_terms = _without_meta(fitted)
-    noise = {"num_steps": int(len(step_noise))}
-    if len(step_noise):
-        noise.update({f"p{q}": float(np.percentile(step_noise, q)) for q in (10, 50, 90, 99)})
+    def scatter(values) -> dict:
+        out = {"num_values": int(len(values))}
+        if len(values):
+            out.update({f"p{q}": float(np.percentile(values, q)) for q in (10, 50, 90, 99)})
+        return out
     return {"summary": summary, "itl_s": itl.tolist(), "records": ok, "fitted_cost_model": fitted_terms,
-            "online_cost_model": _without_meta(served.model),
-            "step_time_over_predicted": noise, "_fitted": fitted, "_online": served.model, "_step_noise": step_noise}
+            "online_cost_model": _without_meta(served.model), "_online_step_noise": served.step_noise,
+            "step_time_over_predicted": scatter(served.step_noise), "step_scatter_simulated": scatter(step_noise), "_fitted": fitted, "_online": served.model, "_step_noise": step_noise}
 
 
 def _without_meta(model) -> dict | None:
@@ -383,18 +386,24 @@ def main(argv=None) -> int:
             target = run["summary"]["target_itl_ms"]
             # The simulator as `lenserve simulate --from-server` runs it: the cost model the server
             # fitted over all its steps, each step scattered as the server's steps scattered around
-            # its predictions (lenserve:step_time_over_predicted). Beside it: the same model with
+            # that model (lenserve:step_time_over_lifetime_model). Beside it: the same model with
             # every step exactly as predicted, the model the server scheduled with at the end (recent
-            # steps weigh more), the model measured before the run, and that model's scatter from the
-            # offline fit (one global fit over prompts and decode batches).
+            # steps weigh more), the model measured before the run, that model's scatter from the
+            # offline fit (one global fit over prompts and decode batches), and the scatter around
+            # the online model that sized each step (lenserve:step_time_over_predicted: it also holds
+            # that model's drift, so around the lifetime model it counts the drift twice).
             fitted = run.pop("_fitted") or cost
             online = run.pop("_online") or fitted
             served_noise = run.pop("_step_noise")
+            online_noise = run.pop("_online_step_noise")
             run["simulated"] = simulated(run, fitted, target, args.max_model_len, args.policy, served_noise)
             run["simulated_online_model"] = simulated(run, online, target, args.max_model_len, args.policy, served_noise)
             run["simulated_no_step_noise"] = simulated(run, fitted, target, args.max_model_len, args.policy)
             run["simulated_measured_cost_model"] = simulated(run, cost, target, args.max_model_len, args.policy)
             run["simulated_offline_step_noise"] = simulated(run, fitted, target, args.max_model_len, args.policy, cost.residuals())
+            # the scatter measured against the online model that sized each step (what the scheduler
+            # discounts its target by), drawn around the lifetime model
+            run["simulated_online_step_noise"] = simulated(run, fitted, target, args.max_model_len, args.policy, online_noise)
             run.pop("records")
             entry[key] = run
         entry["reference"] = capacity_price(trace, entry, args)
@@ -408,6 +417,7 @@ def main(argv=None) -> int:
             "sim_over_live_itl_p99_fixed": entry["fixed"]["simulated"]["p99_itl_s"] / fixed["itl_p99_s"],
             "sim_no_step_noise_over_live_itl_p99_target": entry["target"]["simulated_no_step_noise"]["p99_itl_s"] / tgt["itl_p99_s"],
             "sim_offline_step_noise_over_live_itl_p99_target": entry["target"]["simulated_offline_step_noise"]["p99_itl_s"] / tgt["itl_p99_s"],
+            "sim_online_step_noise_over_live_itl_p99_target": entry["target"]["simulated_online_step_noise"]["p99_itl_s"] / tgt["itl_p99_s"],
         }
         result["traces"][trace.name] = entry
         log(trace.name, json.dumps(entry["ratios"]))
@@ -417,7 +427,7 @@ def main(argv=None) -> int:
         runs = side_by_side(first, time_scale_for(first, args.overload, cap), [0, args.target_itl_ms], args,
                             max_queue=args.overload_max_queue, log=log)
         for run in runs:
-            for key in ("records", "_fitted", "_online", "_step_noise"):
+            for key in ("records", "_fitted", "_online", "_step_noise", "_online_step_noise"):
                 run.pop(key)
         result["overload"] = {"load": args.overload, "max_queue": args.overload_max_queue, "fixed": runs[0], "target": runs[1]}
     result["criteria"] = criteria(result, args.target_itl_ms / 1000)

@@ -408,6 +408,7 @@ class LLMEngine:
         if self.cost_model.num_refits != refits:
             stats.cost_model = self.cost_model.terms()
             stats.cost_model_lifetime = self.cost_model.lifetime_terms()
+            stats.cost_model_lifetime_scatter = self.cost_model.lifetime_residual_quantiles()
         stats.token_budget = self.scheduler.last_token_budget
         stats.num_prompt_tokens = num_prompt_tokens
         stats.num_generation_tokens = len(sampling_seqs)

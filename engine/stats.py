@@ -31,6 +31,8 @@ class IterationStats:
     num_itl_target_misses: int = 0  # inter-token gaps this step longer than the scheduler's target_itl_s
     cost_model: dict[str, float] | None = None  # the step cost model's terms, when a refit changed them this step
     cost_model_lifetime: dict[str, float] | None = None  # the fit over every step so far, refreshed with cost_model
+    # that fit's measured over predicted step time at quantiles {q: ratio}, refreshed with it
+    cost_model_lifetime_scatter: dict[float, float] | None = None
     step_time_over_predicted: float | None = None  # step_time_s / the cost model's prediction for the step (None: no model)
     num_preemptions: int = 0
     padding_ratio: float = 0.0  # padded rows / rows in the forward (0 when packed)

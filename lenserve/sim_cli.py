@@ -128,7 +128,7 @@ def _served(url: str, settings):
         served = fetch_served_cost_model(url)
     except ValueError as e:
         raise ValueError(f"--from-server: {e}") from e
-    fitted, noise = served.lifetime or served.model, served.step_noise  # the whole run's fit describes other traffic best
+    fitted, noise = served.for_simulation()
     if fitted is None:
         raise ValueError(f"--from-server: {url} reports no step cost model yet (lenserve:step_cost_model_seconds appears "
                          "after its first refit, a few dozen steps)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -159,6 +160,10 @@ def fit(samples: Sequence[dict], **settings) -> CostModel:
 
 
 OVERRUN_QUANTILE = 0.9
+# The lifetime model's scatter: a uniform sample of this many steps, read at these quantiles (the
+# midpoints of 50 equal slices, so that the values stand for the distribution, tails included).
+LIFETIME_RESERVOIR = 2048
+LIFETIME_QUANTILES = tuple(round((i + 0.5) / 50, 3) for i in range(50))
 MAX_OVERRUN = 2.0
 STALL_RATIO = 3.0  # a step this far off the model (either way) is a stall of the OS, not the model's to fit
 
@@ -214,6 +219,11 @@ class OnlineCostModel:
         # over its whole run, for simulating it on other traffic (capacity, other traces).
         self._gram = self._moment = self._col_max = None
         self.num_lifetime = 0
+        # A uniform sample (reservoir) of those steps, so that the lifetime model's own scatter
+        # (measured over its predicted time) can be read at any moment: a simulation that runs the
+        # lifetime model draws from it (the online model's scatter also holds its drift).
+        self._reservoir: list[tuple] = []
+        self._reservoir_rng = random.Random(0)  # seeded: a run is reproducible
 
     def terms(self) -> dict[str, float]:
         """The current model's coefficients by name (empty while there is none)."""
@@ -250,6 +260,13 @@ class OnlineCostModel:
         self._moment += v  # (x / y) * (y / y)
         self._col_max = np.maximum(self._col_max, np.abs(x))
         self.num_lifetime += 1
+        row = (*x, step_s)
+        if len(self._reservoir) < LIFETIME_RESERVOIR:
+            self._reservoir.append(row)
+        else:  # Algorithm R: every step so far stays in the sample with the same probability
+            j = self._reservoir_rng.randrange(self.num_lifetime)
+            if j < LIFETIME_RESERVOIR:
+                self._reservoir[j] = row
 
     def lifetime_model(self) -> CostModel | None:
         """Non-negative least squares over every step observed (relative error, stalls left out),
@@ -261,6 +278,19 @@ class OnlineCostModel:
         scale = np.maximum(self._col_max, 1e-12)
         coef = _nnls_gram(self._gram / np.outer(scale, scale), self._moment / scale) / scale
         return self._with_settings(coef, {"num_samples": self.num_lifetime, "lifetime": True})
+
+    def lifetime_residual_quantiles(self) -> dict[float, float]:
+        """The lifetime model's measured over predicted step time at LIFETIME_QUANTILES, over a
+        uniform sample of the steps it was fitted on (empty before there is a model)."""
+        model = self.lifetime_model()
+        if model is None or not self._reservoir:
+            return {}
+        import numpy as np
+
+        rows = np.asarray(self._reservoir)
+        predicted = rows[:, :5] @ np.array([getattr(model, k) for k in FEATURES])
+        ratio = rows[:, 5] / np.maximum(predicted, 1e-12)
+        return dict(zip(LIFETIME_QUANTILES, map(float, np.quantile(ratio, LIFETIME_QUANTILES))))
 
     def lifetime_terms(self) -> dict[str, float]:
         """The lifetime model's coefficients by name (empty before there is one)."""

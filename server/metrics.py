@@ -77,6 +77,11 @@ class Metrics:
                                          "The step cost model fitted over every step since start (terms as step_cost_model_seconds): "
                                          "the server's steps over its whole run, for simulating it on other traffic",
                                          ["term"])
+        self.cost_model_lifetime_scatter = gauge(
+            "step_time_over_lifetime_model",
+            "The lifetime cost model's measured over predicted step time at quantiles, over a uniform sample of the "
+            "steps it was fitted on: the scatter a simulation running that model draws from",
+            ["quantile"])
         self.step_time_over_predicted = hist(
             "step_time_over_predicted", "Measured / predicted duration of an engine step, under the cost model the scheduler sized it with",
             _STEP_RATIO_BUCKETS)
@@ -144,6 +149,8 @@ class Metrics:
             self._l(self.cost_model, term=term).set(seconds)
         for term, seconds in (stats.cost_model_lifetime or {}).items():
             self._l(self.cost_model_lifetime, term=term).set(seconds)
+        for q, ratio in (stats.cost_model_lifetime_scatter or {}).items():
+            self._l(self.cost_model_lifetime_scatter, quantile=f"{q:g}").set(ratio)
         if stats.num_itl_target_misses:
             self._l(self.itl_target_miss).inc(stats.num_itl_target_misses)
         if stats.bitmask_time_s is not None:
@@ -195,12 +202,24 @@ class ServedCostModel(NamedTuple):
     model: Any  # CostModel the server schedules with (refitted online, recent steps weigh more), or None before its first refit
     step_noise: Any  # numpy array standing for its steps' measured over predicted times
     lifetime: Any  # CostModel fitted over every step since start, or None
+    # numpy array standing for the lifetime model's measured over predicted times (its quantiles;
+    # empty from a server that does not report them)
+    lifetime_noise: Any = None
+
+    def for_simulation(self) -> tuple:
+        """(cost model, step scatter) to simulate this server with: the lifetime fit (the whole
+        run's steps describe other traffic best) with its own scatter; the online model's scatter
+        with it only from a server that does not report the lifetime fit's."""
+        if self.lifetime is not None and self.lifetime_noise is not None and len(self.lifetime_noise):
+            return self.lifetime, self.lifetime_noise
+        return self.lifetime or self.model, self.step_noise
 
 
 def served_cost_models(metrics_text: str) -> dict:
     """Per engine ({`replica` label: ServedCostModel}; key None for a single server): each one's
     lenserve:step_cost_model_seconds, lenserve:step_cost_model_lifetime_seconds and
     lenserve:step_time_over_predicted, for a simulation of that server."""
+    import numpy as np
     from prometheus_client.parser import text_string_to_metric_families
 
     from lenserve.scheduler.cost_model import CostModel, samples_from_histogram
@@ -208,7 +227,7 @@ def served_cost_models(metrics_text: str) -> dict:
     parts: dict = {}
 
     def of(sample) -> dict:
-        return parts.setdefault(sample.labels.get("replica"), {"terms": {}, "lifetime": {}, "buckets": []})
+        return parts.setdefault(sample.labels.get("replica"), {"terms": {}, "lifetime": {}, "buckets": [], "scatter": []})
 
     for family in text_string_to_metric_families(metrics_text):
         for s in family.samples:
@@ -216,6 +235,8 @@ def served_cost_models(metrics_text: str) -> dict:
                 of(s)["terms"][s.labels["term"]] = s.value
             elif family.name == "lenserve:step_cost_model_lifetime_seconds":
                 of(s)["lifetime"][s.labels["term"]] = s.value
+            elif family.name == "lenserve:step_time_over_lifetime_model":
+                of(s)["scatter"].append((float(s.labels["quantile"]), s.value))
             elif family.name == "lenserve:step_time_over_predicted" and s.name.endswith("_bucket"):
                 of(s)["buckets"].append((float(s.labels["le"]), s.value))
     out = {}
@@ -223,7 +244,8 @@ def served_cost_models(metrics_text: str) -> dict:
         buckets = sorted(p["buckets"])
         out[replica] = ServedCostModel(CostModel(**p["terms"]) if p["terms"] else None,
                                        samples_from_histogram([b for b, _ in buckets], [c for _, c in buckets]),
-                                       CostModel(**p["lifetime"]) if p["lifetime"] else None)
+                                       CostModel(**p["lifetime"]) if p["lifetime"] else None,
+                                       np.array([v for _, v in sorted(p["scatter"])]))
     return out
 
 
@@ -236,14 +258,14 @@ def served_cost_model(metrics_text: str) -> ServedCostModel:
 
     models = list(served_cost_models(metrics_text).values())
     if len(models) <= 1:
-        return models[0] if models else ServedCostModel(None, np.zeros(0), None)
+        return models[0] if models else ServedCostModel(None, np.zeros(0), None, np.zeros(0))
 
     def mean(ms):
         ms = [m for m in ms if m is not None]
         return CostModel(**{k: float(np.mean([getattr(m, k) for m in ms])) for k in FEATURES}) if ms else None
 
     return ServedCostModel(mean([m.model for m in models]), np.concatenate([m.step_noise for m in models]),
-                           mean([m.lifetime for m in models]))
+                           mean([m.lifetime for m in models]), np.concatenate([m.lifetime_noise for m in models]))
 
 
 def fetch_served_cost_model(url: str, timeout_s: float = 30.0) -> ServedCostModel:

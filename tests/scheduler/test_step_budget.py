@@ -486,3 +486,24 @@ def test_a_short_prompt_starts_ahead_of_a_long_prompt_in_progress(srpt):
         # the long prompt's chunks all come first: ~3000 / chunk steps
         assert first_token_step >= (3000 - chunk) // chunk - 1
     assert long.num_computed_tokens >= 3000  # and the long prompt still finished its prefill
+
+
+def test_lifetime_scatter_is_the_lifetime_fits_own():
+    """Steps drawn from a true model times known noise: the lifetime fit's residual quantiles
+    (over its reservoir of steps) are the noise's, and the reservoir stays bounded."""
+    from lenserve.scheduler.cost_model import LIFETIME_QUANTILES, LIFETIME_RESERVOIR
+
+    rng = np.random.default_rng(3)
+    online = OnlineCostModel(prior=COST, refit_every=64)
+    assert online.lifetime_residual_quantiles() == {}
+    noise = rng.lognormal(0.0, 0.1, 3 * LIFETIME_RESERVOIR)
+    for i, eps in enumerate(noise):
+        n = int(rng.integers(1, 400))
+        f = {"num_tokens": n, "num_sampled": int(rng.integers(1, 16)), "prefill_pairs": float(n * rng.integers(0, 2000)),
+             "decode_context": int(rng.integers(0, 20000))}
+        online.observe(f, COST.step_time(**f) * eps)
+    q = online.lifetime_residual_quantiles()
+    assert list(q) == list(LIFETIME_QUANTILES) and len(online._reservoir) == LIFETIME_RESERVOIR
+    want = np.quantile(noise, LIFETIME_QUANTILES) / np.median(noise)  # the fit absorbs the noise's scale
+    got = np.array(list(q.values())) / q[0.49]
+    assert np.abs(got - want).max() < 0.03

@@ -122,8 +122,14 @@ def test_metrics_report_the_step_cost_model_and_its_scatter(server):
             c.post("/v1/completions", json={"prompt": f"step scatter {i}", "max_tokens": 24, "ignore_eos": True})
     steps = server.metric("lenserve:step_time_over_predicted_count") - before
     assert steps >= 3 * 24  # a prefill and at least 23 decode steps each (none share a step here)
-    cost, noise, lifetime = served_cost_model(httpx.get(server.url + "/metrics", timeout=10).text)
+    served = served_cost_model(httpx.get(server.url + "/metrics", timeout=10).text)
+    cost, noise, lifetime, lifetime_noise = served
     assert cost is not None and cost.step_base_s + cost.token_s > 0  # refitted by now
     assert lifetime is not None and lifetime.step_time(1, 1, 0, 50) > 0
+    # the lifetime fit's own scatter, at 50 quantiles: what a simulation of the lifetime fit draws
+    assert len(lifetime_noise) == 50 and (lifetime_noise[1:] >= lifetime_noise[:-1]).all()
+    assert 0.5 < float(lifetime_noise[25]) < 2.0
+    model, scatter = served.for_simulation()
+    assert model is lifetime and scatter is lifetime_noise
     assert len(noise) == server.metric("lenserve:step_time_over_predicted_count")
     assert 0.25 <= float(noise.min()) and float(noise.max()) <= 4.0
