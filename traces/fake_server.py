@@ -252,6 +252,8 @@ class _Stream:
         self.done = asyncio.get_running_loop().create_future()
 
     def emit_token(self) -> None:
+        if self.done.done():  # its handler was cancelled (the client went away): nothing to write
+            return
         if self.writer.is_closing():
             self.done.set_result(None)
             return
