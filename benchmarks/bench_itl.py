@@ -96,7 +96,7 @@ def _replays(trace: Trace, time_scale: float, targets: list[float], args, max_qu
     import asyncio
     from contextlib import ExitStack
 
-    from lenserve.server.metrics import fetch_served_cost_model
+    from lenserve.server.metrics import fetch_metrics_text, served_cost_model
     from lenserve.server.process import ServerProcess, free_port
     from lenserve.traces.replay import Replayer, ReplayConfig, write_outputs
     from lenserve.traces.report import read_jsonl
@@ -117,8 +117,9 @@ def _replays(trace: Trace, time_scale: float, targets: list[float], args, max_qu
             await asyncio.gather(*(r.run() for r in replayers))
 
         asyncio.run(run_all())
-        fitted = [fetch_served_cost_model(url) for url in urls]
-        busy = [_busy_s(url) for url in urls]
+        texts = [fetch_metrics_text(url) for url in urls]  # one read each: the fitted models and the step time
+        fitted = [served_cost_model(text) for text in texts]
+        busy = [_busy_s(text) for text in texts]
         runs = []
         for i, (target, replayer) in enumerate(zip(targets, replayers)):
             write_outputs(replayer, Path(tmp) / f"run{i}")
@@ -127,13 +128,11 @@ def _replays(trace: Trace, time_scale: float, targets: list[float], args, max_qu
     return runs
 
 
-def _busy_s(url: str) -> float:
-    """Seconds the server at `url` spent in engine steps (lenserve:step_duration_seconds' sum)."""
-    import httpx
+def _busy_s(metrics_text: str) -> float:
+    """Seconds a server spent in engine steps (lenserve:step_duration_seconds' sum in its /metrics text)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+    return sum(s.value for f in text_string_to_metric_families(metrics_text) for s in f.samples
                if s.name == "lenserve:step_duration_seconds_sum")
 
 
@@ -262,8 +261,8 @@ def capacity_price(trace: Trace, entry: dict, args) -> dict:
     the shares of each that the replay's offered output rate asks for. The fit describes the steps
     that server ran, so pricing every other schedule with it extrapolates (a target server's fit
     over small chunks put the long mix 1.25x over capacity; the same replay, rerun, kept that
-    server's engine busy 69% of the time): `busy_fraction_*`, the engines' measured step time over the replay span, is the
-    load as the servers saw it."""
+    server's engine busy 69% of the time): `busy_fraction_*`, the engines' measured step time
+    over the replay span, is the load as the servers saw it."""
     from lenserve.scheduler.cost_model import CostModel
     from lenserve.scheduler.step_budget import max_throughput
 

@@ -407,8 +407,7 @@ class LLMEngine:
         stats.step_time_over_predicted = self.scheduler.record_step_time(stats.step_time_s)
         if self.cost_model.num_refits != refits:
             stats.cost_model = self.cost_model.terms()
-            stats.cost_model_lifetime = self.cost_model.lifetime_terms()
-            stats.cost_model_lifetime_scatter = self.cost_model.lifetime_residual_quantiles()
+            stats.cost_model_lifetime, stats.cost_model_lifetime_scatter = self.cost_model.lifetime_report()
         stats.token_budget = self.scheduler.last_token_budget
         stats.num_prompt_tokens = num_prompt_tokens
         stats.num_generation_tokens = len(sampling_seqs)

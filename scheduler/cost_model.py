@@ -279,10 +279,11 @@ class OnlineCostModel:
         coef = _nnls_gram(self._gram / np.outer(scale, scale), self._moment / scale) / scale
         return self._with_settings(coef, {"num_samples": self.num_lifetime, "lifetime": True})
 
-    def lifetime_residual_quantiles(self) -> dict[float, float]:
-        """The lifetime model's measured over predicted step time at LIFETIME_QUANTILES, over a
-        uniform sample of the steps it was fitted on (empty before there is a model)."""
-        model = self.lifetime_model()
+    def lifetime_residual_quantiles(self, model: CostModel | None = None) -> dict[float, float]:
+        """The lifetime model's (`model`, when the caller has just solved it) measured over
+        predicted step time at LIFETIME_QUANTILES, over a uniform sample of the steps it was fitted
+        on (empty before there is a model)."""
+        model = model or self.lifetime_model()
         if model is None or not self._reservoir:
             return {}
         import numpy as np
@@ -295,6 +296,11 @@ class OnlineCostModel:
     def lifetime_terms(self) -> dict[str, float]:
         """The lifetime model's coefficients by name (empty before there is one)."""
         return _terms(self.lifetime_model())
+
+    def lifetime_report(self) -> tuple[dict[str, float], dict[float, float]]:
+        """lifetime_terms and lifetime_residual_quantiles from one solve of the lifetime fit."""
+        model = self.lifetime_model()
+        return _terms(model), self.lifetime_residual_quantiles(model) if model is not None else {}
 
     def _with_settings(self, coef, meta: dict) -> CostModel:
         """A model of these coefficients with the prior's engine settings (defaults without one)."""

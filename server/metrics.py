@@ -268,9 +268,8 @@ def served_cost_model(metrics_text: str) -> ServedCostModel:
                            mean([m.lifetime for m in models]), np.concatenate([m.lifetime_noise for m in models]))
 
 
-def fetch_served_cost_model(url: str, timeout_s: float = 30.0) -> ServedCostModel:
-    """served_cost_model of the server at `url` (its /metrics); ValueError naming the URL when it
-    cannot be read."""
+def fetch_metrics_text(url: str, timeout_s: float = 30.0) -> str:
+    """The /metrics text of the server at `url`; ValueError naming the URL when it cannot be read."""
     import httpx
 
     url = url.rstrip("/")
@@ -279,4 +278,10 @@ def fetch_served_cost_model(url: str, timeout_s: float = 30.0) -> ServedCostMode
         resp.raise_for_status()
     except httpx.HTTPError as e:
         raise ValueError(f"could not read {url}/metrics: {e}") from e
-    return served_cost_model(resp.text)
+    return resp.text
+
+
+def fetch_served_cost_model(url: str, timeout_s: float = 30.0) -> ServedCostModel:
+    """served_cost_model of the server at `url` (its /metrics); ValueError naming the URL when it
+    cannot be read."""
+    return served_cost_model(fetch_metrics_text(url, timeout_s))
