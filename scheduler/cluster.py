@@ -588,6 +588,7 @@ class ClusterResult:
     per_replica: list[dict]
     wall_s: float
     extra: dict = field(default_factory=dict)
+    cached_tokens: np.ndarray | None = None  # int [n], prompt tokens each request found cached when it (last) started
 
     @property
     def tpot_s(self) -> np.ndarray:
@@ -651,12 +652,14 @@ def simulate_cluster(
     ttft = np.full(n, np.nan)
     generated = np.zeros(n, np.int64)
     where = np.zeros(n, np.int64)
+    cached = np.zeros(n, np.int64)
 
     def on_finish(seq) -> None:
         i = seq.index
         e2e[i] = seq.finished_time - seq.arrival_time
         ttft[i] = seq.first_token_time - seq.arrival_time
         generated[i] = seq.num_output_tokens
+        cached[i] = seq.num_cached_tokens
 
     replicas = [ReplicaSim(requests, config, cost, predictions, on_finish, num_kv_blocks=num_kv_blocks, block_size=block_size)
                 for _ in range(num_replicas)]
@@ -691,7 +694,8 @@ def simulate_cluster(
         prompt = sum(rep.num_prompt_tokens for rep in replicas)
         extra["prefix_hit_rate"] = sum(rep.num_cached_tokens for rep in replicas) / prompt if prompt else 0.0
         extra["busy_frac_mean"] = float(np.mean([p["busy_frac"] for p in per_replica]))
-    return ClusterResult(router, num_replicas, e2e, ttft, generated, where, makespan, per_replica, time.perf_counter() - wall0, extra)
+    return ClusterResult(router, num_replicas, e2e, ttft, generated, where, makespan, per_replica, time.perf_counter() - wall0, extra,
+                         cached)
 
 
 def simulate_routers(requests: SimRequests, num_replicas: int, routers: Iterable[str], config: SchedulerConfig, cost: CostModel,

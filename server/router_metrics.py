@@ -3,6 +3,10 @@
 A module apart from lenserve.server.ray_router on purpose: Ray Serve ships a router class to the
 routing process by value (cloudpickle, with its module's globals), and a Prometheus metric holds
 locks that cannot be pickled; a module imported by name travels by reference."""
+import json
+import os
+import threading
+
 from prometheus_client import CollectorRegistry, Histogram
 
 REGISTRY = CollectorRegistry()
@@ -19,3 +23,18 @@ def observe_decision(router: str, seconds: float, cpu_seconds: float | None = No
     DECISION_SECONDS.labels(router).observe(seconds)
     if cpu_seconds is not None:
         DECISION_CPU_SECONDS.labels(router).observe(cpu_seconds)
+
+
+# LENSERVE_ROUTER_LOG=PATH: every cache-aware decision as one JSON line (the router's view of each
+# replica and its choice), to compare a live router with the simulator's, decision by decision.
+_LOG_PATH = os.environ.get("LENSERVE_ROUTER_LOG")
+LOGGING = bool(_LOG_PATH)
+_log_lock = threading.Lock()
+
+
+def log_decision(record: dict) -> None:
+    if not _LOG_PATH:
+        return
+    line = json.dumps(record, separators=(",", ":")) + "\n"
+    with _log_lock, open(_LOG_PATH, "a") as f:
+        f.write(line)

@@ -238,7 +238,10 @@ class OpenAIServingBase:
     def _usage(self, jobs: list[_Job], outputs: dict[int, RequestOutput]) -> dict:
         prompt = sum(len(j.stream.prompt_token_ids) for j in jobs)
         completion = sum(len(c.token_ids) for o in outputs.values() for c in o.outputs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        # OpenAI's prompt caching field: the prompt tokens the prefix cache held at admission
+        cached = sum(o.metrics.num_cached_tokens for o in outputs.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _response(self, rid: str, obj: str, created: int, model: str, choices: list[dict], jobs: list[_Job],
                   finals: dict[int, RequestOutput]) -> JSONResponse:

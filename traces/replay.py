@@ -98,6 +98,7 @@ class RequestRecord:
     tpot_s: float | None = None
     output_tokens: int = 0
     prompt_tokens_server: int | None = None  # usage.prompt_tokens
+    cached_tokens_server: int | None = None  # usage.prompt_tokens_details.cached_tokens (prefix cache hits)
     finish_reason: str | None = None
 
 
@@ -231,6 +232,9 @@ class Replayer:
                 record.tpot_s = report_mod.tpot_s(record.e2e_s, record.ttft_s, record.output_tokens)
             if usage and usage.get("prompt_tokens") is not None:
                 record.prompt_tokens_server = int(usage["prompt_tokens"])
+            details = usage.get("prompt_tokens_details") if usage else None
+            if isinstance(details, dict) and details.get("cached_tokens") is not None:
+                record.cached_tokens_server = int(details["cached_tokens"])
             if progress is not None:
                 progress.update(1)
 

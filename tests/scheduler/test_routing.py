@@ -101,6 +101,10 @@ def test_replica_prefix_cache_cuts_prefill():
     res = simulate_cluster(req, 1, "pow2", config, cost)
     bound = shared_cache_hit_rate(trace)
     assert 0.9 * bound < res.extra["prefix_hit_rate"] <= bound + 1e-9
+    # per request, what each found cached (no preemption here: the first start is the only one)
+    assert res.per_replica[0]["preemptions"] == 0
+    assert res.cached_tokens.sum() / req.prompt_tokens.sum() == pytest.approx(res.extra["prefix_hit_rate"])
+    assert (res.cached_tokens < req.prompt_tokens).all() and res.cached_tokens[0] == 0
     small = simulate_cluster(req, 1, "pow2", config, dataclasses.replace(COST, num_kv_blocks=600))
     assert small.extra["prefix_hit_rate"] < 0.9 * res.extra["prefix_hit_rate"]  # LRU eviction
     # the same trace without prefix blocks computes every prompt in full: later first tokens

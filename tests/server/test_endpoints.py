@@ -102,10 +102,14 @@ def test_prefix_cache_counters_on_metrics(server):
     with server.client() as c:
         q0, h0 = server.metric("lenserve:prefix_cache_queries_total"), server.metric("lenserve:prefix_cache_hits_total")
         first = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
-        c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1})
+        # streamed with usage: the second's prompt_tokens_details.cached_tokens (OpenAI's field) is its hit
+        with c.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 1, "stream": True,
+                                                       "stream_options": {"include_usage": True}}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         q1, h1 = server.metric("lenserve:prefix_cache_queries_total"), server.metric("lenserve:prefix_cache_hits_total")
     assert q1 - q0 == 2 * first
     assert (first - 1) // 16 * 16 <= h1 - h0 <= first - 1  # every whole block but the one holding the last token
+    assert events[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": h1 - h0}
     assert server.metric("lenserve:prefix_cache_blocks") >= first // 16
 
 
