@@ -21,6 +21,7 @@ from typing import Sequence
 
 from lenserve.scheduler.routing import TEXT_CHUNK_CHARS, text_block_ids
 
+CHARS_DECAY = 0.99  # per prompt: the characters-per-token ratio follows the last few hundred prompts
 DIGEST_IDS_PER_BLOCK = 2  # text ids remembered per KV block (a block of 16 tokens is ~1 chunk of 64 characters)
 
 
@@ -57,10 +58,18 @@ class PrefixDigest:
         self.max_ids = max_ids if max_ids is not None else DIGEST_IDS_PER_BLOCK * block_manager.num_blocks
         self._block_of: OrderedDict[int, int] = OrderedDict()  # least recently served first
         self._lock = threading.Lock()
+        # characters and tokens of the prompts served, decayed per prompt (CHARS_DECAY): the ratio
+        # the router estimates a prompt's tokens with from its text
+        self._chars = 0.0
+        self._tokens = 0.0
 
     def record(self, text: str, token_ids: list[int], offsets: Sequence[tuple[int, int]]) -> None:
         """Notes a completion prompt about to be served: its text, the engine's token ids for it and
         each token's (start, end) characters (OpenAIServingBase.encode_prompt hands them over)."""
+        if token_ids:
+            with self._lock:
+                self._chars = CHARS_DECAY * self._chars + len(text)
+                self._tokens = CHARS_DECAY * self._tokens + len(token_ids)
         bm = self.block_manager
         if not bm.enable_prefix_caching:
             return
@@ -86,11 +95,16 @@ class PrefixDigest:
 
     def report(self) -> dict:
         """{"prefix_digest": the frozenset of text ids whose block is cached now, "prefix_digest_time":
-        unix time, taken before the cache is read}. A frozenset, so that the router's intake of it
+        unix time, taken before the cache is read, "chars_per_token": of the prompts served, once
+        there are some}. A frozenset, so that the router's intake of it
         (DigestIndex.update: frozenset() of a frozenset is that object) costs nothing in a routing
         decision: Ray Serve unpickles the stats outside it."""
         at = time.time()
         with self._lock:
             items = list(self._block_of.items())
+            ratio = self._chars / self._tokens if self._tokens else None
         cached = self.block_manager.hash_to_block
-        return {"prefix_digest": frozenset(text_id for text_id, h in items if h in cached), "prefix_digest_time": at}
+        out = {"prefix_digest": frozenset(text_id for text_id, h in items if h in cached), "prefix_digest_time": at}
+        if ratio is not None:
+            out["chars_per_token"] = ratio
+        return out

@@ -16,7 +16,8 @@ in the process that holds the deployment handle, the ingress; never by the singl
   prefix of the prompt that replica most likely holds in its prefix cache:
   lenserve.scheduler.routing.cache_aware_rank ranks them, the same function the simulator routes
   with. Prompts are indexed by 64-character chunks of their text (a router sees text, not tokens;
-  `text_block_ids`, the same in every process); tokens are estimated at 4 characters each. What a
+  `text_block_ids`, the same in every process); tokens are estimated from characters at the ratio the
+  replicas measure on the prompts they serve (4 characters a token before their first report). What a
   replica holds is its periodic prefix digest (the text ids of served completion prompts whose KV
   blocks it still caches, lenserve.server.prefix_digest) plus the prompts this router sent it since
   the digest was taken. For prompts no digest covers (chat, see `digest_prompt`), and before a
@@ -147,6 +148,18 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         # recent completions: (replica, time sent, time completed), oldest first
         self._completed: deque[tuple[ReplicaID, float, float]] = deque(maxlen=MAX_COMPLETIONS)
 
+    def _since_report(self, replica: RunningReplica) -> tuple[int, int, int]:
+        """(requests the replica's last report counted, how many of those this router has seen
+        complete since, requests sent or chosen for it after the report and not completed)."""
+        stats = replica.routing_stats or {}
+        at = float(stats.get("time", 0.0))
+        rid = replica.replica_id
+        unseen = sum(1 for r, t in self._inflight.values() if r == rid and t > at)
+        unseen += sum(1 for r, _ in self._provisional.values() if r == rid)
+        reported_count = int(stats.get("unfinished") or 0)
+        done = sum(1 for r, sent, finished in self._completed if r == rid and sent <= at < finished) if reported_count else 0
+        return reported_count, min(done, reported_count), unseen
+
     def work_of(self, replica: RunningReplica) -> float:
         """The replica's last report, less the share of it whose requests this router has seen
         complete since (reports come every `request_routing_stats_period_s`, and a stale one would
@@ -154,16 +167,18 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         request's work for each request sent after the report and not completed."""
         stats = replica.routing_stats or {}
         reported = float(stats.get("work", 0.0))
-        at = float(stats.get("time", 0.0))
         per_request = float(stats.get("mean_request_work") or DEFAULT_REQUEST_WORK)
-        rid = replica.replica_id
-        unseen = sum(1 for r, t in self._inflight.values() if r == rid and t > at)
-        unseen += sum(1 for r, _ in self._provisional.values() if r == rid)
-        reported_count = int(stats.get("unfinished") or 0)
+        reported_count, done, unseen = self._since_report(replica)
         if reported_count and reported:
-            done = sum(1 for r, sent, finished in self._completed if r == rid and sent <= at < finished)
-            reported *= max(reported_count - done, 0) / reported_count
+            reported *= (reported_count - done) / reported_count
         return reported + unseen * per_request
+
+    def ongoing(self, replica: RunningReplica) -> int:
+        """Requests on the replica: its last report's, less those seen complete since, plus those
+        sent or chosen for it after the report (so a request whose completion this router never
+        hears of counts only until the next report)."""
+        reported_count, done, unseen = self._since_report(replica)
+        return reported_count - done + unseen
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None):
         now = time.time()
@@ -185,6 +200,8 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         self.remember_session(pending_request, replica_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        if router_metrics.LOGGING:
+            router_metrics.log_decision({"t": time.time(), "completed": internal_request_id, "replica": replica_id.unique_id})
         sent = self._inflight.pop(internal_request_id, None)
         if sent is not None:
             now = time.time()
@@ -253,12 +270,20 @@ class CacheAwareRouter(LeastWorkRouter):
         self._pending_ids: dict[str, tuple[int, ...]] = {}  # internal id -> the prompt's chunk ids, until routed
         self._digests: dict[str, DigestIndex] = {}  # by replica unique_id
 
+    @staticmethod
+    def chars_per_token(replicas: list[RunningReplica]) -> float:
+        """Characters per prompt token, as the replicas measured on the prompts they served (the
+        mean of their reports; CHARS_PER_TOKEN before any): a prompt's tokens and its cached tokens
+        are estimated from its text with it, the same for every replica."""
+        reports = [float(v) for r in replicas if (v := (r.routing_stats or {}).get("chars_per_token"))]
+        return sum(reports) / len(reports) if reports else CHARS_PER_TOKEN
+
     def history_of(self, replica: RunningReplica) -> PrefixIndex:
         kv_tokens = float((replica.routing_stats or {}).get("kv_tokens") or DEFAULT_KV_TOKENS)
         index = self._history.get(replica.replica_id.unique_id)
         if index is None:
             index = self._history[replica.replica_id.unique_id] = PrefixIndex()
-        index.capacity_blocks = max(kv_tokens * CHARS_PER_TOKEN / CHUNK_CHARS, 1)
+        index.capacity_blocks = max(kv_tokens * self.chars_per_token([replica]) / CHUNK_CHARS, 1)
         return index
 
     def index_of(self, replica: RunningReplica, in_digest: bool = True) -> DigestIndex | PrefixIndex:
@@ -278,11 +303,6 @@ class CacheAwareRouter(LeastWorkRouter):
             index = self._digests[unique_id] = DigestIndex()
         return index
 
-    def ongoing(self, replica: RunningReplica) -> int:
-        rid = replica.replica_id
-        return (sum(1 for r, _ in self._inflight.values() if r == rid)
-                + sum(1 for r, _ in self._provisional.values() if r == rid))
-
     async def choose_replicas(self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None):
         t0, cpu0 = time.perf_counter(), time.thread_time()
         now = time.time()
@@ -291,9 +311,11 @@ class CacheAwareRouter(LeastWorkRouter):
         body = request_body(pending_request)
         text = prompt_text(body)
         ids = text_block_ids(text, CHUNK_CHARS)
-        num_prompt = max(int(len(text) / CHARS_PER_TOKEN), 1)
+        chars_per_token = self.chars_per_token(candidate_replicas)
+        num_prompt = max(int(len(text) / chars_per_token), 1)
         in_digest = digest_prompt(body) is not None
-        cached = [min(int(self.index_of(r, in_digest).match(ids) * CHUNK_CHARS / CHARS_PER_TOKEN), num_prompt - 1) for r in candidate_replicas]
+        cached = [min(int(self.index_of(r, in_digest).match(ids) * CHUNK_CHARS / chars_per_token), num_prompt - 1)
+                  for r in candidate_replicas]
         work = [self.work_of(r) for r in candidate_replicas]
         ongoing = [self.ongoing(r) for r in candidate_replicas]
         order = cache_aware_rank(num_prompt, cached, work, ongoing, self.policy, [random.random() for _ in candidate_replicas])
@@ -305,10 +327,19 @@ class CacheAwareRouter(LeastWorkRouter):
             if len(self._pending_ids) > MAX_COMPLETIONS:  # choices never routed (cancelled)
                 self._pending_ids.pop(next(iter(self._pending_ids)))
         router_metrics.observe_decision("cache-aware", time.perf_counter() - t0, time.thread_time() - cpu0)
+        if router_metrics.LOGGING:  # after the timing: the log's file write is not the router's work
+            router_metrics.log_decision({
+                "t": now, "prompt_tokens": num_prompt, "session": session_key(body), "digest": in_digest,
+                "replicas": [r.replica_id.unique_id for r in candidate_replicas], "cached": cached, "work": work, "ongoing": ongoing,
+                "chosen": ranks[0][0].replica_id.unique_id if ranks else None,
+                "request": pending_request.metadata.internal_request_id if pending_request is not None else None})
         return ranks
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
         super().on_request_routed(pending_request, replica_id, result)
+        if router_metrics.LOGGING:
+            router_metrics.log_decision({"t": time.time(), "routed": pending_request.metadata.internal_request_id,
+                                         "replica": replica_id.unique_id})
         ids = self._pending_ids.pop(pending_request.metadata.internal_request_id, None)
         if ids:
             index = self._history.get(replica_id.unique_id)

@@ -148,6 +148,8 @@ class EngineReplica:
         if os.environ.get("LENSERVE_FAULT_FILE"):
             self.engine.fault_hook = file_fault_hook(os.environ["LENSERVE_FAULT_FILE"])
         self._work = (0.0, time.time(), 0)  # (predicted outstanding work, when, unfinished requests)
+        self._last_arrival = 0.0  # when the last request came in (handle)
+        self._num_handling = 0  # requests in handle(): come and not yet answered
         self._mean_request_work: float | None = None
         bm = eng.block_manager
         self._prefix: dict = {"kv_tokens": bm.num_blocks * bm.block_size}  # and the prefix cache's counters, after each step
@@ -186,6 +188,12 @@ class EngineReplica:
 
     def record_routing_stats(self) -> dict:
         work, at, unfinished = self._work
+        if self._num_handling == 0:
+            # idle: nothing left, as of the last request that came in (every request sent before it
+            # has come and gone). The report of the step the replica went idle at would count a
+            # request sent since as unseen until the next step, forever if the router never heard
+            # of its completion.
+            work, at, unfinished = 0.0, max(at, self._last_arrival), 0
         stats = {"work": work, "time": at, "unfinished": unfinished, "mean_request_work": self._mean_request_work, **self._prefix}
         if self.prefix_digest is not None:
             stats.update(self.prefix_digest.report())
@@ -213,6 +221,15 @@ class EngineReplica:
     async def handle(self, route: str, body: dict):
         """Yields a head {"status", "headers", "stream", "replica"} then the body: bytes of one JSON
         document, or SSE text chunks."""
+        self._last_arrival = time.time()
+        self._num_handling += 1
+        try:
+            async for item in self._handle(route, body):
+                yield item
+        finally:
+            self._num_handling -= 1
+
+    async def _handle(self, route: str, body: dict):
         from fastapi.responses import StreamingResponse
         from pydantic import ValidationError
 

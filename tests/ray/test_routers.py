@@ -176,6 +176,56 @@ def test_cache_aware_matches_the_replicas_digests_and_its_sends_since():
     assert router.index_of(a).match(later_ids) == 3 and not router._digests["a"].sent
 
 
+def test_ongoing_comes_from_reports_so_an_unheard_completion_does_not_linger():
+    """A replica's ongoing requests: its last report's count, less those this router saw complete
+    since, plus those sent after it. A request whose completion the router never hears of counts
+    until the replica's next report, not forever (it used to tip every tie and the guard)."""
+    from lenserve.server.ray_router import CacheAwareRouter
+
+    now = time.time()
+    a, b = _replica("a", at=now - 1, mean=50), _replica("b", at=now - 1, mean=50)
+    router = _router(CacheAwareRouter)
+    router.on_request_routed(_request(rid="lost"), a.replica_id, None)  # its completion never comes
+    router.on_request_routed(_request(rid="done"), b.replica_id, None)
+    router.on_request_completed(b.replica_id, "done")
+    assert router.ongoing(a) == 1 and router.ongoing(b) == 0
+    assert router.work_of(a) == 50 and router.work_of(b) == 0
+    a.routing_stats.update(time=time.time(), unfinished=0, work=0.0)  # a's next report: idle
+    assert router.ongoing(a) == 0 and router.work_of(a) == 0
+    b.routing_stats.update(time=time.time(), unfinished=3, work=300.0)  # 3 from other ingresses
+    router.on_request_routed(_request(rid="new"), b.replica_id, None)
+    assert router.ongoing(b) == 4
+
+
+def test_cache_aware_estimates_tokens_at_the_replicas_measured_ratio():
+    """Tokens are estimated from characters at the ratio the replicas report (their mean), 4
+    before any report: the same cached characters weigh half as many tokens at 8 a token, so a
+    replica's load outweighs the prefix sooner."""
+    from lenserve.server.ray_router import CacheAwareRouter
+
+    now = time.time()
+    a, b = _replica("a", at=now, mean=50), _replica("b", at=now, mean=50)
+    router = _router(CacheAwareRouter, prompt_weight=0.3, length_weight=0.1)
+    assert router.chars_per_token([a, b]) == 4.0
+    system = "you are a helpful assistant with a long system prompt. " * 20  # 1,120 characters
+    first = _request({"prompt": system + "first"}, rid="s")
+    _choose(router, [a, b], first)
+    router.on_request_routed(first, a.replica_id, None)
+    router.on_request_completed(a.replica_id, "s")
+    router._provisional.clear()
+    for r in (a, b):
+        r.routing_stats.update(prefix_digest=[], prefix_digest_time=now - 10)
+    # a holds the system prompt (~1,088 characters in whole chunks) and has 600 more work than b:
+    # at 4 characters a token the prefix saves 0.3 x 272 = 82 > 0.1 x 600; at 8, 41 < 60
+    a.routing_stats["work"] = 600.0
+    assert _choose(router, [a, b], _request({"prompt": system + "second"}, rid="x"))[0] == "a"
+    router._provisional.clear()
+    a.routing_stats["chars_per_token"] = 8.5
+    b.routing_stats["chars_per_token"] = 7.5
+    assert router.chars_per_token([a, b]) == 8.0
+    assert _choose(router, [a, b], _request({"prompt": system + "third"}, rid="y"))[0] == "b"
+
+
 def test_ray_prefix_router_class_imports_without_vllm():
     import sys
 

@@ -106,6 +106,25 @@ def test_digest_is_bounded():
     assert len(report) == 16 and set(report) >= set(text_block_ids(_words(9 * 50, 100)))
 
 
+def test_digest_reports_the_served_prompts_characters_per_token():
+    """The router estimates tokens from text at the ratio the replica measures on what it served:
+    none before a prompt, then the (decayed) characters over tokens of the prompts recorded."""
+    from lenserve.engine.random_weights import word_tokenizer
+    from lenserve.scheduler.block_manager import BlockManager
+
+    tok = word_tokenizer(512)
+    digest = PrefixDigest(BlockManager(num_blocks=8, block_size=4))
+    assert "chars_per_token" not in digest.report()
+    text = _words(0, 100)
+    ids, offsets = tok.encode_with_offsets(text)
+    digest.record(text, ids, offsets)
+    assert digest.report()["chars_per_token"] == pytest.approx(len(text) / len(ids))
+    long_words = " ".join("w" * 30 for _ in range(100))  # another kind of text: far more characters a token
+    for _ in range(300):
+        digest.record(long_words, ids, offsets)  # (the ids only count here)
+    assert digest.report()["chars_per_token"] == pytest.approx(len(long_words) / len(ids), rel=0.05)
+
+
 def test_completion_prompts_reach_the_listener_from_one_encoding():
     """The serving hands a listener (the replica's digest) the ids the engine gets, with their characters."""
     from types import SimpleNamespace
