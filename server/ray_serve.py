@@ -19,6 +19,7 @@ to a small named actor (MetricsHub); the ingress's /metrics serves them all, wit
 Ray is imported only here, and this module only when --replicas or --ray-address is given.
 """
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -224,8 +225,9 @@ class EngineReplica:
         self._last_arrival = time.time()
         self._num_handling += 1
         try:
-            async for item in self._handle(route, body):
-                yield item
+            async with contextlib.aclosing(self._handle(route, body)) as items:  # closed with this one
+                async for item in items:
+                    yield item
         finally:
             self._num_handling -= 1
 

@@ -259,3 +259,35 @@ def test_cache_aware_times_its_decisions():
     router = _router(CacheAwareRouter)
     _choose(router, [_replica("a"), _replica("b")], _request({"prompt": "hello " * 50}, rid="d1"))
     assert [count(n) for n in names] == [b + 1 for b in before]
+
+
+def test_an_idle_replica_reports_nothing_left_as_of_its_last_arrival():
+    """A replica reports its last step's work while it holds requests; once every request it took
+    has been answered (handle() exited, closed early included), it reports none, stamped with the
+    last arrival, so a request sent before that is not counted as unseen on it until its next step."""
+    from lenserve.server.ray_serve import EngineReplica
+
+    rep = object.__new__(EngineReplica)
+    rep._work, rep._mean_request_work, rep._prefix, rep.prefix_digest = (500.0, 100.0, 3), 90.0, {"kv_tokens": 4096}, None
+    rep._last_arrival, rep._num_handling = 0.0, 0
+
+    async def fake_handle(route, body):
+        yield {"status": 200}
+        yield b"chunk"
+
+    rep._handle = fake_handle
+
+    async def take_one():
+        gen = rep.handle("completions", {})
+        assert await gen.__anext__() == {"status": 200}
+        assert rep._num_handling == 1
+        stats = rep.record_routing_stats()
+        assert (stats["work"], stats["time"], stats["unfinished"]) == (500.0, 100.0, 3)  # busy: the step's report
+        await gen.aclose()  # the ingress stopped reading
+        return rep._last_arrival
+
+    arrived = asyncio.run(take_one())
+    assert rep._num_handling == 0 and arrived > 100.0
+    stats = rep.record_routing_stats()
+    assert (stats["work"], stats["time"], stats["unfinished"]) == (0.0, arrived, 0)
+    assert stats["mean_request_work"] == 90.0 and stats["kv_tokens"] == 4096
