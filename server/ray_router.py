@@ -160,25 +160,29 @@ class LeastWorkRouter(SessionAffinityMixin, FIFOMixin, RequestRouter):
         done = sum(1 for r, sent, finished in self._completed if r == rid and sent <= at < finished) if reported_count else 0
         return reported_count, min(done, reported_count), unseen
 
-    def work_of(self, replica: RunningReplica) -> float:
-        """The replica's last report, less the share of it whose requests this router has seen
+    def load_of(self, replica: RunningReplica) -> tuple[float, int]:
+        """(predicted work, ongoing requests) of the replica, from one pass over this router's books.
+
+        Work: the replica's last report, less the share of it whose requests this router has seen
         complete since (reports come every `request_routing_stats_period_s`, and a stale one would
         keep steering requests away from a replica that has since drained), plus a typical
-        request's work for each request sent after the report and not completed."""
+        request's work for each request sent after the report and not completed.
+        Ongoing: the report's requests, less those seen complete since, plus those sent or chosen
+        for it after the report (so a request whose completion this router never hears of counts
+        only until the next report)."""
         stats = replica.routing_stats or {}
         reported = float(stats.get("work", 0.0))
         per_request = float(stats.get("mean_request_work") or DEFAULT_REQUEST_WORK)
         reported_count, done, unseen = self._since_report(replica)
         if reported_count and reported:
             reported *= (reported_count - done) / reported_count
-        return reported + unseen * per_request
+        return reported + unseen * per_request, reported_count - done + unseen
+
+    def work_of(self, replica: RunningReplica) -> float:
+        return self.load_of(replica)[0]
 
     def ongoing(self, replica: RunningReplica) -> int:
-        """Requests on the replica: its last report's, less those seen complete since, plus those
-        sent or chosen for it after the report (so a request whose completion this router never
-        hears of counts only until the next report)."""
-        reported_count, done, unseen = self._since_report(replica)
-        return reported_count - done + unseen
+        return self.load_of(replica)[1]
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None):
         now = time.time()
@@ -316,8 +320,8 @@ class CacheAwareRouter(LeastWorkRouter):
         in_digest = digest_prompt(body) is not None
         cached = [min(int(self.index_of(r, in_digest).match(ids) * CHUNK_CHARS / chars_per_token), num_prompt - 1)
                   for r in candidate_replicas]
-        work = [self.work_of(r) for r in candidate_replicas]
-        ongoing = [self.ongoing(r) for r in candidate_replicas]
+        loads = [self.load_of(r) for r in candidate_replicas]
+        work, ongoing = [w for w, _ in loads], [n for _, n in loads]
         order = cache_aware_rank(num_prompt, cached, work, ongoing, self.policy, [random.random() for _ in candidate_replicas])
         ranks = self.with_affinity([[candidate_replicas[k]] for k in order], candidate_replicas, pending_request)
         if ranks and pending_request is not None:
