@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, machine, stream_completion, write_result  # noqa: E402
 
 from lenserve.server.process import ServerProcess, free_port  # noqa: E402
+from lenserve.engine.quant import kernel_isa  # noqa: E402
 
 
 def _prompts(n: int, num_tokens: int) -> list[list[int]]:
@@ -64,9 +65,9 @@ async def _closed_loop(url, streams, requests_per_stream, prompts, new_tokens):
             "tpot_p50_ms": round(1e3 * float(np.percentile(tpots, 50)), 2)}
 
 
-def _serve(name, argv, url, levels, prompts, new_tokens):
+def _serve(name, argv, url, levels, prompts, new_tokens, env=None):
     rows = []
-    with tempfile.TemporaryDirectory() as d, ServerProcess(argv, os.path.join(d, f"{name}.log"), url) as server:
+    with tempfile.TemporaryDirectory() as d, ServerProcess(argv, os.path.join(d, f"{name}.log"), url, env=env) as server:
         server.wait_healthy(600)
         asyncio.run(_closed_loop(server.url, 1, 1, prompts, 8))  # warm-up
         for streams in levels:
@@ -152,10 +153,17 @@ def _memory_criteria(result: dict) -> dict:
 def _offline(gguf_path, prompts, new_tokens):
     from lenserve import LLM, SamplingParams
 
+    import torch
+
     report = {}
-    for mode in ("native", "fp32"):
+    default_isa = kernel_isa()
+    # on a CPU with AVX-512 VNNI, native weights also on the AVX2 kernel (same outputs): its gain
+    modes = ("native", "native_avx2", "fp32") if default_isa == "avx512_vnni" else ("native", "fp32")
+    for mode in modes:
+        torch.ops.lenserve.quant_kernel_isa("avx2" if mode.endswith("_avx2") else default_isa)
         # no prefix cache: the repeated prefills below compute every token
-        llm = LLM(model=gguf_path, weights_dtype=mode, max_num_seqs=64, max_num_batched_tokens=2048, enable_prefix_caching=False)
+        llm = LLM(model=gguf_path, weights_dtype=mode.removesuffix("_avx2"), max_num_seqs=64, max_num_batched_tokens=2048,
+                  enable_prefix_caching=False)
         eng = llm.engine
         prefill_prompts = prompts[:10]  # 2,000 tokens in one step
         one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
@@ -182,6 +190,7 @@ def _offline(gguf_path, prompts, new_tokens):
             row["step_overhead"] = _step_overhead(eng, prompts[1])
         report[mode] = row
         del llm, eng
+    torch.ops.lenserve.quant_kernel_isa(default_isa)
     return report
 
 
@@ -251,7 +260,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--lenserve-weights", default="native,fp32", help="lenserve servers to run, by --weights-dtype")
+    ap.add_argument("--lenserve-weights", default=None,
+                    help="lenserve servers to run, by --weights-dtype; native_avx2: native with the AVX2 integer "
+                         "kernel on a CPU that has AVX-512 VNNI (default: native,fp32, plus native_avx2 there)")
     ap.add_argument("--out", default="bench_peers_cpu.json")
     ap.add_argument("--memory-only", action="store_true", help="only the resident-memory measurements (fresh processes, seconds)")
     args = ap.parse_args()
@@ -267,11 +278,14 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     prompts = _prompts(64, args.prompt_tokens)
     servers = {}
-    for mode in args.lenserve_weights.split(","):
+    modes = args.lenserve_weights or ("native,native_avx2,fp32" if kernel_isa() == "avx512_vnni" else "native,fp32")
+    for mode in modes.split(","):
         port = free_port()
         lenserve_argv = [sys.executable, "-m", "lenserve.cli", "serve", "--model", gguf_path, "--port", str(port), "--predictor", "none",
-                         "--max-num-seqs", "64", "--weights-dtype", mode, "--num-threads", str(args.threads)]
-        servers[f"lenserve_{mode}"] = _serve(f"lenserve_{mode}", lenserve_argv, f"http://127.0.0.1:{port}", levels, prompts, args.new_tokens)
+                         "--max-num-seqs", "64", "--weights-dtype", mode.removesuffix("_avx2"), "--num-threads", str(args.threads)]
+        env = {"LENSERVE_CPU_ISA": "avx2"} if mode.endswith("_avx2") else None
+        servers[f"lenserve_{mode}"] = _serve(f"lenserve_{mode}", lenserve_argv, f"http://127.0.0.1:{port}", levels, prompts,
+                                             args.new_tokens, env=env)
     if args.llama_server and os.path.exists(args.llama_server):
         port = free_port()
         slots = max(levels)

@@ -32,6 +32,12 @@ def machine() -> dict:
     # the flags say which kernel paths ran (avx2 / fma / f16c, avx512*): results compare only on one machine
     info = {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat()}
+    try:  # the quantized GEMM's kernel (AVX-512 VNNI or AVX2), chosen at run time from the CPU
+        from lenserve.engine.quant import kernel_isa
+
+        info["cpu_kernel_isa"] = kernel_isa() or "none (lenserve._C not built)"
+    except ImportError:
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -18,6 +18,7 @@ import torch
 
 from lenserve.config import EngineConfig, resolve_target_itl_s
 from lenserve.engine._ext import has_op
+from lenserve.engine import quant
 from lenserve.engine.attention import backend_for
 from lenserve.engine.cpu_threads import run_in_fresh_thread
 from lenserve.engine.cuda_graph import graph_batch_sizes
@@ -158,8 +159,10 @@ class LLMEngine:
         # HiddenStateProbe refines the sequence's length prediction; None reads nothing.
         self.length_probe = None
         logger.info(
-            "loaded %s (%d layers, %.0f MB %s, %s weights) on %s in %.1fs; KV cache %d blocks x %d tokens (%.2f GiB %s)",
-            self.model_name, arch.num_layers, self.model.num_bytes() / 1e6, self.dtype, self.weights_dtype, self.device,
+            "loaded %s (%d layers, %.0f MB %s, %s weights%s) on %s in %.1fs; KV cache %d blocks x %d tokens (%.2f GiB %s)",
+            self.model_name, arch.num_layers, self.model.num_bytes() / 1e6, self.dtype, self.weights_dtype,
+            f", {quant.kernel_isa()} integer kernels" if self.weights_dtype == "native" and self.device.type == "cpu" else "",
+            self.device,
             time.monotonic() - t0, num_blocks, config.block_size, self.kv_cache.num_bytes / 2**30, kv_dtype,
         )
 

@@ -26,6 +26,15 @@ INTERLEAVABLE = {Q8_0, Q4_0, Q4_1}
 _BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
 
 
+def kernel_isa() -> str:
+    """The instruction set of the CPU's integer GEMM over Q8_0 / Q4_0 / Q4_1 rows: "avx512_vnni"
+    where the CPU has it (csrc/cpu/quant_vnni.cpp), else "avx2" (or "scalar"); "" without lenserve._C.
+    LENSERVE_CPU_ISA=avx2 keeps a VNNI CPU on the AVX2 kernel (same outputs, bit for bit)."""
+    from lenserve.engine._ext import has_op
+
+    return torch.ops.lenserve.quant_kernel_isa("") if has_op("quant_linear", "cpu") else ""
+
+
 def base_type(weight_type: int) -> int:
     """The GGUF type of a (possibly interleaved) weight type."""
     return weight_type & ~INTERLEAVED

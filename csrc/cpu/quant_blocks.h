@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "cpu/vec.h"  // LENSERVE_AVX2
 
@@ -122,6 +123,22 @@ void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, in
 // N (a multiple of 8) interleaved rows of `type` (the file type).
 void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M, int64_t N,
              float* out);
+
+// ---- the same GEMM with AVX-512 VNNI (quant_vnni.cpp) ----
+// Activation rows per register tile there (32 vector registers).
+constexpr int kVnniTileRows = 8;
+// Whether this CPU runs quant_vnni.cpp's kernels (AVX512F/BW/VL + AVX512_VNNI), asked at run time.
+bool vnni_supported();
+// out[m * ldo + r] for M activation rows against one group of 8 interleaved rows of `type`
+// (the file type), as gemm_x8 does per group; equal to the AVX2 kernel's bit for bit.
+void group_rows_vnni(int64_t type, const uint8_t* group, const BlockQAct* xq, int64_t nb, int64_t M, float* out,
+                     int64_t ldo);
+// The instruction set the integer GEMM uses: "avx512_vnni" where vnni_supported() and not turned
+// off, else "avx2" (or "scalar" in a build without AVX2). LENSERVE_CPU_ISA=avx2 at start, or
+// set_kernel_isa, turns VNNI off; set_kernel_isa("") asks without changing it.
+std::string kernel_isa();
+std::string set_kernel_isa(const std::string& isa);
+bool use_vnni();
 
 // ---- K-quants (quant_kquants.cpp) ----
 void dequant_row_q4_k(const uint8_t* row, float* out, int64_t K);

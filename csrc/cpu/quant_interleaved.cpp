@@ -19,7 +19,10 @@
 // A 16-byte chunk widened to int16 is then the 8 rows' element pairs, one pair per 32-bit lane.
 #include <ATen/Parallel.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "cpu/common.h"
@@ -229,16 +232,57 @@ void group_rows(const uint8_t* group, const BlockQAct* xq, int64_t nb, int64_t M
   }
 }
 
+// 1: quant_vnni.cpp's kernels, 0: this file's. Chosen once from the CPU and LENSERVE_CPU_ISA.
+std::atomic<int>& vnni_flag() {
+  static std::atomic<int> flag([] {
+    const char* env = std::getenv("LENSERVE_CPU_ISA");
+    const bool off = env != nullptr && std::string(env) == "avx2";
+    return vnni_supported() && !off ? 1 : 0;
+  }());
+  return flag;
+}
+
 }  // namespace
+
+bool use_vnni() { return vnni_flag().load(std::memory_order_relaxed) != 0; }
+
+std::string kernel_isa() {
+#ifdef LENSERVE_AVX2
+  return use_vnni() ? "avx512_vnni" : "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+std::string set_kernel_isa(const std::string& isa) {
+  const std::string before = kernel_isa();
+  if (isa.empty()) return before;
+  if (isa == "avx512_vnni") {
+    LS_CHECK(vnni_supported(), "quant_kernel_isa: this CPU lacks AVX-512 VNNI (or the build lacks AVX2)");
+    vnni_flag().store(1);
+  } else {
+    LS_CHECK(isa == "avx2" || isa == "scalar", "quant_kernel_isa: unknown instruction set '", isa,
+             "' (avx512_vnni, avx2, or empty to ask)");
+    LS_CHECK(isa == before || (isa == "avx2" && before == "avx512_vnni"), "quant_kernel_isa: this build runs '",
+             before, "', it cannot switch to '", isa, "'");
+    vnni_flag().store(0);
+  }
+  return before;
+}
 
 void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M, int64_t N,
              float* out) {
   const int64_t G = N / 8;
   // ~32 KiB of weights per chunk of work: a decode step's small matrices still split over threads.
   const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / (8 * row_bytes));
+  const bool vnni = use_vnni();
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* group = w + g * 8 * row_bytes;
+      if (vnni) {
+        group_rows_vnni(type, group, xq, nb, M, out + g * 8, N);
+        continue;
+      }
       switch (type) {
         case kQ8_0: group_rows<kQ8_0>(group, xq, nb, M, out + g * 8, N); break;
         case kQ4_0: group_rows<kQ4_0>(group, xq, nb, M, out + g * 8, N); break;

@@ -1,8 +1,9 @@
 // Linear layers and embedding lookups over weights kept in their GGUF form (quant_blocks.h):
 // Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, and F16 / BF16 / F32 rows.
 //
-// Decode (up to kMaxDecodeRows rows of x) is bound by the weight bytes read, so each weight row is
-// read once and dotted with every row of x while it is in L1:
+// Decode (up to kMaxDecodeRows rows of x; interleaved rows up to kMaxInterleavedDecodeRows, and at
+// every row count on a CPU with AVX-512 VNNI) is bound by the weight bytes read, so each weight row
+// is read once and dotted with every row of x while it is in L1:
 //   - Q8_0 / Q4_0 / Q4_1: x is quantized per 32-block to int16 (BlockQAct) once per call and the
 //     dots are integer (_mm256_madd_epi16): a block is widened to int16 once for up to four rows
 //     of x (quant_legacy.cpp says why int16 and why not fp32 activations).
@@ -75,14 +76,23 @@ constexpr int64_t kMaxDecodeRows = 16;
 // that carries a prompt chunk beside its decodes (stall-free batching: 100-250 rows at the CPU's
 // default ITL target) stays on the integer GEMM.
 constexpr int64_t kMaxInterleavedDecodeRows = 256;
+// With AVX-512 VNNI (quant_vnni.cpp) the integer GEMM wins at every row count. Measured on the
+// same four matrices (2-core EPYC with AVX-512, ms a layer per row, best of 7, both kernels in one
+// process): VNNI 0.0252 at 8 rows, 0.0233 at 64, 0.0239 at 256, 0.0255 at 512, 0.0251 at 1024;
+// AVX2 integer 0.0353, 0.0338, 0.0337, 0.0343, 0.0363; the panel path 0.036-0.044 from 257 up.
+// vpdpwssd does the AVX2 kernel's madd + add in one instruction and its 32 registers hold an
+// 8-row tile, so the unpacking that the panel path shares over all rows costs less here than the
+// panel path's fp32 FMAs (half the multiply-adds per instruction).
+constexpr int64_t kMaxVnniDecodeRows = int64_t{1} << 40;
 
 // LENSERVE_QUANT_INT_ROWS overrides it (read once): for measuring the crossover on another CPU.
 int64_t max_interleaved_decode_rows() {
-  static const int64_t rows = [] {
+  static const int64_t forced = [] {
     const char* env = std::getenv("LENSERVE_QUANT_INT_ROWS");
-    return env != nullptr && std::atoll(env) > 0 ? static_cast<int64_t>(std::atoll(env)) : kMaxInterleavedDecodeRows;
+    return env != nullptr && std::atoll(env) > 0 ? static_cast<int64_t>(std::atoll(env)) : int64_t{0};
   }();
-  return rows;
+  if (forced > 0) return forced;
+  return use_vnni() ? kMaxVnniDecodeRows : kMaxInterleavedDecodeRows;
 }
 
 void dequant_row_f16(const uint8_t* row, float* out, int64_t K) {
@@ -161,7 +171,9 @@ void decode_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64
   if (has_integer_dot(type)) {
     const int64_t nb = K / QK;
     std::vector<BlockQAct> xq(M * nb);
-    for (int64_t m = 0; m < M; ++m) quantize_row_act(x + m * ldx, xq.data() + m * nb, K);
+    at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) quantize_row_act(x + m * ldx, xq.data() + m * nb, K);
+    });
     if (is_interleaved(type)) {
       gemm_x8(base_type(type), w, row_bytes, xq.data(), nb, M, N, out);
       return;
@@ -317,6 +329,8 @@ torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
   }
   return out;
 }
+
+std::string quant_kernel_isa(const std::string& isa) { return set_kernel_isa(isa); }
 
 void quant_interleave_cpu(torch::Tensor& weight, int64_t weight_type) {
   LS_CHECK_CPU(weight);

@@ -160,17 +160,72 @@ def test_interleaving_is_the_documented_layout(weight_type):
         torch.ops.lenserve.quant_interleave(random_rows(quant.Q4_K, 8, 256, 1).data, quant.Q4_K)
 
 
-# rows of x: every remainder of the 4-row register tile, up to the interleaved integer GEMM's
-# limit (256), and the fp32 panel path past it; rows of W: one group, odd groups, 300+
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 9, 53, 128, 256, 257])
+def _isas() -> list[str]:
+    """The integer GEMM's instruction sets this CPU runs: AVX2's kernel always (where built), and
+    AVX-512 VNNI's where the CPU has it (quant_vnni.cpp)."""
+    current = torch.ops.lenserve.quant_kernel_isa("")
+    return ["avx2", "avx512_vnni"] if current == "avx512_vnni" else [current]
+
+
+@pytest.fixture(params=["base", "avx512_vnni"])
+def kernel_isa(request):
+    """Runs the test on each integer-GEMM kernel the CPU has (base: AVX2's, or the scalar one in a
+    build without AVX2), then puts the default back."""
+    isa = _isas()[0] if request.param == "base" else request.param
+    if isa not in _isas():
+        pytest.skip(f"this CPU runs {_isas()}, not {isa}")
+    before = torch.ops.lenserve.quant_kernel_isa(isa)
+    yield isa
+    torch.ops.lenserve.quant_kernel_isa(before)
+
+
+# rows of x: every remainder of the 4-row (AVX2) and 8-row (VNNI) register tiles, up to AVX2's
+# integer GEMM limit (256), and past it (AVX2: the fp32 panel path; VNNI: still the integer GEMM);
+# rows of W: one group, odd groups, 300+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 9, 13, 53, 128, 256, 257])
 @pytest.mark.parametrize("weight_type", LEGACY)
-def test_interleaved_linear_matches_fp64_dequantize(weight_type, m):
+def test_interleaved_linear_matches_fp64_dequantize(weight_type, m, kernel_isa):
     for n in (8, 40, 304):
         for k in (32, 608):
             seed = weight_type * 10_000 + m * 100 + n + k
             w = interleaved(random_rows(weight_type, n, k, seed))
             x = torch.from_numpy(np.random.default_rng(seed + 1).standard_normal((m, k)).astype(np.float32))
             check_linear(x, w, torch.randn(n) if m == 5 else None)
+
+
+@pytest.mark.parametrize("weight_type", LEGACY)
+def test_vnni_kernel_equals_avx2_bit_for_bit(weight_type):
+    """The VNNI GEMM adds the same exact int32 products as AVX2's madd + add and scales them in
+    the same order, so the outputs are identical, at every tile remainder (up to AVX2's limit)."""
+    if "avx512_vnni" not in _isas():
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    before = torch.ops.lenserve.quant_kernel_isa("")
+    try:
+        for m in (1, 3, 4, 7, 8, 9, 16, 21, 256):
+            for n, k in ((8, 32), (40, 608), (304, 96)):
+                seed = weight_type * 1000 + m + n + k
+                w = interleaved(random_rows(weight_type, n, k, seed))
+                x = torch.from_numpy(np.random.default_rng(seed).standard_normal((m, k)).astype(np.float32))
+                out = {}
+                for isa in ("avx512_vnni", "avx2"):
+                    torch.ops.lenserve.quant_kernel_isa(isa)
+                    out[isa] = torch.ops.lenserve.quant_linear(x, w.data, w.weight_type, n, None)
+                assert torch.equal(out["avx512_vnni"], out["avx2"]), (m, n, k)
+    finally:
+        torch.ops.lenserve.quant_kernel_isa(before)
+
+
+def test_kernel_isa_switch():
+    """Asking changes nothing; an unknown or unavailable instruction set is refused."""
+    current = torch.ops.lenserve.quant_kernel_isa("")
+    assert current in ("avx512_vnni", "avx2", "scalar")
+    assert torch.ops.lenserve.quant_kernel_isa("") == current
+    with pytest.raises(RuntimeError, match="unknown instruction set"):
+        torch.ops.lenserve.quant_kernel_isa("sse9")
+    if current != "avx512_vnni":
+        with pytest.raises(RuntimeError, match="lacks AVX-512 VNNI"):
+            torch.ops.lenserve.quant_kernel_isa("avx512_vnni")
+    assert torch.ops.lenserve.quant_kernel_isa(current) == current
 
 
 @pytest.mark.parametrize("weight_type", LEGACY)

@@ -1,0 +1,148 @@
+// The interleaved integer GEMM (quant_interleaved.cpp) with AVX-512 VNNI: `vpdpwssd` multiplies
+// int16 pairs and adds them into int32 lanes in one instruction, where AVX2 needs
+// `_mm256_madd_epi16` and then `_mm256_add_epi32`. The sums are the same exact integers, so the
+// outputs equal the AVX2 kernel's bit for bit (tests/csrc/test_quant_linear.py checks it); the
+// activations stay int16 for the accuracy reasons in quant_legacy.cpp.
+//
+// The instructions are 256-bit (AVX512VL encodings): on AMD Zen 4 a 512-bit op takes two 256-bit
+// slots, so wider registers would not add throughput, but EVEX gives 32 vector registers, which
+// lets a tile keep kVnniTileRows = 8 activation rows (16 int32 accumulators for Q4_0 / Q4_1's low
+// and high nibbles, 8 fp32 sums) where AVX2's 16 registers hold 4. Each unpacked weight register
+// then feeds twice as many rows.
+//
+// Only this file is compiled for AVX-512 (the pragma below), and only its own internal functions:
+// no header template is instantiated inside the region, so no AVX-512 copy of a shared inline
+// function can reach code that runs on a CPU without it. quant::vnni_supported() decides at run
+// time whether gemm_x8 calls in here.
+#include "cpu/quant_blocks.h"
+
+#include <cstring>
+
+namespace lenserve {
+namespace quant {
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(LENSERVE_AVX2)
+
+bool vnni_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+
+namespace {
+
+constexpr int64_t header_bytes_v(int64_t type) { return type == kQ4_1 ? 32 : 16; }
+constexpr int64_t file_block_bytes_v(int64_t type) {
+  return type == kQ8_0 ? sizeof(BlockQ8_0) : (type == kQ4_0 ? sizeof(BlockQ4_0) : sizeof(BlockQ4_1));
+}
+
+inline __m256i bcast_pair(const int16_t* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, 4);
+  return _mm256_set1_epi32(pair);
+}
+
+// MR activation rows (xq, nb blocks apart) against one group of 8 interleaved rows: out[m * ldo + r].
+template <int64_t TYPE, int MR>
+void group_tile_vnni(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
+  constexpr int64_t bb = file_block_bytes_v(TYPE);
+  constexpr int64_t hb = header_bytes_v(TYPE);
+  __m256 accf[MR];
+  for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
+  const __m128i mask = _mm_set1_epi8(0xF);
+  for (int64_t i = 0; i < nb; ++i) {
+    const uint8_t* b = group + i * 8 * bb;
+    const uint8_t* qs = b + hb;
+    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    // two int32 sums per row (even and odd chunks, or low and high nibbles): two dependency chains
+    __m256i acc0[MR], acc1[MR];
+    for (int m = 0; m < MR; ++m) acc0[m] = acc1[m] = _mm256_setzero_si256();
+    const int16_t* xs[MR];
+    for (int m = 0; m < MR; ++m) xs[m] = xq[m * nb + i].qs;
+    if constexpr (TYPE == kQ8_0) {
+#pragma GCC unroll 8
+      for (int p = 0; p < 16; p += 2) {
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p + 16)));
+        for (int m = 0; m < MR; ++m) {
+          acc0[m] = _mm256_dpwssd_epi32(acc0[m], w0, bcast_pair(xs[m] + 2 * p));
+          acc1[m] = _mm256_dpwssd_epi32(acc1[m], w1, bcast_pair(xs[m] + 2 * p + 2));
+        }
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int p = 0; p < 8; ++p) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+        for (int m = 0; m < MR; ++m) {
+          acc0[m] = _mm256_dpwssd_epi32(acc0[m], lo, bcast_pair(xs[m] + 2 * p));
+          acc1[m] = _mm256_dpwssd_epi32(acc1[m], hi, bcast_pair(xs[m] + 16 + 2 * p));
+        }
+      }
+    }
+    // AVX2 adds the chunks' products into one int32 sum in the same order of exact integer
+    // additions; int32 addition is associative, so acc0 + acc1 is that sum.
+    if constexpr (TYPE == kQ8_0) {
+      for (int m = 0; m < MR; ++m)
+        accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc0[m], acc1[m])),
+                                  _mm256_mul_ps(wd, _mm256_set1_ps(xq[m * nb + i].d)), accf[m]);
+    } else {
+      const __m256 wc = TYPE == kQ4_0 ? _mm256_mul_ps(wd, _mm256_set1_ps(-8.f))
+                                      : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+      for (int m = 0; m < MR; ++m) {
+        const BlockQAct& a = xq[m * nb + i];
+        accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc0[m], acc1[m])),
+                                  _mm256_mul_ps(wd, _mm256_set1_ps(a.d)), accf[m]);
+        accf[m] = _mm256_fmadd_ps(wc, _mm256_set1_ps(a.s), accf[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(out + m * ldo, accf[m]);
+}
+
+template <int64_t TYPE>
+void group_rows_vnni_t(const uint8_t* group, const BlockQAct* xq, int64_t nb, int64_t M, float* out, int64_t ldo) {
+  int64_t m = 0;
+  for (; m + kVnniTileRows <= M; m += kVnniTileRows)
+    group_tile_vnni<TYPE, kVnniTileRows>(group, xq + m * nb, nb, out + m * ldo, ldo);
+  const BlockQAct* x = xq + m * nb;
+  float* o = out + m * ldo;
+  switch (M - m) {
+    case 1: group_tile_vnni<TYPE, 1>(group, x, nb, o, ldo); break;
+    case 2: group_tile_vnni<TYPE, 2>(group, x, nb, o, ldo); break;
+    case 3: group_tile_vnni<TYPE, 3>(group, x, nb, o, ldo); break;
+    case 4: group_tile_vnni<TYPE, 4>(group, x, nb, o, ldo); break;
+    case 5: group_tile_vnni<TYPE, 5>(group, x, nb, o, ldo); break;
+    case 6: group_tile_vnni<TYPE, 6>(group, x, nb, o, ldo); break;
+    case 7: group_tile_vnni<TYPE, 7>(group, x, nb, o, ldo); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void group_rows_vnni(int64_t type, const uint8_t* group, const BlockQAct* xq, int64_t nb, int64_t M, float* out,
+                     int64_t ldo) {
+  switch (type) {
+    case kQ8_0: group_rows_vnni_t<kQ8_0>(group, xq, nb, M, out, ldo); break;
+    case kQ4_0: group_rows_vnni_t<kQ4_0>(group, xq, nb, M, out, ldo); break;
+    default: group_rows_vnni_t<kQ4_1>(group, xq, nb, M, out, ldo); break;
+  }
+}
+
+#pragma GCC pop_options
+
+#else
+
+bool vnni_supported() { return false; }
+
+void group_rows_vnni(int64_t, const uint8_t*, const BlockQAct*, int64_t, int64_t, float*, int64_t) {}
+
+#endif
+
+}  // namespace quant
+}  // namespace lenserve
