@@ -46,13 +46,81 @@ def _quantized(weight_type: int, w: torch.Tensor) -> QuantWeight:
     return QuantWeight(torch.from_numpy(data.reshape(w.shape[0], -1)), weight_type, w.shape[1])
 
 
+# K must be a multiple of 256: SmolLM2's down projection, and a 1B Llama's attention and MLP shapes
+KQUANT_SHAPES = {"down_135m": (576, 1536), "attn_1b": (2048, 2048), "mlp_down_1b": (2048, 8192)}
+_KQUANT_CHILD = """
+import json, sys, time
+import numpy as np, torch
+sys.path.insert(0, {bench_dir!r})
+from bench_quant_linear import _time_ms, random_blocks
+from lenserve.engine._ext import extension
+extension()
+out = []
+for name, (n, k) in {shapes!r}.items():
+    for tname in ("Q4_K", "Q5_K", "Q6_K", "Q4_1"):
+        w = random_blocks(tname, n, k)
+        for m in {rows!r}:
+            x = torch.randn(m, k)
+            ms = _time_ms(lambda: torch.ops.lenserve.quant_linear(x, w.data, w.weight_type, n, None), {reps})
+            out.append(dict(matrix=name, n=n, k=k, rows=m, weights=tname, ms=ms, weight_gb_s=w.num_bytes / ms / 1e6))
+print(json.dumps(out))
+"""
+
+
+def random_blocks(type_name: str, n: int, k: int) -> QuantWeight:
+    """n rows of well-formed blocks of a GGUF type with random quants and fp16 scales of a
+    plausible size (the speed does not depend on the values; gguf-py cannot quantize K-quants)."""
+    weight_type = getattr(quant, type_name)
+    elems, nbytes = quant._BLOCK[weight_type]
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(n, k // elems, nbytes), dtype=np.uint8)
+    for off in {quant.Q6_K: [208], quant.Q4_1: [0, 2]}.get(weight_type, [0, 2]):
+        scale = rng.uniform(0.002, 0.05, size=blocks.shape[:2]).astype(np.float16)
+        blocks[:, :, off : off + 2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return QuantWeight(torch.from_numpy(blocks.reshape(n, -1).copy()), weight_type, k)
+
+
+def _kquants(args) -> None:
+    """The integer K-quant dots against the fp32 path they replaced, each in its own process (the
+    choice is read once at start), on the same shapes, rows and machine."""
+    import subprocess
+
+    rows = [int(r) for r in args.rows.split(",")] if args.rows != "1,4,16,64,512" else [1, 4, 16]
+    code = _KQUANT_CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), shapes=KQUANT_SHAPES, rows=rows,
+                                reps=args.reps)
+    runs = {}
+    for label, dots in (("integer", None), ("fp32_unpacked", "fp32")):
+        env = {k: v for k, v in os.environ.items() if k != "LENSERVE_KQUANT_DOTS"}
+        if dots:
+            env["LENSERVE_KQUANT_DOTS"] = dots
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        runs[label] = json.loads(out.strip().splitlines()[-1])
+    speedup = {}
+    for a, b in zip(runs["integer"], runs["fp32_unpacked"]):
+        if a["weights"] != "Q4_1":
+            speedup[f"{a['weights']} {a['matrix']} rows={a['rows']}"] = round(b["ms"] / a["ms"], 2)
+    report = dict(machine=machine(), threads=args.threads or os.cpu_count(), results=runs,
+                  integer_over_fp32_speedup=speedup)
+    print(json.dumps(report, indent=1))
+    print("wrote", write_result(args.out or "bench_quant_linear_kquants_cpu.json", report))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,4,16,64,512")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    ap.add_argument("--out", default="bench_quant_linear_cpu.json")
+    ap.add_argument("--out", default=None, help="default: bench_quant_linear_cpu.json (--kquants: bench_quant_linear_kquants_cpu.json)")
+    ap.add_argument("--kquants", action="store_true",
+                    help="Q4_K / Q5_K / Q6_K decode: integer dots against fp32 activations on unpacked rows "
+                         "(LENSERVE_KQUANT_DOTS=fp32, in a second process), Q4_1 beside them")
     args = ap.parse_args()
+    if args.kquants:
+        _kquants(args)
+        return
+    args.out = args.out or "bench_quant_linear_cpu.json"
     extension()
     if args.threads:
         torch.set_num_threads(args.threads)

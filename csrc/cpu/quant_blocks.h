@@ -144,6 +144,8 @@ bool use_vnni();
 void dequant_row_q4_k(const uint8_t* row, float* out, int64_t K);
 void dequant_row_q5_k(const uint8_t* row, float* out, int64_t K);
 void dequant_row_q6_k(const uint8_t* row, float* out, int64_t K);
+// As dot_row_act, for a row of Q4_K, Q5_K or Q6_K super-blocks (nb activation blocks of 32).
+void dot_row_act_k(int64_t type, const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo);
 
 }  // namespace quant
 }  // namespace lenserve

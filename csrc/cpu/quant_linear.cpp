@@ -7,7 +7,9 @@
 //   - Q8_0 / Q4_0 / Q4_1: x is quantized per 32-block to int16 (BlockQAct) once per call and the
 //     dots are integer (_mm256_madd_epi16): a block is widened to int16 once for up to four rows
 //     of x (quant_legacy.cpp says why int16 and why not fp32 activations).
-//   - K-quants and 16-bit rows: the row is unpacked to fp32 in L1 and dotted with each row of x.
+//   - Q4_K / Q5_K / Q6_K: the same integer dots per 32-element run (quant_kquants.cpp), one row
+//     at a time against up to four rows of x.
+//   - 16-bit rows: the row is unpacked to fp32 in L1 and dotted with each row of x.
 // Larger batches (prefill) are compute bound: a group of 16-row panels is unpacked to fp32 once
 // and every row block of x runs the fp32 6x16 micro-kernel over it (panel_kernel.h), the same
 // loop as the packed fp32 linear, so the unpack cost is shared by all rows. For the integer-dot
@@ -127,7 +129,23 @@ void dequant_row(int64_t type, const uint8_t* row, float* out, int64_t K) {
   }
 }
 
-bool has_integer_dot(int64_t type) { return can_interleave(base_type(type)); }
+bool is_kquant(int64_t type) { return type == kQ4_K || type == kQ5_K || type == kQ6_K; }
+
+// LENSERVE_KQUANT_DOTS=fp32 (read once) puts K-quants back on fp32 activations against unpacked
+// rows, the path before their integer dots: for measuring one against the other
+// (benchmarks/bench_quant_linear.py --kquants).
+bool kquant_integer_dots() {
+  static const bool on = [] {
+    const char* env = std::getenv("LENSERVE_KQUANT_DOTS");
+    return env == nullptr || std::strcmp(env, "fp32") != 0;
+  }();
+  return on;
+}
+
+// Types whose decode dots are integer (x rounded to int16 activation blocks; prefill rounds x the same way).
+bool has_integer_dot(int64_t type) {
+  return can_interleave(base_type(type)) || (is_kquant(type) && kquant_integer_dots());
+}
 
 // Rows n0 .. n0 + count - 1 of a matrix of `type` (interleaved or not) as fp32 rows K apart:
 // an interleaved group is unpacked once for all of its rows asked for.
@@ -180,9 +198,13 @@ void decode_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64
     }
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = 0; m < M; m += 4)
-          dot_row_act(type, w + n * row_bytes, xq.data() + m * nb, nb, static_cast<int>(std::min<int64_t>(4, M - m)),
-                         out + m * N + n, N);
+        for (int64_t m = 0; m < M; m += 4) {
+          const int rows = static_cast<int>(std::min<int64_t>(4, M - m));
+          if (is_kquant(type))
+            dot_row_act_k(type, w + n * row_bytes, xq.data() + m * nb, nb, rows, out + m * N + n, N);
+          else
+            dot_row_act(type, w + n * row_bytes, xq.data() + m * nb, nb, rows, out + m * N + n, N);
+        }
     });
     return;
   }

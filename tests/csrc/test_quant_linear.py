@@ -22,7 +22,8 @@ _FP16_FIELDS = {
     quant.Q5_K: [0, 2],
     quant.Q6_K: [208],
 }
-INT8_DOT_TYPES = {quant.Q8_0, quant.Q4_0, quant.Q4_1}
+# decode dots x as int16 activation blocks against the weights' integers (prefill rounds x the same way)
+INTEGER_DOT_TYPES = {quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q4_K, quant.Q5_K, quant.Q6_K}
 
 
 def random_rows(weight_type: int, n: int, k: int, seed: int) -> QuantWeight:
@@ -63,7 +64,7 @@ def check_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
     magnitude = xd.abs() @ wd.abs().T  # sum_k |x w|
     # fp32 accumulation (as the fp32 packed linear's test)
     bound = 8 * torch.finfo(torch.float32).eps * k**0.5 * (magnitude + 1)
-    if quant.base_type(w.weight_type) in INT8_DOT_TYPES:
+    if quant.base_type(w.weight_type) in INTEGER_DOT_TYPES:
         # x rounded per 32-block (at every batch size: see quant_linear.cpp) to d * round(x / d), d = max|x| / 127: each x moves by <= d / 2,
         # so an output moves by <= sum over blocks of d / 2 * sum |w| in the block
         amax = xd.abs().reshape(x.shape[0], -1, 32).amax(-1)  # [m, blocks]
@@ -90,6 +91,25 @@ def test_quant_linear_matches_fp64_dequantize(weight_type, m):
             w = random_rows(weight_type, n, k, seed)
             x = torch.from_numpy(np.random.default_rng(seed + 1).standard_normal((m, k)).astype(np.float32))
             check_linear(x, w)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize("weight_type", LEGACY + SUPER)
+def test_integer_dots_are_exact_on_the_activation_grid(weight_type, m):
+    """x already on the int16 grid (each 32-block q * 2^-12 with max |q| = 32767, so rounding
+    leaves it as it is): the decode kernels' integer dots leave only fp32 accumulation error, with
+    no allowance for rounding x. A wrong nibble, bit, scale or run order shows up far above it."""
+    k = 768 if weight_type in SUPER else 608
+    rng = np.random.default_rng(weight_type * 100 + m)
+    q = rng.integers(-32767, 32768, size=(m, k // 32, 32))
+    q[:, :, 0] = 32767 * rng.choice([-1, 1], size=(m, k // 32))  # sets d = 2^-12 exactly
+    x = torch.from_numpy((q * 2.0**-12).astype(np.float32).reshape(m, k))
+    w = random_rows(weight_type, 40, k, m)
+    out = torch.ops.lenserve.quant_linear(x, w.data, w.weight_type, 40, None).double()
+    wd = reference(w)
+    ref = x.double() @ wd.T
+    bound = 8 * torch.finfo(torch.float32).eps * k**0.5 * (x.double().abs() @ wd.abs().T + 1)
+    assert ((out - ref).abs() <= bound).all(), ((out - ref).abs().max().item(), bound.min().item())
 
 
 @pytest.mark.parametrize("m", [3, 40])
