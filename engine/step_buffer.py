@@ -3,8 +3,8 @@
 A step needs about eight small integer tensors (token ids, positions, slots, cu_seqlens, block
 tables, ...). Eight `torch.tensor(..., device="cuda")` calls are eight synchronous host-to-device
 copies; here they are written into one pinned host buffer at 8-byte aligned offsets, copied once
-with non_blocking=True, and handed out as views of one device buffer. On CPU the host buffer is
-the result (nothing is copied).
+with non_blocking=True, and handed out as views of one device buffer. On CPU each field is made
+directly as a tensor of its own (there is no copy to save).
 """
 from __future__ import annotations
 
@@ -33,13 +33,35 @@ def _view(buf: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, 
     return buf[offset : offset + nbytes].view(dtype).view(shape)
 
 
+def _fresh_tensors(fields: list[tuple[str, torch.dtype, tuple[int, ...], list | torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The fields as new tensors, with nothing to copy them to: the list fields of one dtype
+    become one tensor (one torch.tensor call) split into views, a tensor field is copied, so no
+    result aliases what the caller may reuse. Writing every field into one buffer first, as the
+    CUDA path must, cost a copy and two views per field: a batch-1 decode step's largest Python
+    cost outside the model after the cost model's."""
+    out: dict[str, torch.Tensor] = {}
+    lists: dict[torch.dtype, list[tuple[str, tuple[int, ...], list]]] = {}
+    for name, dtype, shape, values in fields:
+        if isinstance(values, torch.Tensor):
+            out[name] = values.to(dtype=dtype, copy=True).view(shape)
+        else:
+            lists.setdefault(dtype, []).append((name, shape, values))
+    for dtype, group in lists.items():
+        flat = torch.tensor([v for _, _, values in group for v in values], dtype=dtype)
+        for (name, shape, _), part in zip(group, flat.split([len(values) for _, _, values in group])):
+            out[name] = part.view(shape)
+    return {name: out[name] for name, *_ in fields}
+
+
 class StepBuffer:
     """Stages a step's integer metadata for `device`: `stage` takes (name, dtype, shape, values)
     with values a flat Python list or a CPU tensor, and returns {name: tensor on device}."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, pack: bool | None = None) -> None:
         self.device = device
         self.on_cuda = device.type == "cuda"
+        # one buffer for every field (always on CUDA; on CPU only when asked, as the tests of the layout do)
+        self.pack = self.on_cuda if pack is None else pack
         self._host: torch.Tensor | None = None  # pinned, reused on CUDA
         self._device: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None  # the last copy out of _host
@@ -56,6 +78,8 @@ class StepBuffer:
         return self._host
 
     def stage(self, fields: list[tuple[str, torch.dtype, tuple[int, ...], list | torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not self.pack:
+            return _fresh_tensors(fields)
         layout, nbytes = pack_layout([(n, d, s) for n, d, s, _ in fields])
         host = self._host_buffer(nbytes)
         for name, dtype, shape, values in fields:

@@ -29,7 +29,7 @@ def test_pack_layout_aligns_every_field_to_8_bytes():
 
 
 def test_step_buffer_views_hold_the_values():
-    buf = StepBuffer(torch.device("cpu"))
+    buf = StepBuffer(torch.device("cpu"), pack=True)  # the CUDA path's one buffer, on the host
     t = buf.stage([
         ("ids", torch.int64, (4,), [5, 6, 7, 1 << 40]),
         ("cu", torch.int32, (3,), [0, 1, 4]),
@@ -44,6 +44,25 @@ def test_step_buffer_views_hold_the_values():
     assert buf.num_copies == 0  # nothing to copy on CPU
     again = buf.stage([("ids", torch.int64, (1,), [9])])
     assert t["ids"].tolist() == [5, 6, 7, 1 << 40] and again["ids"].tolist() == [9]  # a step's views stay valid
+
+
+def test_cpu_step_buffer_makes_fresh_tensors():
+    """On CPU (nothing to copy to a device) each field is a tensor of its own with the values,
+    dtype and shape asked for, and never the caller's tensor."""
+    buf = StepBuffer(torch.device("cpu"))
+    table = torch.tensor([[1, 2, 3], [4, 0, 0]], dtype=torch.int64)
+    t = buf.stage([
+        ("ids", torch.int64, (4,), [5, 6, 7, 1 << 40]),
+        ("table", torch.int32, (2, 3), table),
+        ("flat", torch.int32, (2, 2), [1, 2, 3, 4]),
+        ("empty", torch.int64, (0,), []),
+    ])
+    assert t["ids"].tolist() == [5, 6, 7, 1 << 40] and t["ids"].dtype == torch.int64
+    assert t["table"].tolist() == [[1, 2, 3], [4, 0, 0]] and t["table"].dtype == torch.int32
+    assert t["flat"].tolist() == [[1, 2], [3, 4]] and t["empty"].numel() == 0
+    table[0, 0] = 99
+    assert t["table"][0, 0].item() == 1  # a copy, not a view of the caller's tensor
+    assert buf.num_copies == 0
 
 
 # ---- CUDA graph batch sizes ------------------------------------------------------------------------

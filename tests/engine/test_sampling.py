@@ -84,3 +84,23 @@ def test_max_tokens_none_fills_context(llm):
     ids = list(range(100, 100 + n - 3))
     out = llm.generate([ids], p)[0]
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+def test_cpu_argmax_equals_torchs():
+    """The sampler's CPU argmax (numpy's) gives torch.argmax's ids: the first of equal maxima,
+    NaN as the largest, strided rows, float64, inference tensors."""
+    import torch
+
+    from lenserve.engine.sampler import _argmax
+
+    x = torch.randn(6, 49152)
+    x[1, 3] = x[1, 7] = float("nan")
+    x[2, :] = 1.0
+    x[3, 10] = x[3, 20] = 100.0
+    x[4, -1] = float("inf")
+    for t in (x, x[:, ::3], x.double(), x[2:4]):
+        got = _argmax(t)
+        assert got.dtype == torch.int64 and torch.equal(got, t.argmax(dim=-1))
+    with torch.inference_mode():
+        y = torch.randn(3, 1000)
+        assert torch.equal(_argmax(y), y.argmax(dim=-1))
