@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "cpu/vec.h"  // LENSERVE_AVX2
 
@@ -84,6 +85,18 @@ struct BlockQAct {
   float s;
   int16_t qs[QK];
 };
+
+// f(std::integral_constant<int, MR>{}) for MR = min(M, 4): the row-kernel templates' register
+// tile of 1-4 activation rows, picked at run time.
+template <typename F>
+inline void with_rows_1to4(int M, F&& f) {
+  switch (M) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
 
 // Elements per block and bytes per block of a type; 0 elements for a type the kernels do not read.
 int64_t block_elems(int64_t type);

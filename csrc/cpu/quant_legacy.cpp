@@ -249,12 +249,7 @@ void dot_rows(const uint8_t* row, const BlockQAct* xq, int64_t nb, float* out, i
 
 template <int64_t TYPE>
 void dot_type(const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo) {
-  switch (M) {
-    case 1: dot_rows<TYPE, 1>(row, xq, nb, out, ldo); break;
-    case 2: dot_rows<TYPE, 2>(row, xq, nb, out, ldo); break;
-    case 3: dot_rows<TYPE, 3>(row, xq, nb, out, ldo); break;
-    default: dot_rows<TYPE, 4>(row, xq, nb, out, ldo); break;
-  }
+  with_rows_1to4(M, [&](auto mr) { dot_rows<TYPE, decltype(mr)::value>(row, xq, nb, out, ldo); });
 }
 
 }  // namespace
