@@ -52,12 +52,12 @@ torch::Tensor packed_linear_cpu(const torch::Tensor& x, const torch::Tensor& pac
 // weight_type (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K); bias [N] -> x Wᵀ + b  [M, N]
 torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, int64_t weight_type,
                                int64_t out_features, const std::optional<torch::Tensor>& bias);
-// ids int64 [T]; weight uint8 [V, row bytes] of ggml type weight_type with `dim` elements a row -> fp32 [T, dim]
 void quant_interleave_cpu(torch::Tensor& weight, int64_t weight_type);
-// The integer GEMM's instruction set ("avx512_vnni", "avx2" or "scalar"); a non-empty isa switches
-// to it (only VNNI can be turned off and on) and the previous one is returned.
-std::string quant_kernel_isa(const std::string& isa);
+// ids int64 [T]; weight uint8 [V, row bytes] of ggml type weight_type with `dim` elements a row -> fp32 [T, dim]
 torch::Tensor quant_embedding_cpu(const torch::Tensor& ids, const torch::Tensor& weight, int64_t weight_type, int64_t dim);
+// The integer GEMM's instruction set ("avx512_vnni", "avx2" or "scalar"); a non-empty isa switches
+// to it (only VNNI can be turned off and on) and the previous one is returned (cpu/quant_interleaved.cpp).
+std::string quant_kernel_isa(const std::string& isa);
 // One decoder layer of a decode-only step (cpu/decoder_layer.cpp): weights / weight_types /
 // out_features of the qkv, o, gate_up and down projections (type -1: a pack_linear_weight matrix,
 // else a ggml type as quant_linear takes). hidden and residual are updated in place as the unfused

@@ -7,7 +7,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <string>
 #include <type_traits>
 
 #include "cpu/vec.h"  // LENSERVE_AVX2
@@ -146,11 +145,8 @@ bool vnni_supported();
 // (the file type), as gemm_x8 does per group; equal to the AVX2 kernel's bit for bit.
 void group_rows_vnni(int64_t type, const uint8_t* group, const BlockQAct* xq, int64_t nb, int64_t M, float* out,
                      int64_t ldo);
-// The instruction set the integer GEMM uses: "avx512_vnni" where vnni_supported() and not turned
-// off, else "avx2" (or "scalar" in a build without AVX2). LENSERVE_CPU_ISA=avx2 at start, or
-// set_kernel_isa, turns VNNI off; set_kernel_isa("") asks without changing it.
-std::string kernel_isa();
-std::string set_kernel_isa(const std::string& isa);
+// Whether gemm_x8 runs quant_vnni.cpp's kernels: where vnni_supported() and not turned off
+// (LENSERVE_CPU_ISA=avx2 at start, or the quant_kernel_isa op, ops.h).
 bool use_vnni();
 
 // ---- K-quants (quant_kquants.cpp) ----

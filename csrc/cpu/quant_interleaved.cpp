@@ -27,6 +27,7 @@
 
 #include "cpu/common.h"
 #include "cpu/quant_blocks.h"
+#include "ops.h"
 
 namespace lenserve {
 namespace quant {
@@ -242,10 +243,6 @@ std::atomic<int>& vnni_flag() {
   return flag;
 }
 
-}  // namespace
-
-bool use_vnni() { return vnni_flag().load(std::memory_order_relaxed) != 0; }
-
 std::string kernel_isa() {
 #ifdef LENSERVE_AVX2
   return use_vnni() ? "avx512_vnni" : "avx2";
@@ -254,21 +251,9 @@ std::string kernel_isa() {
 #endif
 }
 
-std::string set_kernel_isa(const std::string& isa) {
-  const std::string before = kernel_isa();
-  if (isa.empty()) return before;
-  if (isa == "avx512_vnni") {
-    LS_CHECK(vnni_supported(), "quant_kernel_isa: this CPU lacks AVX-512 VNNI (or the build lacks AVX2)");
-    vnni_flag().store(1);
-  } else {
-    LS_CHECK(isa == "avx2" || isa == "scalar", "quant_kernel_isa: unknown instruction set '", isa,
-             "' (avx512_vnni, avx2, or empty to ask)");
-    LS_CHECK(isa == before || (isa == "avx2" && before == "avx512_vnni"), "quant_kernel_isa: this build runs '",
-             before, "', it cannot switch to '", isa, "'");
-    vnni_flag().store(0);
-  }
-  return before;
-}
+}  // namespace
+
+bool use_vnni() { return vnni_flag().load(std::memory_order_relaxed) != 0; }
 
 void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M, int64_t N,
              float* out) {
@@ -293,4 +278,22 @@ void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct*
 }
 
 }  // namespace quant
+
+std::string quant_kernel_isa(const std::string& isa) {
+  using namespace quant;
+  const std::string before = kernel_isa();
+  if (isa.empty()) return before;
+  if (isa == "avx512_vnni") {
+    LS_CHECK(vnni_supported(), "quant_kernel_isa: this CPU lacks AVX-512 VNNI (or the build lacks AVX2)");
+    vnni_flag().store(1);
+  } else {
+    LS_CHECK(isa == "avx2" || isa == "scalar", "quant_kernel_isa: unknown instruction set '", isa,
+             "' (avx512_vnni, avx2, or empty to ask)");
+    LS_CHECK(isa == before || (isa == "avx2" && before == "avx512_vnni"), "quant_kernel_isa: this build runs '",
+             before, "', it cannot switch to '", isa, "'");
+    vnni_flag().store(0);
+  }
+  return before;
+}
+
 }  // namespace lenserve

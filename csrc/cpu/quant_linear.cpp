@@ -196,15 +196,11 @@ void decode_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64
       gemm_x8(base_type(type), w, row_bytes, xq.data(), nb, M, N, out);
       return;
     }
+    const auto dot = is_kquant(type) ? dot_row_act_k : dot_row_act;
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = 0; m < M; m += 4) {
-          const int rows = static_cast<int>(std::min<int64_t>(4, M - m));
-          if (is_kquant(type))
-            dot_row_act_k(type, w + n * row_bytes, xq.data() + m * nb, nb, rows, out + m * N + n, N);
-          else
-            dot_row_act(type, w + n * row_bytes, xq.data() + m * nb, nb, rows, out + m * N + n, N);
-        }
+        for (int64_t m = 0; m < M; m += 4)
+          dot(type, w + n * row_bytes, xq.data() + m * nb, nb, static_cast<int>(std::min<int64_t>(4, M - m)), out + m * N + n, N);
     });
     return;
   }
@@ -351,8 +347,6 @@ torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
   }
   return out;
 }
-
-std::string quant_kernel_isa(const std::string& isa) { return set_kernel_isa(isa); }
 
 void quant_interleave_cpu(torch::Tensor& weight, int64_t weight_type) {
   LS_CHECK_CPU(weight);
