@@ -39,10 +39,14 @@ constexpr int64_t file_block_bytes_v(int64_t type) {
   return type == kQ8_0 ? sizeof(BlockQ8_0) : (type == kQ4_0 ? sizeof(BlockQ4_0) : sizeof(BlockQ4_1));
 }
 
-inline __m256i bcast_pair(const int16_t* x) {
-  int32_t pair;
-  std::memcpy(&pair, x, 4);
-  return _mm256_set1_epi32(pair);
+typedef int32_t __attribute__((may_alias)) pair_t;
+
+// acc + dpwssd(w, the int16 pair at x broadcast to every lane), the broadcast folded into the
+// instruction's memory operand ({1to8}): one instruction where the intrinsics give two
+// (vpbroadcastd, then vpdpwssd), GCC having no broadcast form of vpdpwssd.
+inline __m256i dp_pair(__m256i acc, __m256i w, const int16_t* x) {
+  asm("vpdpwssd %2%{1to8%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const pair_t*>(x)));
+  return acc;
 }
 
 // MR activation rows (xq, nb blocks apart) against one group of 8 interleaved rows: out[m * ldo + r].
@@ -68,8 +72,8 @@ void group_tile_vnni(const uint8_t* group, const BlockQAct* xq, int64_t nb, floa
         const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p)));
         const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p + 16)));
         for (int m = 0; m < MR; ++m) {
-          acc0[m] = _mm256_dpwssd_epi32(acc0[m], w0, bcast_pair(xs[m] + 2 * p));
-          acc1[m] = _mm256_dpwssd_epi32(acc1[m], w1, bcast_pair(xs[m] + 2 * p + 2));
+          acc0[m] = dp_pair(acc0[m], w0, xs[m] + 2 * p);
+          acc1[m] = dp_pair(acc1[m], w1, xs[m] + 2 * p + 2);
         }
       }
     } else {
@@ -79,8 +83,8 @@ void group_tile_vnni(const uint8_t* group, const BlockQAct* xq, int64_t nb, floa
         const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
         const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
         for (int m = 0; m < MR; ++m) {
-          acc0[m] = _mm256_dpwssd_epi32(acc0[m], lo, bcast_pair(xs[m] + 2 * p));
-          acc1[m] = _mm256_dpwssd_epi32(acc1[m], hi, bcast_pair(xs[m] + 16 + 2 * p));
+          acc0[m] = dp_pair(acc0[m], lo, xs[m] + 2 * p);
+          acc1[m] = dp_pair(acc1[m], hi, xs[m] + 16 + 2 * p);
         }
       }
     }
