@@ -92,6 +92,12 @@ inline Vec8 transpose_sum(const Vec8 a[8]) {
   return {_mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31))};
 }
 
+// out[i] = reduce_add(a[i]) for i < 4.
+inline void reduce_add4(const Vec8 a[4], float* out) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0].v, a[1].v), _mm256_hadd_ps(a[2].v, a[3].v));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+}
+
 // 2^x for x in [-126, 127] with a relative error of ~2 ulp; below -126 (and -inf) gives 0.
 inline Vec8 exp2(Vec8 x) {
   const __m256 clamped = _mm256_min_ps(_mm256_max_ps(x.v, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
@@ -150,6 +156,9 @@ inline float reduce_max(Vec8 a) {
   return s;
 }
 inline Vec8 transpose_sum(const Vec8 a[8]) { LS_VEC_MAP(reduce_add(a[i])); }
+inline void reduce_add4(const Vec8 a[4], float* out) {
+  for (int i = 0; i < 4; ++i) out[i] = reduce_add(a[i]);
+}
 inline Vec8 exp2(Vec8 x) { LS_VEC_MAP(x.v[i] < -126.f ? 0.f : std::exp2(x.v[i] > 127.f ? 127.f : x.v[i])); }
 
 #undef LS_VEC_MAP

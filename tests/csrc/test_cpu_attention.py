@@ -19,7 +19,7 @@ from lenserve.engine._ext import has_op
 pytestmark = pytest.mark.skipif(not has_op("varlen_attention", "cpu"), reason="lenserve._C is not built")
 
 FLOOR = {torch.float32: 2e-5, torch.bfloat16: 1e-3, torch.float16: 2e-4}
-GQA = [(4, 4), (9, 3), (8, 1)]  # (num_heads, num_kv_heads): ratios 1, 3, 8
+GQA = [(4, 4), (9, 3), (8, 1), (14, 2)]  # (num_heads, num_kv_heads): ratios 1, 3, 8, 7
 HEAD_DIMS = [64, 80, 96, 128]
 
 
