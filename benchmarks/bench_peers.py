@@ -1,8 +1,11 @@
 """lenserve and llama.cpp's llama-server side by side on the same GGUF, same client, one run.
 
-Each server in turn is started on 127.0.0.1 and driven by the same closed-loop client: C streams,
-each sending its requests back to back (streaming /v1/completions, the same ~200-token prompts as
-token ids, 128 new tokens, ignore_eos, temperature 0). Then, in-process: lenserve's prefill and
+Every server is started on 127.0.0.1 (an idle one takes no CPU) and driven by the same
+closed-loop client: C streams, each sending its requests back to back (streaming /v1/completions,
+the same ~200-token prompts as token ids, 128 new tokens, ignore_eos, temperature 0). The servers
+take turns level by level, in --rounds rounds whose order rotates, so that the shared machine's
+slow and fast spells (minutes long, +-20%) fall on every server alike: each ratio to llama-server
+is the median of its per-round ratios, each pair measured back to back. Then, in-process: lenserve's prefill and
 batch-1 decode with native vs fp32-dequantized weights, the bound that the weight bytes read per
 token set at this machine's measured read bandwidth, the per-step time outside the ops, and each
 mode's resident memory after load (VmHWM, a fresh process each), beside a floor no torch-based
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import json
 import os
@@ -65,17 +69,58 @@ async def _closed_loop(url, streams, requests_per_stream, prompts, new_tokens):
             "tpot_p50_ms": round(1e3 * float(np.percentile(tpots, 50)), 2)}
 
 
-def _serve(name, argv, url, levels, prompts, new_tokens, env=None):
-    rows = []
-    with tempfile.TemporaryDirectory() as d, ServerProcess(argv, os.path.join(d, f"{name}.log"), url, env=env) as server:
-        server.wait_healthy(600)
-        asyncio.run(_closed_loop(server.url, 1, 1, prompts, 8))  # warm-up
-        for streams in levels:
-            per_stream = 3 if streams == 1 else 1
-            row = asyncio.run(_closed_loop(server.url, streams, per_stream, prompts, new_tokens))
-            print(name, row, flush=True)
-            rows.append(row)
+def _requests_per_round(levels) -> int:
+    return sum(s * (3 if s == 1 else 1) for s in levels)
+
+
+def _serve_all(specs: dict, levels, prompts, new_tokens, rounds: int) -> dict:
+    """specs: name -> (argv, url, env). Every server up at once; then, round after round and level by
+    level, each server in turn (the order rotated each round) runs the closed loop on the same
+    prompts, fresh ones at each level and round (len(prompts) >= rounds * _requests_per_round;
+    the warm-up takes the last). Rows per server, each with its round."""
+    need = rounds * _requests_per_round(levels) + 1
+    if len(prompts) < need:
+        raise ValueError(f"{rounds} rounds at levels {list(levels)} take {need} prompts, got {len(prompts)}")
+    rows = {name: [] for name in specs}
+    with tempfile.TemporaryDirectory() as d, contextlib.ExitStack() as stack:
+        servers = {name: stack.enter_context(ServerProcess(argv, os.path.join(d, f"{name}.log"), url, env=env))
+                   for name, (argv, url, env) in specs.items()}
+        for server in servers.values():
+            server.wait_healthy(600)
+            asyncio.run(_closed_loop(server.url, 1, 1, prompts[-1:], 8))  # warm-up
+        names = list(servers)
+        start = 0
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for streams in levels:
+                per_stream = 3 if streams == 1 else 1
+                # prompts no earlier level or round sent: no server's prefix cache holds them
+                batch = prompts[start : start + streams * per_stream]
+                start += streams * per_stream
+                for name in order:
+                    row = {"round": r, **asyncio.run(_closed_loop(servers[name].url, streams, per_stream, batch, new_tokens))}
+                    print(name, row, flush=True)
+                    rows[name].append(row)
     return rows
+
+
+def _median_by_level(rows: list[dict], key: str) -> dict:
+    by = {}
+    for row in rows:
+        by.setdefault(row["streams"], []).append(row[key])
+    return {s: float(np.median(v)) for s, v in by.items()}
+
+
+def _ratios(ours: list[dict], peer: list[dict], levels) -> dict:
+    """Per level: the median over rounds of ours / peer, each round's pair measured back to back."""
+    out = {}
+    for s in levels:
+        pairs = [(a, b) for a in ours for b in peer if a["streams"] == b["streams"] == s and a["round"] == b["round"]]
+        tok = [a["tok_s"] / b["tok_s"] for a, b in pairs]
+        ttft = [a["ttft_p50_s"] / b["ttft_p50_s"] for a, b in pairs]
+        out[str(s)] = {"tok_s": round(float(np.median(tok)), 2), "ttft_p50": round(float(np.median(ttft)), 2),
+                       "tok_s_by_round": [round(x, 2) for x in tok]}
+    return out
 
 
 def _read_bandwidth_gb_s() -> float:
@@ -292,6 +337,7 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="default: the embedded SmolLM2 Q4_1 GGUF")
     ap.add_argument("--llama-server", default=shutil.which("llama-server"))
     ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every server at every level, taking turns")
     ap.add_argument("--prompt-tokens", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -311,29 +357,29 @@ def main() -> None:
         print("wrote", write_result(args.out, result))
         return
     levels = [int(x) for x in args.levels.split(",")]
-    prompts = _prompts(64, args.prompt_tokens)
-    servers = {}
+    prompts = _prompts(max(64, args.rounds * _requests_per_round(levels) + 1), args.prompt_tokens)
+    specs = {}
     modes = args.lenserve_weights or ("native,native_avx2,fp32" if kernel_isa() == "avx512_vnni" else "native,fp32")
     for mode in modes.split(","):
         port = free_port()
         lenserve_argv = [sys.executable, "-m", "lenserve.cli", "serve", "--model", gguf_path, "--port", str(port), "--predictor", "none",
                          "--max-num-seqs", "64", "--weights-dtype", mode.removesuffix("_avx2"), "--num-threads", str(args.threads)]
         env = {"LENSERVE_CPU_ISA": "avx2"} if mode.endswith("_avx2") else None
-        servers[f"lenserve_{mode}"] = _serve(f"lenserve_{mode}", lenserve_argv, f"http://127.0.0.1:{port}", levels, prompts,
-                                             args.new_tokens, env=env)
+        specs[f"lenserve_{mode}"] = (lenserve_argv, f"http://127.0.0.1:{port}", env)
     if args.llama_server and os.path.exists(args.llama_server):
         port = free_port()
         slots = max(levels)
         ctx = slots * (args.prompt_tokens + args.new_tokens + 64)
         argv = [args.llama_server, "-m", gguf_path, "--port", str(port), "--host", "127.0.0.1", "-t", str(args.threads),
                 "-np", str(slots), "-c", str(ctx)]
-        servers["llama_server"] = _serve("llama_server", argv, f"http://127.0.0.1:{port}", levels, prompts, args.new_tokens)
+        specs["llama_server"] = (argv, f"http://127.0.0.1:{port}", None)
     else:
         print("llama-server not found (--llama-server or PATH): peer skipped", flush=True)
+    servers = _serve_all(specs, levels, prompts, args.new_tokens, args.rounds)
     offline = _offline(gguf_path, prompts, args.new_tokens)
     bandwidth = _read_bandwidth_gb_s()
     bound = bandwidth * 1e9 / offline["native"]["weight_bytes"]
-    result = {"machine": machine(), "gguf": os.path.basename(gguf_path), "threads": args.threads,
+    result = {"machine": machine(), "gguf": os.path.basename(gguf_path), "threads": args.threads, "rounds": args.rounds,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "servers": servers, "offline": offline,
               "read_bandwidth_gb_s": round(bandwidth, 2), "decode_bound_tok_s": round(bound, 1),
               "decode_batch1_fraction_of_bound": round(offline["native"]["decode_batch1_tok_s"] / bound, 3),
@@ -341,13 +387,13 @@ def main() -> None:
               # decode on them could reach, as a fraction of the bandwidth bound
               "hot_cache_linears_fraction_of_bound": round(offline["native"]["hot_cache_linears"]["tok_s"] / bound, 3),
               **_memory(gguf_path)}
+    # per server and level, the median over rounds
+    result["median_tok_s"] = {name: {str(k): round(v, 2) for k, v in _median_by_level(rows, "tok_s").items()} for name, rows in servers.items()}
+    result["median_ttft_p50_s"] = {name: {str(k): round(v, 3) for k, v in _median_by_level(rows, "ttft_p50_s").items()}
+                                   for name, rows in servers.items()}
     if "llama_server" in servers:
-        peer = {r["streams"]: r for r in servers["llama_server"]}
         for name in [n for n in servers if n.startswith("lenserve_")]:
-            ours = {r["streams"]: r for r in servers[name]}
-            result.setdefault("ratios_vs_llama_server", {})[name] = {
-                str(s): {"tok_s": round(ours[s]["tok_s"] / peer[s]["tok_s"], 2), "ttft_p50": round(ours[s]["ttft_p50_s"] / peer[s]["ttft_p50_s"], 2)}
-                for s in levels}
+            result.setdefault("ratios_vs_llama_server", {})[name] = _ratios(servers[name], servers["llama_server"], levels)
     result["prefill_native_over_fp32"] = round(offline["native"]["prefill_tok_s"] / offline["fp32"]["prefill_tok_s"], 2)
     # issue #25's must-shows ("today's" memory: the fp32-dequantized load, measured here)
     crit = {"prefill_native_ge_fp32": result["prefill_native_over_fp32"] >= 1.0,
