@@ -393,6 +393,16 @@ def test_online_nnls_matches_scipy():
         assert (ours >= 0).all()
         assert np.linalg.norm(a @ ours - b) <= np.linalg.norm(a @ ref - b) * (1 + 1e-9) + 1e-12
         assert ours == pytest.approx(ref, rel=1e-6, abs=1e-9)
+    # two equal columns (a decode-only step samples every token): the optimum is not unique, so
+    # only its residual is compared
+    for trial in range(20):
+        m = int(rng.integers(6, 80))
+        a = np.abs(rng.normal(size=(m, 5)))
+        a[:, 2] = a[:, 1]
+        b = a @ rng.normal(size=5) + rng.normal(0, 0.1, m)
+        ours, ref = _nnls(a, b), nnls(a, b, maxiter=1000)[0]
+        assert (ours >= 0).all()
+        assert np.linalg.norm(a @ ours - b) <= np.linalg.norm(a @ ref - b) * (1 + 1e-9) + 1e-12
 
 
 def test_max_throughput_bounds_the_simulated_schedules():
