@@ -70,5 +70,16 @@ torch::Tensor decode_layer_cpu(torch::Tensor& hidden, torch::Tensor& residual, c
                                torch::Tensor& v_cache, const torch::Tensor& slot_mapping,
                                const torch::Tensor& block_tables, const torch::Tensor& context_lens,
                                double softmax_scale);
+// Every layer of a decode-only step in one call: decode_layer_cpu for layer l with input_norms[l],
+// post_norms[l], weights / weight_types [4 l, 4 l + 4), qkv_biases[l] (or none when the list is
+// empty) and the caches of layer l; out_features are every layer's. Returns the last layer's output.
+torch::Tensor decode_layers_cpu(torch::Tensor& hidden, torch::Tensor& residual, const torch::Tensor& positions,
+                                at::TensorList input_norms, at::TensorList post_norms, double eps, at::TensorList weights,
+                                at::IntArrayRef weight_types, at::IntArrayRef out_features,
+                                const c10::List<std::optional<at::Tensor>>& qkv_biases, int64_t num_heads,
+                                int64_t num_kv_heads, int64_t head_dim, const torch::Tensor& cos_sin_cache,
+                                at::TensorList k_caches, at::TensorList v_caches, const torch::Tensor& slot_mapping,
+                                const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+                                double softmax_scale);
 
 }  // namespace lenserve

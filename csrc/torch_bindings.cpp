@@ -48,6 +48,12 @@ TORCH_LIBRARY(lenserve, m) {
       "float eps, Tensor[] weights, int[] weight_types, int[] out_features, Tensor? qkv_bias, int num_heads, "
       "int num_kv_heads, int head_dim, Tensor cos_sin_cache, Tensor(c!) k_cache, Tensor(d!) v_cache, "
       "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, float softmax_scale) -> Tensor");
+  m.def(
+      "decode_layers(Tensor(a!) hidden, Tensor(b!) residual, Tensor positions, Tensor[] input_norms, "
+      "Tensor[] post_norms, float eps, Tensor[] weights, int[] weight_types, int[] out_features, Tensor?[] qkv_biases, "
+      "int num_heads, int num_kv_heads, int head_dim, Tensor cos_sin_cache, Tensor(c!)[] k_caches, "
+      "Tensor(d!)[] v_caches, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, float softmax_scale) "
+      "-> Tensor");
   m.def("quant_kernel_isa(str isa) -> str", &lenserve::quant_kernel_isa);
   m.def("paged_decode_split(int max_context_len, int num_seqs, int num_kv_heads, int group, int num_sms) -> int[]",
         &paged_decode_split);
@@ -68,6 +74,7 @@ TORCH_LIBRARY_IMPL(lenserve, CPU, m) {
   m.impl("quant_embedding", &lenserve::quant_embedding_cpu);
   m.impl("quant_interleave", &lenserve::quant_interleave_cpu);
   m.impl("decode_layer", &lenserve::decode_layer_cpu);
+  m.impl("decode_layers", &lenserve::decode_layers_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -145,6 +145,24 @@ class LlamaModel:
         self.prepack_linear = True
         self.weights_dtype = "fp32"
         self.cos_sin_cache = rope_cos_sin_cache(cfg, cfg.max_position_embeddings, device)
+        # decode-only steps run every layer in one decode_layers call where each layer can fuse
+        self.fuse_decode_layers = True
+        self._stack: tuple | None | bool = False  # _fused_stack's answer, once asked
+
+    def _fused_stack(self) -> tuple | None:
+        """(input_norms, post_norms, weights, weight_types, out_features, qkv_biases) of every layer for
+        lenserve._C's decode_layers, or None when a layer cannot fuse (DecoderLayer.fused_decode_weights)."""
+        if self._stack is not False:
+            return self._stack
+        self._stack = None
+        fused = [layer.fused_decode_weights() for layer in self.layers]
+        if not has_op("decode_layers", "cpu") or any(f is None for f in fused) or len({tuple(f[2]) for f in fused}) != 1:
+            return None
+        biases = [f[3] for f in fused]
+        self._stack = ([layer.input_norm for layer in self.layers], [layer.post_norm for layer in self.layers],
+                       [w for f in fused for w in f[0]], [t for f in fused for t in f[1]], list(fused[0][2]),
+                       [] if all(b is None for b in biases) else biases)
+        return self._stack
 
     @classmethod
     def from_weights(
@@ -273,7 +291,19 @@ class LlamaModel:
         residual = None
         captured: dict[int, torch.Tensor] = {}
         rows = slice(None) if logits_indices is None else logits_indices
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+        stack = None
+        if (meta.num_prefill_tokens == 0 and not meta.padded_len_q and capture_layers is None and self.fuse_decode_layers
+                and hidden.dtype == torch.float32 and all(layer.fuse_decode for layer in self.layers)):
+            stack = self._fused_stack()
+        if stack is not None:
+            input_norms, post_norms, weights, types, outs, biases = stack
+            residual = torch.zeros_like(hidden)  # 0 + hidden == hidden exactly: the first layer's norm
+            cfg = self.cfg
+            hidden = torch.ops.lenserve.decode_layers(
+                hidden, residual, positions, input_norms, post_norms, cfg.rms_norm_eps, weights, types, outs, biases,
+                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.cos_sin_cache, [k for k, _ in kv_caches],
+                [v for _, v in kv_caches], meta.slot_mapping, meta.block_tables, meta.context_lens, self.layers[0].attn.scale)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers if stack is None else [], kv_caches)):
             hidden, residual = layer.forward(positions, hidden, residual, k_cache, v_cache, meta, self.cos_sin_cache)
             if capture_layers is not None and i in capture_layers:
                 captured[i] = (hidden[rows] + residual[rows]).float()

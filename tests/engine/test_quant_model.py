@@ -188,41 +188,48 @@ def test_native_packed_batching_equals_one_at_a_time(native_llm, test_prompts):
         check_logprobs_close(alone.token_ids, alone.logprobs, batched[i].token_ids, batched[i].logprobs, "alone", "batched")
 
 
-def _set_fused(llm, on: bool) -> None:
+def _set_fused(llm, layers: bool, stack: bool = False) -> None:
+    llm.engine.model.fuse_decode_layers = stack
     for layer in llm.engine.model.layers:
-        layer.fuse_decode = on
+        layer.fuse_decode = layers
 
 
-@pytest.mark.skipif(not has_op("decode_layer", "cpu"), reason="lenserve._C has no decode_layer")
+@pytest.mark.skipif(not has_op("decode_layers", "cpu"), reason="lenserve._C has no decode_layers")
 @pytest.mark.parametrize("which", ["native", "fp32"])
 def test_fused_decode_layer_equals_the_unfused_layer(which, native_llm, fp32_llm, test_prompts):
-    """Decode-only steps run each layer as one decode_layer call (native Q4_1x8 / Q8_0x8 rows and
-    packed fp32 alike): the same kernels in the same order, so greedy tokens and logprobs equal the
-    op-by-op layer's."""
+    """Decode-only steps run every layer in one decode_layers call, or each layer as one
+    decode_layer call (native Q4_1x8 / Q8_0x8 rows and packed fp32 alike): the same kernels in the
+    same order, so greedy tokens and logprobs equal the op-by-op layer's."""
     from torch.profiler import ProfilerActivity, profile
 
     llm = native_llm if which == "native" else fp32_llm
     assert all(layer.fused_decode_weights() is not None for layer in llm.engine.model.layers)
+    assert llm.engine.model._fused_stack() is not None
     prompts = test_prompts[40:48]
     params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
+    runs = {}
     try:
-        _set_fused(llm, True)
-        llm.engine.block_manager.reset_prefix_cache()  # both runs prefill every prompt token alike
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fused = llm.generate(prompts, params)
-        calls = {e.key: e.count for e in prof.key_averages()}
-        # every layer of the 11 decode-only steps
-        assert calls.get("lenserve::decode_layer", 0) >= 11 * len(llm.engine.model.layers)
-        _set_fused(llm, False)
-        llm.engine.block_manager.reset_prefix_cache()
-        plain = llm.generate(prompts, params)
+        for name, op, layers, stack in (("stack", "decode_layers", True, True), ("layer", "decode_layer", True, False),
+                                        ("plain", None, False, False)):
+            _set_fused(llm, layers, stack)
+            llm.engine.block_manager.reset_prefix_cache()  # every run prefills every prompt token alike
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                runs[name] = llm.generate(prompts, params)
+            calls = {e.key: e.count for e in prof.key_averages()}
+            # the 11 decode-only steps: one call each, or one per layer
+            per_step = 1 if name == "stack" else len(llm.engine.model.layers)
+            if op is not None:
+                assert calls.get(f"lenserve::{op}", 0) >= 11 * per_step
+            assert calls.get("lenserve::decode_layers", 0) == (0 if name != "stack" else calls["lenserve::decode_layers"])
+            assert calls.get("lenserve::decode_layer", 0) == (0 if name != "layer" else calls["lenserve::decode_layer"])
     finally:
-        _set_fused(llm, True)
-    for a, b in zip(fused, plain):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert [t for t, _ in la.top] == [t for t, _ in lb.top]
-            assert abs(la.logprob - lb.logprob) < 1e-5 and all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(la.top, lb.top))
+        _set_fused(llm, True, True)
+    for fused in (runs["stack"], runs["layer"]):
+        for a, b in zip(fused, runs["plain"]):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert [t for t, _ in la.top] == [t for t, _ in lb.top]
+                assert abs(la.logprob - lb.logprob) < 1e-5 and all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(la.top, lb.top))
 
 
 @pytest.mark.skipif(not has_op("decode_layer", "cpu"), reason="lenserve._C has no decode_layer")
@@ -241,3 +248,26 @@ def test_decode_layer_rejects_malformed_inputs(native_llm):
         torch.ops.lenserve.decode_layer(h, h.clone(), *args, weights, types, outs, bias, cfg.num_heads + 1, *tail[1:])
     with pytest.raises(RuntimeError, match="differ"):
         torch.ops.lenserve.decode_layer(h, h[:1].clone(), *args, weights, types, outs, bias, *tail)
+    # the whole stack: one entry per layer in every list, four weights each
+    norms = [layer.input_norm, layer.input_norm]
+    caches = [tail[4], tail[4]]
+    stack_tail = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tail[3])
+    meta = tail[6:]
+
+    def stack(hidden, in_norms=norms, w=weights * 2, t=types * 2, biases=(), k=caches):
+        return torch.ops.lenserve.decode_layers(hidden, hidden.clone(), args[0], in_norms, norms, 1e-5, w, t, outs, list(biases),
+                                                *stack_tail, k, caches, *meta)
+
+    with pytest.raises(RuntimeError, match="one entry per layer"):
+        stack(h, in_norms=norms[:1])
+    with pytest.raises(RuntimeError, match="one entry per layer"):
+        stack(h, k=caches * 2)
+    with pytest.raises(RuntimeError, match="4 per layer"):
+        stack(h, w=weights * 2 + weights[:1])
+    with pytest.raises(RuntimeError, match="one entry per layer or none"):
+        stack(h, biases=[None])
+    with pytest.raises(RuntimeError, match="do not fit"):  # each layer's own checks still run
+        torch.ops.lenserve.decode_layers(h, h.clone(), args[0], norms, norms, 1e-5, weights * 2, types * 2, outs, [],
+                                         cfg.num_heads + 1, cfg.num_kv_heads, cfg.head_dim, tail[3], caches, caches, *meta)
+    out = stack(h)  # well-formed: two layers run
+    assert out.shape == h.shape and torch.isfinite(out).all()
