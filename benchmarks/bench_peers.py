@@ -52,7 +52,9 @@ def _prompts(n: int, num_tokens: int) -> list[list[int]]:
 
 
 async def _closed_loop(url, streams, requests_per_stream, prompts, new_tokens):
-    async with httpx.AsyncClient(base_url=url, timeout=1800) as c:
+    # a fresh connection per request: llama-server (cpp-httplib) may close a kept-alive connection
+    # just as the next request reuses it ("Server disconnected without sending a response")
+    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=httpx.Limits(max_keepalive_connections=0)) as c:
 
         async def stream(s):
             return [await stream_completion(c, prompts[(s * requests_per_stream + r) % len(prompts)], new_tokens) for r in range(requests_per_stream)]
