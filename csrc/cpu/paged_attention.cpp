@@ -106,8 +106,8 @@ inline void accumulate_pv(const float* p, int64_t ld, const CT* const* v, int64_
     for (int c = 0; c < NV; ++c) vstore(o + g * D + d0 + c * kWidth, acc[g][c]);
 }
 
-// One tile of keys for GH query heads h0.. of one KV head, reading the cache rows in place
-// (k_rows[j], v_rows[j] point at the KV head's D values of key j).
+// One tile of keys for GH query heads h0.. of one KV head (k_rows[j], v_rows[j] point at the KV
+// head's D values of key j in the tile buffer).
 template <int GH, typename CT>
 void tile_heads(const CT* const* k_rows, const CT* const* v_rows, int64_t num_keys, int64_t D, int64_t h0, Scratch& sc) {
   using namespace vec;
