@@ -117,7 +117,7 @@ def prefill_backends(lens, num_heads, num_kv_heads, head_dim, dtype, device, wit
     return fns
 
 
-def decode_backends(lens, num_heads, num_kv_heads, head_dim, dtype, cache_dtype, device):
+def decode_backends(lens, num_heads, num_kv_heads, head_dim, dtype, cache_dtype, device, cold_layers=0):
     num_seqs = len(lens)
     max_blocks = max(math.ceil(n / BLOCK_SIZE) for n in lens)
     num_blocks = num_seqs * max_blocks
@@ -133,6 +133,19 @@ def decode_backends(lens, num_heads, num_kv_heads, head_dim, dtype, cache_dtype,
     fns = {"sdpa_gather": lambda: attention._sdpa_paged_decode(*args)}
     if has_op("paged_decode_attention", device):
         fns["lenserve"] = lambda: torch.ops.lenserve.paged_decode_attention(*args)
+        if cold_layers > 0:
+            # as in a model's decode step: each call reads another layer's cache (cold_layers of
+            # them, cycled), so the rows come from DRAM rather than from a cache the last call left
+            # in L3; a kernel's access pattern can win there and lose here
+            caches = itertools.cycle([(torch.randn(shape, generator=gen).to(device=device, dtype=cache_dtype),
+                                       torch.randn(shape, generator=gen).to(device=device, dtype=cache_dtype))
+                                      for _ in range(cold_layers)])
+
+            def cold():
+                k, v = next(caches)
+                return torch.ops.lenserve.paged_decode_attention(q, k, v, block_tables, context_lens, scale)
+
+            fns["lenserve_cold"] = cold
     if device == "cuda":
         try:
             from flash_attn import flash_attn_with_kvcache
@@ -178,7 +191,8 @@ def run(args) -> list[dict]:
             dec_base = {**base, "num_seqs": len(dec_lens), "num_tokens": len(dec_lens), "max_len": max(dec_lens),
                         "context_tokens": sum(dec_lens), "cache_dtype": str(cache_dtype).removeprefix("torch."),
                         "padding_ratio": round(1 - sum(dec_lens) / (len(dec_lens) * max(dec_lens)), 3)}
-            fns = decode_backends(dec_lens, num_heads, num_kv_heads, head_dim, dtype, cache_dtype, device)
+            fns = decode_backends(dec_lens, num_heads, num_kv_heads, head_dim, dtype, cache_dtype, device,
+                                  cold_layers=args.cold_layers if device == "cpu" else 0)
             times = {name: time_ms(fn, device, args.repeats * 3) for name, fn in fns.items()}
             for name, ms in times.items():
                 emit({"op": "decode", "backend": name, **dec_base, "time_ms": round(ms, 3),
@@ -197,6 +211,8 @@ def main() -> None:
     ap.add_argument("--mixes", nargs="+", default=["azure", "uniform", "skewed"])
     ap.add_argument("--num-seqs", type=int, default=None, help="prefill sequences per mix (default: 16 on CPU, 64 on CUDA)")
     ap.add_argument("--decode-seqs", type=int, default=32)
+    ap.add_argument("--cold-layers", type=int, default=30,
+                    help="CPU decode: also time the kernel on this many layers' caches in turn (lenserve_cold; 0: skip)")
     ap.add_argument("--max-len", type=int, default=2048, help="cap on sequence lengths")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
