@@ -96,9 +96,9 @@ class DecoderLayer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         eps = cfg.rms_norm_eps
-        if meta.num_prefill_tokens == 0 and not meta.padded_len_q and self.fuse_decode:
+        if self.fuse_decode and _fusable_step(meta, hidden):
             fused = self.fused_decode_weights()
-            if fused is not None and hidden.dtype == torch.float32:
+            if fused is not None:
                 if residual is None:
                     residual = torch.zeros_like(hidden)  # 0 + hidden == hidden exactly: the first layer's norm
                 weights, types, outs, qkv_bias = fused
@@ -129,6 +129,11 @@ class DecoderLayer:
         gate_up = self.gate_up_proj(hidden)
         hidden = self.down_proj(ops.silu_and_mul(gate_up))
         return hidden, residual
+
+
+def _fusable_step(meta: AttentionMetadata, hidden: torch.Tensor) -> bool:
+    """A decode-only, unpadded step on fp32 activations: what decode_layer / decode_layers compute."""
+    return meta.num_prefill_tokens == 0 and not meta.padded_len_q and hidden.dtype == torch.float32
 
 
 class LlamaModel:
@@ -292,8 +297,8 @@ class LlamaModel:
         captured: dict[int, torch.Tensor] = {}
         rows = slice(None) if logits_indices is None else logits_indices
         stack = None
-        if (meta.num_prefill_tokens == 0 and not meta.padded_len_q and capture_layers is None and self.fuse_decode_layers
-                and hidden.dtype == torch.float32 and all(layer.fuse_decode for layer in self.layers)):
+        if (capture_layers is None and self.fuse_decode_layers and _fusable_step(meta, hidden)
+                and all(layer.fuse_decode for layer in self.layers)):
             stack = self._fused_stack()
         if stack is not None:
             input_norms, post_norms, weights, types, outs, biases = stack

@@ -121,16 +121,23 @@ class ModelRunner:
         self.last_padding_ratio = 1.0 - real / len(input_ids) if input_ids else 0.0
         return t["input_ids"], t["positions"], meta, t["logits_rows"], sampling
 
+    def _rows_are_sequences(self, out: SchedulerOutput, sampling: list[int]) -> bool:
+        """A decode-only step in which every sequence samples from its one unpadded row: logits row i
+        is sequence i, with no gather of the rows."""
+        return (
+            len(sampling) == len(out.seqs)
+            and not self.padded
+            and out.num_prefill_seqs == 0
+            and all(n == 1 for n in out.num_new_tokens)
+        )
+
     def _graph_fits(self, out: SchedulerOutput, sampling: list[int], capture_layers: tuple[int, ...] | None) -> bool:
         graphs = self.decode_graphs
         return (
             graphs is not None
             and capture_layers is None
-            and len(sampling) == len(out.seqs)
-            and not self.padded
-            and out.num_prefill_seqs == 0
+            and self._rows_are_sequences(out, sampling)
             and graphs.fits(len(out.seqs), max(len(s.block_ids) for s in out.seqs))
-            and all(n == 1 for n in out.num_new_tokens)
         )
 
     def execute(self, out: SchedulerOutput, capture_layers: tuple[int, ...] | None = None) -> tuple[torch.Tensor, list[int]]:
@@ -145,10 +152,8 @@ class ModelRunner:
             # Every decoding sequence samples, in order: logits row i is sequence i.
             self.last_states = None
             return self.decode_graphs.run(input_ids, positions, meta), sampling
-        if (len(sampling) == len(out.seqs) and out.num_prefill_seqs == 0 and not self.padded
-                and all(n == 1 for n in out.num_new_tokens)):
-            # every row samples, in order: logits row i is sequence i, no gather (two index ops, ~20 us)
-            logits_rows = None
+        if self._rows_are_sequences(out, sampling):
+            logits_rows = None  # no gather (two index ops, ~20 us)
         result = self.model.forward(input_ids, positions, meta, self.kv_cache.layers, logits_rows, capture_layers)
         logits, self.last_states = result if capture_layers is not None else (result, None)
         return logits, sampling
