@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, machine, stream_completion, write_result  # noqa: E402
+from common import ROOT, best_ms, machine, stream_completion, write_result  # noqa: E402
 
 from lenserve.server.process import ServerProcess, free_port  # noqa: E402
 from lenserve.engine.quant import kernel_isa  # noqa: E402
@@ -71,8 +71,12 @@ async def _closed_loop(url, streams, requests_per_stream, prompts, new_tokens):
             "tpot_p50_ms": round(1e3 * float(np.percentile(tpots, 50)), 2)}
 
 
+def _requests_per_stream(streams: int) -> int:
+    return 3 if streams == 1 else 1  # one stream sends three, so its rate is not one request's
+
+
 def _requests_per_round(levels) -> int:
-    return sum(s * (3 if s == 1 else 1) for s in levels)
+    return sum(s * _requests_per_stream(s) for s in levels)
 
 
 def _serve_all(specs: dict, levels, prompts, new_tokens, rounds: int) -> dict:
@@ -95,7 +99,7 @@ def _serve_all(specs: dict, levels, prompts, new_tokens, rounds: int) -> dict:
         for r in range(rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for streams in levels:
-                per_stream = 3 if streams == 1 else 1
+                per_stream = _requests_per_stream(streams)
                 # prompts no earlier level or round sent: no server's prefix cache holds them
                 batch = prompts[start : start + streams * per_stream]
                 start += streams * per_stream
@@ -250,26 +254,20 @@ def _hot_cache_linears(model, reps: int = 200) -> dict:
     would allow if memory were free."""
     import torch
 
-    def best_ms(lin) -> float:
+    def linear_ms(lin) -> float:
         x = torch.randn(1, lin.in_features)
-        lin(x)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            lin(x)
-            times.append(time.perf_counter() - t0)
-        return 1e3 * min(times)
+        return best_ms(lambda: lin(x), reps)
 
     from lenserve.engine.linear import QuantLinear
     from lenserve.engine.quant import Q8_0, QuantWeight
 
     layer = model.layers[0]
-    per_layer = {name: round(best_ms(getattr(layer, name)), 4) for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
-    lm_head = best_ms(model.lm_head)
+    per_layer = {name: round(linear_ms(getattr(layer, name)), 4) for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+    lm_head = linear_ms(model.lm_head)
     # each timed call also pays the op call from Python (the engine's fused layer calls the kernels
     # from C++): a one-block matrix's time stands for that cost and is taken off each call
     tiny = QuantLinear([QuantWeight(torch.zeros(8, 34, dtype=torch.uint8), Q8_0, 32)])
-    call_ms = best_ms(tiny)
+    call_ms = linear_ms(tiny)
     calls = 4 * len(model.layers) + 1
     total = sum(per_layer.values()) * len(model.layers) + lm_head - calls * call_ms
     return {"per_layer_ms": per_layer, "lm_head_ms": round(lm_head, 4), "num_layers": len(model.layers),

@@ -14,29 +14,18 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_result  # noqa: E402
+from common import best_ms, machine, write_result  # noqa: E402
 from lenserve.engine import quant  # noqa: E402
 from lenserve.engine._ext import extension  # noqa: E402
 from lenserve.engine.quant import QuantWeight  # noqa: E402
 
 # SmolLM2-135M: fused qkv, o, gate_up, down, and the tied LM head
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
-
-
-def _time_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.min(times) * 1e3)
 
 
 def _quantized(weight_type: int, w: torch.Tensor) -> QuantWeight:
@@ -49,10 +38,11 @@ def _quantized(weight_type: int, w: torch.Tensor) -> QuantWeight:
 # K must be a multiple of 256: SmolLM2's down projection, and a 1B Llama's attention and MLP shapes
 KQUANT_SHAPES = {"down_135m": (576, 1536), "attn_1b": (2048, 2048), "mlp_down_1b": (2048, 8192)}
 _KQUANT_CHILD = """
-import json, sys, time
+import json, sys
 import numpy as np, torch
 sys.path.insert(0, {bench_dir!r})
-from bench_quant_linear import _time_ms, random_blocks
+from bench_quant_linear import random_blocks
+from common import best_ms
 from lenserve.engine._ext import extension
 extension()
 out = []
@@ -61,7 +51,7 @@ for name, (n, k) in {shapes!r}.items():
         w = random_blocks(tname, n, k)
         for m in {rows!r}:
             x = torch.randn(m, k)
-            ms = _time_ms(lambda: torch.ops.lenserve.quant_linear(x, w.data, w.weight_type, n, None), {reps})
+            ms = best_ms(lambda: torch.ops.lenserve.quant_linear(x, w.data, w.weight_type, n, None), {reps})
             out.append(dict(matrix=name, n=n, k=k, rows=m, weights=tname, ms=ms, weight_gb_s=w.num_bytes / ms / 1e6))
 print(json.dumps(out))
 """
@@ -137,14 +127,14 @@ def main() -> None:
         for m in rows:
             x = torch.randn(m, k)
             reps = max(3, args.reps // (1 + m // 64))
-            ms = _time_ms(lambda: torch.ops.lenserve.packed_linear(x, packed, n, None), reps)
+            ms = best_ms(lambda: torch.ops.lenserve.packed_linear(x, packed, n, None), reps)
             results.append(dict(matrix=name, n=n, k=k, rows=m, weights="fp32_packed", ms=ms, weight_gb_s=n * k * 4 / ms / 1e6, gflop_s=2 * m * n * k / ms / 1e6))
             for wname, qw in weights.items():
-                ms = _time_ms(lambda: torch.ops.lenserve.quant_linear(x, qw.data, qw.weight_type, n, None), reps)
+                ms = best_ms(lambda: torch.ops.lenserve.quant_linear(x, qw.data, qw.weight_type, n, None), reps)
                 results.append(dict(matrix=name, n=n, k=k, rows=m, weights=wname, ms=ms, weight_gb_s=qw.num_bytes / ms / 1e6, gflop_s=2 * m * n * k / ms / 1e6))
         ids = torch.arange(n)
         for wname, qw in weights.items():
-            ms = _time_ms(lambda: torch.ops.lenserve.quant_embedding(ids, qw.data, qw.weight_type, k), args.reps)
+            ms = best_ms(lambda: torch.ops.lenserve.quant_embedding(ids, qw.data, qw.weight_type, k), args.reps)
             results.append(dict(matrix=name, n=n, k=k, rows=0, weights=wname, op="unpack_all_rows", ms=ms, weight_gb_s=qw.num_bytes / ms / 1e6))
     report = dict(machine=machine(), threads=torch.get_num_threads(), results=results)
     print(json.dumps(report, indent=1))

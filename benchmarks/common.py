@@ -43,6 +43,18 @@ def machine() -> dict:
     return info
 
 
+def best_ms(fn, reps: int) -> float:
+    """fn's best time of `reps` calls after one warm-up call, in ms (a shared machine's neighbours
+    only ever slow a call down, so the best is the least disturbed)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best
+
+
 def write_result(name: str, payload: dict) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name)
