@@ -3,33 +3,13 @@
 #include <type_traits>
 
 #include "cpu/common.h"
+#include "cpu/rows.h"
 #include "cpu/vec.h"
 #include "ops.h"
 
 namespace lenserve {
-namespace {
 
-// silu(g) * u = g / (1 + e^-g) * u in fp32, rounded once to T. The vector exp keeps this at a few
-// cycles per element where libm's scalar expf dominated the MLP at decode batch sizes.
-template <typename T>
-void silu_and_mul_row(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out, int64_t d) {
-  using namespace vec;
-  [[maybe_unused]] const Vec8 one = set1(1.f);
-  int64_t i = 0;
-  if constexpr (!std::is_same_v<T, double>) {
-    for (; i + kWidth <= d; i += kWidth) {
-      const Vec8 g = vload(gate + i);
-      const Vec8 silu = div(g, add(one, exp(sub(zero(), g))));
-      vstore(out + i, mul(silu, vload(up + i)));
-    }
-  }
-  for (; i < d; ++i) {
-    const float g = to_float(gate[i]);
-    out[i] = from_float<T>(g / (1.f + std::exp(-g)) * to_float(up[i]));
-  }
-}
-
-}  // namespace
+using rows::silu_and_mul_row;
 
 torch::Tensor silu_and_mul_cpu(const torch::Tensor& x) {
   LS_CHECK_CPU(x);

@@ -1,18 +1,12 @@
 #include <ATen/Parallel.h>
 
 #include "cpu/common.h"
+#include "cpu/rows.h"
 #include "ops.h"
 
 namespace lenserve {
-namespace {
 
-template <typename src_t, typename dst_t>
-void copy_rows(const src_t* __restrict__ src, dst_t* __restrict__ dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = from_float<dst_t>(to_float(src[i]));
-}
-
-}  // namespace
+using rows::copy_rows;
 
 void reshape_and_cache_cpu(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& key_cache,
                            torch::Tensor& value_cache, const torch::Tensor& slot_mapping) {

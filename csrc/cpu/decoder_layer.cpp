@@ -14,7 +14,16 @@
 // one call: against a decode_layer call per layer from Python (the loop, the layer's forward, the
 // dispatch of 20 arguments), 0.38-0.44 ms less of a ~5.3 ms batch-1 step and 0.46 ms less of a
 // ~17 ms batch-8 step (SmolLM2, 2-core EPYC, both alternated in blocks in one process).
+#include <omp.h>
+
+#include <atomic>
+#include <memory>
+#include <vector>
+
 #include "cpu/common.h"
+#include "cpu/decode_attention.h"
+#include "cpu/quant_blocks.h"
+#include "cpu/rows.h"
 #include "ops.h"
 
 namespace lenserve {
@@ -22,6 +31,66 @@ namespace lenserve {
 namespace {
 
 constexpr int64_t kPackedFp32 = -1;  // weight type of a pack_linear_weight matrix
+
+// [begin, end) of `count` units for thread t of nt: contiguous, sizes differing by at most one.
+inline std::pair<int64_t, int64_t> share(int64_t count, int t, int nt) {
+  const int64_t base = count / nt, extra = count % nt;
+  const int64_t begin = t * base + std::min<int64_t>(t, extra);
+  return {begin, begin + base + (t < extra ? 1 : 0)};
+}
+
+// ---- the whole decode stack in one parallel region ----
+//
+// decode_layers on integer-dot weights (quant_linear's decode path for every projection) runs all
+// layers inside one OpenMP region: the threads split each projection's columns and the attention's
+// work items, do their share of the row-wise ops, and meet at a barrier between phases. Calling
+// the ops one after another forked and joined torch's thread pool ~5 times a layer (150 times a
+// SmolLM2 step) and allocated every intermediate tensor afresh; a barrier between two spinning
+// threads costs a fraction of a fork and join. The kernels and their order are the ops', so the
+// result equals the per-layer path bit for bit (tests/csrc/test_decode_layers.py). Against that
+// path, in one process in alternating blocks of steps (SmolLM2 Q4_1, 2-core EPYC with AVX-512):
+// 0.94x the step time at batch 1 (~4.5 ms), 0.91x at batch 8 (~15 ms). Still measured there and
+// not kept: splitting a short context's attention so both threads take a piece (256 keys ->
+// 64-96 a piece: 1.07-1.08x slower at batch 1), and a thread without rows in a row-wise phase
+// prefetching the start of its share of the next projection (16-64 KiB: no change).
+
+struct Projection {
+  const uint8_t* w;
+  int64_t type, row_bytes, n;
+};
+
+
+void check_projection_sizes(const torch::Tensor& hidden, at::IntArrayRef out_features, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim) {
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  LS_CHECK(out_features[0] == q_size + 2 * kv_size && out_features[1] == hidden.size(1) &&
+               out_features[2] % 2 == 0 && out_features[3] == hidden.size(1),
+           "decode_layer: projection sizes ", out_features, " do not fit ", num_heads, " heads, ", num_kv_heads,
+           " kv heads of ", head_dim, " and hidden ", hidden.size(1));
+}
+
+// Whether decode_layers can run as one region: fp32 activations and every projection on
+// quant_linear's integer-dot decode path at this many rows. Checks nothing else (the caller does).
+bool stack_runs_in_one_region(const torch::Tensor& hidden, at::TensorList weights, at::IntArrayRef weight_types) {
+  if (hidden.scalar_type() != at::kFloat || hidden.dim() != 2) return false;
+  for (size_t i = 0; i < weights.size(); ++i)
+    if (weights[i].scalar_type() != at::kByte || !quant::on_integer_decode_path(weight_types[i], hidden.size(0)))
+      return false;
+  return true;
+}
+
+void check_fp32_vector(const torch::Tensor& t, int64_t size, const char* what) {
+  LS_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == size && t.is_contiguous(),
+           "decode_layers: ", what, " must be a contiguous fp32 CPU vector of ", size, ", got ", t.sizes(), " ",
+           t.scalar_type());
+}
+
+// Writes key and value rows of token t (fp32, in qkv) to their cache slot.
+template <typename CT>
+void cache_row(const float* k, const float* v, void* k_cache, void* v_cache, int64_t slot, int64_t row) {
+  rows::copy_rows(k, static_cast<CT*>(k_cache) + slot * row, row);
+  rows::copy_rows(v, static_cast<CT*>(v_cache) + slot * row, row);
+}
 
 torch::Tensor run_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t type, int64_t out_features,
                          const std::optional<torch::Tensor>& bias) {
@@ -46,10 +115,7 @@ torch::Tensor decode_layer_cpu(torch::Tensor& hidden, torch::Tensor& residual, c
            residual.sizes(), " differ");
   const int64_t n = hidden.size(0);
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  LS_CHECK(out_features[0] == q_size + 2 * kv_size && out_features[1] == hidden.size(1) &&
-               out_features[2] % 2 == 0 && out_features[3] == hidden.size(1),
-           "decode_layer: projection sizes ", out_features, " do not fit ", num_heads, " heads, ", num_kv_heads,
-           " kv heads of ", head_dim, " and hidden ", hidden.size(1));
+  check_projection_sizes(hidden, out_features, num_heads, num_kv_heads, head_dim);
   LS_CHECK(positions.size(0) == n && context_lens.size(0) == n,
            "decode_layer: one position and one context length per decoding sequence (", n, " rows)");
 
@@ -69,6 +135,176 @@ torch::Tensor decode_layer_cpu(torch::Tensor& hidden, torch::Tensor& residual, c
   return run_linear(silu_and_mul_cpu(gate_up), weights[3], weight_types[3], out_features[3], std::nullopt);
 }
 
+namespace {
+
+torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& residual, const torch::Tensor& positions,
+                                       at::TensorList input_norms, at::TensorList post_norms, double eps,
+                                       at::TensorList weights, at::IntArrayRef weight_types,
+                                       at::IntArrayRef out_features, const c10::List<std::optional<at::Tensor>>& qkv_biases,
+                                       int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                       const torch::Tensor& cos_sin_cache, at::TensorList k_caches,
+                                       at::TensorList v_caches, const torch::Tensor& slot_mapping,
+                                       const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+                                       double softmax_scale) {
+  // Every check runs here, before the region: nothing inside it may throw.
+  const int64_t L = static_cast<int64_t>(input_norms.size());
+  const int64_t n = hidden.size(0), d = hidden.size(1);
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  const int64_t qkv_out = out_features[0], inter = out_features[2] / 2;
+  LS_CHECK_CPU(hidden);
+  LS_CHECK_CPU(residual);
+  LS_CHECK(hidden.is_contiguous() && residual.is_contiguous() && residual.scalar_type() == at::kFloat,
+           "decode_layers: hidden and residual must be contiguous fp32");
+  for (int64_t l = 0; l < L; ++l) {
+    check_fp32_vector(input_norms[l], d, "input_norms");
+    check_fp32_vector(post_norms[l], d, "post_norms");
+    if (!qkv_biases.empty() && qkv_biases.get(l).has_value()) check_fp32_vector(*qkv_biases.get(l), qkv_out, "qkv_biases");
+  }
+  const int64_t in_features[4] = {d, q_size, d, inter};
+  std::vector<Projection> proj;
+  for (int64_t i = 0; i < 4 * L; ++i) {
+    const torch::Tensor& w = weights[i];
+    const int64_t type = weight_types[i], K = in_features[i % 4], N = out_features[i % 4];
+    const int64_t row_bytes = quant::row_bytes_of(type, K, "decode_layers");
+    LS_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.size(0) == N && w.size(1) == row_bytes,
+             "decode_layers: weight ", i, " must be a contiguous CPU [", N, ", ", row_bytes, "] bytes for ", N,
+             " rows of ", K, " features of type ", type, ", got ", w.sizes());
+    LS_CHECK(N % quant::decode_cols_unit(type) == 0, "decode_layers: weight ", i, " of type ", type, " needs a multiple of ",
+             quant::decode_cols_unit(type), " rows, got ", N);
+    proj.push_back({w.data_ptr<uint8_t>(), type, row_bytes, N});
+  }
+  LS_CHECK_CPU(positions);
+  LS_CHECK_CPU(cos_sin_cache);
+  LS_CHECK_CPU(slot_mapping);
+  LS_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "decode_layers: positions must be contiguous int64");
+  LS_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() && slot_mapping.size(0) == n,
+           "decode_layers: slot_mapping must be contiguous int64 with one slot per sequence (", n, ")");
+  LS_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.is_contiguous() && cos_sin_cache.dim() == 2,
+           "decode_layers: cos_sin_cache must be a contiguous fp32 [positions, rot_dim] tensor");
+  const int64_t rot_dim = cos_sin_cache.size(1), max_pos = cos_sin_cache.size(0);
+  LS_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim, "bad cos_sin_cache width ", rot_dim);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    LS_CHECK(pos[i] >= 0 && pos[i] < max_pos, "position ", pos[i], " outside the rotary cache of ", max_pos);
+  const DecodeAttention attn(n, num_heads, head_dim, qkv_out, k_caches[0], v_caches[0], block_tables, context_lens,
+                             softmax_scale, at::get_num_threads());
+  LS_CHECK(k_caches[0].size(2) == num_kv_heads, "decode_layers: the caches hold ", k_caches[0].size(2),
+           " KV heads, the layers ", num_kv_heads);
+  std::vector<void*> kc(L), vc(L);
+  for (int64_t l = 0; l < L; ++l) {
+    attn.check_caches(k_caches[l], v_caches[l]);
+    kc[l] = k_caches[l].data_ptr();
+    vc[l] = v_caches[l].data_ptr();
+  }
+  const int64_t num_slots = k_caches[0].size(0) * k_caches[0].size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) LS_CHECK(slots[i] < num_slots, "slot ", slots[i], " outside the cache of ", num_slots);
+  std::vector<const float*> in_norm(L), post_norm(L), bias(L, nullptr);
+  for (int64_t l = 0; l < L; ++l) {
+    in_norm[l] = input_norms[l].data_ptr<float>();
+    post_norm[l] = post_norms[l].data_ptr<float>();
+    if (!qkv_biases.empty() && qkv_biases.get(l).has_value()) bias[l] = qkv_biases.get(l)->data_ptr<float>();
+  }
+  const at::ScalarType cache_dtype = k_caches[0].scalar_type();
+  LS_CHECK(cache_dtype == at::kFloat || cache_dtype == at::kBFloat16 || cache_dtype == at::kHalf,
+           "decode_layers: caches must be float32, bfloat16 or float16, got ", cache_dtype);
+  if (L == 0) return hidden;
+
+  auto opts = hidden.options();
+  auto out = torch::empty({n, d}, opts);
+  // one buffer for the projections' outputs: qkv [n, qkv_out], attention [n, q_size], o [n, d],
+  // gate_up [n, 2 inter], silu [n, inter]
+  auto work = torch::empty({n * (qkv_out + q_size + d + 3 * inter)}, opts);
+  float* qkv = work.data_ptr<float>();
+  float* att = qkv + n * qkv_out;
+  float* ho = att + n * q_size;
+  float* gu = ho + n * d;
+  float* act = gu + n * 2 * inter;
+  const int64_t max_k = std::max({d, q_size, inter});
+  std::unique_ptr<quant::BlockQAct[]> xq_buf(new quant::BlockQAct[n * (max_k / quant::QK)]);
+  quant::BlockQAct* xq = xq_buf.get();
+  float* res = residual.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  const float eps_f = static_cast<float>(eps);
+  const float* cs = cos_sin_cache.data_ptr<float>();
+  const int64_t half = rot_dim / 2, kv_row = kv_size;
+  const int threads = std::max(1, at::get_num_threads());
+  std::vector<DecodeAttention::ScratchPtr> scratch;
+  for (int t = 0; t < threads; ++t) scratch.push_back(attn.make_scratch());
+  std::unique_ptr<std::atomic<int64_t>[]> next_item(new std::atomic<int64_t>[L]);
+  for (int64_t l = 0; l < L; ++l) next_item[l].store(0, std::memory_order_relaxed);
+  const int64_t num_items = attn.num_items(), combine_rows = attn.num_combine_rows();
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const auto [r0, r1] = share(n, t, nt);  // this thread's rows for the row-wise ops
+    auto linear = [&](const Projection& p, int64_t nb, float* y) {
+      const int64_t unit = quant::decode_cols_unit(p.type);
+      const auto [u0, u1] = share(p.n / unit, t, nt);
+      if (u1 > u0) quant::decode_cols(p.type, p.w, p.row_bytes, xq, nb, n, p.n, u0 * unit, u1 * unit, y);
+    };
+    float* h = hidden.data_ptr<float>();
+    for (int64_t l = 0; l < L; ++l) {
+      const Projection* P = proj.data() + 4 * l;
+      for (int64_t r = r0; r < r1; ++r) {
+        rows::add_rms_norm_row(h + r * d, res + r * d, in_norm[l], d, eps_f);
+        quant::quantize_row_act(h + r * d, xq + r * (d / quant::QK), d);
+      }
+#pragma omp barrier
+      linear(P[0], d / quant::QK, qkv);
+#pragma omp barrier
+      for (int64_t r = r0; r < r1; ++r) {
+        float* row = qkv + r * qkv_out;
+        if (bias[l] != nullptr)
+          for (int64_t j = 0; j < qkv_out; ++j) row[j] += bias[l][j];
+        const float* cos = cs + pos[r] * rot_dim;
+        for (int64_t hh = 0; hh < num_heads + num_kv_heads; ++hh)
+          rows::rotate_head(row + hh * head_dim, cos, cos + half, half, true);
+        if (slots[r] < 0) continue;
+        const float* k = row + q_size;
+        switch (cache_dtype) {
+          case at::kFloat: cache_row<float>(k, k + kv_size, kc[l], vc[l], slots[r], kv_row); break;
+          case at::kBFloat16: cache_row<c10::BFloat16>(k, k + kv_size, kc[l], vc[l], slots[r], kv_row); break;
+          default: cache_row<c10::Half>(k, k + kv_size, kc[l], vc[l], slots[r], kv_row); break;
+        }
+      }
+#pragma omp barrier
+      for (int64_t i = next_item[l].fetch_add(1, std::memory_order_relaxed); i < num_items;
+           i = next_item[l].fetch_add(1, std::memory_order_relaxed))
+        attn.run_item<float>(i, qkv, k_caches[l], v_caches[l], att, *scratch[t]);
+#pragma omp barrier
+      if (combine_rows > 0) {
+        const auto [c0, c1] = share(combine_rows, t, nt);
+        attn.combine<float>(c0, c1, att);
+#pragma omp barrier
+      }
+      for (int64_t r = r0; r < r1; ++r) quant::quantize_row_act(att + r * q_size, xq + r * (q_size / quant::QK), q_size);
+#pragma omp barrier
+      linear(P[1], q_size / quant::QK, ho);
+#pragma omp barrier
+      for (int64_t r = r0; r < r1; ++r) {
+        rows::add_rms_norm_row(ho + r * d, res + r * d, post_norm[l], d, eps_f);
+        quant::quantize_row_act(ho + r * d, xq + r * (d / quant::QK), d);
+      }
+#pragma omp barrier
+      linear(P[2], d / quant::QK, gu);
+#pragma omp barrier
+      for (int64_t r = r0; r < r1; ++r) {
+        rows::silu_and_mul_row(gu + r * 2 * inter, gu + r * 2 * inter + inter, act + r * inter, inter);
+        quant::quantize_row_act(act + r * inter, xq + r * (inter / quant::QK), inter);
+      }
+#pragma omp barrier
+      linear(P[3], inter / quant::QK, out_p);
+#pragma omp barrier
+      h = out_p;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 torch::Tensor decode_layers_cpu(torch::Tensor& hidden, torch::Tensor& residual, const torch::Tensor& positions,
                                 at::TensorList input_norms, at::TensorList post_norms, double eps, at::TensorList weights,
                                 at::IntArrayRef weight_types, at::IntArrayRef out_features,
@@ -87,6 +323,17 @@ torch::Tensor decode_layers_cpu(torch::Tensor& hidden, torch::Tensor& residual, 
            weight_types.size());
   LS_CHECK(qkv_biases.empty() || static_cast<int64_t>(qkv_biases.size()) == L,
            "decode_layers: qkv_biases takes one entry per layer or none, got ", qkv_biases.size());
+  if (L > 0 && stack_runs_in_one_region(hidden, weights, weight_types)) {
+    LS_CHECK_DIM(hidden, 2);
+    LS_CHECK(hidden.sizes() == residual.sizes(), "decode_layer: hidden ", hidden.sizes(), " and residual ",
+             residual.sizes(), " differ");
+    check_projection_sizes(hidden, out_features, num_heads, num_kv_heads, head_dim);
+    LS_CHECK(positions.size(0) == hidden.size(0) && context_lens.size(0) == hidden.size(0),
+             "decode_layer: one position and one context length per decoding sequence (", hidden.size(0), " rows)");
+    return decode_layers_one_region(hidden, residual, positions, input_norms, post_norms, eps, weights, weight_types,
+                                    out_features, qkv_biases, num_heads, num_kv_heads, head_dim, cos_sin_cache,
+                                    k_caches, v_caches, slot_mapping, block_tables, context_lens, softmax_scale);
+  }
   torch::Tensor h = hidden;
   for (int64_t l = 0; l < L; ++l) {
     torch::Tensor k_cache = k_caches[l], v_cache = v_caches[l];

@@ -2,23 +2,14 @@
 #include <cmath>
 
 #include "cpu/common.h"
+#include "cpu/rows.h"
 #include "ops.h"
 
 namespace lenserve {
 namespace {
 
-template <typename T>
-void rms_norm_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int64_t d, float eps) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < d; ++i) {
-    const float v = to_float(x[i]);
-    sum += v * v;
-  }
-  const float inv = 1.f / std::sqrt(sum / static_cast<float>(d) + eps);
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) out[i] = from_float<T>(to_float(w[i]) * from_float<T>(to_float(x[i]) * inv));
-}
+using rows::add_rms_norm_row;
+using rows::rms_norm_row;
 
 void check_norm_inputs(const torch::Tensor& input, const torch::Tensor& weight) {
   LS_CHECK_CPU(input);
@@ -29,13 +20,6 @@ void check_norm_inputs(const torch::Tensor& input, const torch::Tensor& weight) 
   LS_CHECK_CONTIGUOUS(weight);
   LS_CHECK(input.size(1) == weight.size(0), "input hidden size ", input.size(1), " != weight size ", weight.size(0));
   LS_CHECK(input.scalar_type() == weight.scalar_type(), "input and weight dtypes differ");
-}
-
-template <typename T>
-void add_rms_norm_row(T* __restrict__ x, T* __restrict__ res, const T* __restrict__ w, int64_t d, float eps) {
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) res[i] = from_float<T>(to_float(res[i]) + to_float(x[i]));
-  rms_norm_row(res, w, x, d, eps);
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/decode_attention.h"
 #include "cpu/tile_gemm.h"
 #include "cpu/vec.h"
 #include "cpu/work_queue.h"
@@ -47,7 +48,9 @@ struct WorkItem {
   int64_t seq, split, key_start, key_end;
 };
 
-struct Scratch {
+}  // namespace
+
+struct DecodeAttention::Scratch {
   Scratch(int64_t num_heads, int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t cache_elem_bytes)
       : q(num_heads * head_dim), s(group * kTileK), o(num_heads * head_dim), m(num_heads), l(num_heads),
         alpha(num_heads), k_tile(kTileK * num_kv_heads * head_dim * cache_elem_bytes),
@@ -58,6 +61,10 @@ struct Scratch {
   std::vector<float> m, l, alpha; // [num_heads]
   std::vector<char> k_tile, v_tile;  // [kTileK, num_kv_heads, head_dim] cache rows of the tile, as stored
 };
+
+namespace {
+
+using Scratch = DecodeAttention::Scratch;
 
 // Partial results of split items: o [num_seqs, num_heads, num_splits, head_dim], m and l
 // [num_seqs, num_heads, num_splits]. Unused when num_splits == 1.
@@ -229,47 +236,55 @@ void attend(const Problem& p, const WorkItem& w, const QT* q, const CT* k_cache,
   }
 }
 
-// out[seq, head] = sum_c 2^(m_c - M) o_c / sum_c 2^(m_c - M) l_c over the splits c of the context.
+// out[seq, head] = sum_c 2^(m_c - M) o_c / sum_c 2^(m_c - M) l_c over the splits c of the context,
+// for rows sh = seq * num_heads + head in [r0, r1).
 template <typename QT>
-void combine_splits(const Problem& p, int64_t num_seqs, const Partials& part, QT* out) {
+void combine_splits(const Problem& p, int64_t r0, int64_t r1, const Partials& part, QT* out) {
   using namespace vec;
   const int64_t D = p.head_dim;
-  at::parallel_for(0, num_seqs * p.num_heads, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(D);
-    for (int64_t sh = begin; sh < end; ++sh) {
-      const int64_t used = ceil_div(p.context_lens[sh / p.num_heads], p.split_keys);
-      const float* m = part.m + sh * p.num_splits;
-      const float* l = part.l + sh * p.num_splits;
-      float m_max = kNegInf;
-      for (int64_t c = 0; c < used; ++c) m_max = std::max(m_max, m[c]);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float denom = 0.f;
-      for (int64_t c = 0; c < used; ++c) {
-        const float w = std::exp2(m[c] - m_max);
-        denom += w * l[c];
-        const float* o = part.o + (sh * p.num_splits + c) * D;
-        for (int64_t d = 0; d < D; d += kWidth) vstore(acc.data() + d, fma(vload(o + d), set1(w), vload(acc.data() + d)));
-      }
-      const Vec8 inv = safe_reciprocal(set1(denom));
-      for (int64_t d = 0; d < D; d += kWidth) vstore(out + sh * D + d, mul(vload(acc.data() + d), inv));
+  float acc[kMaxHeadDim];
+  for (int64_t sh = r0; sh < r1; ++sh) {
+    const int64_t used = ceil_div(p.context_lens[sh / p.num_heads], p.split_keys);
+    const float* m = part.m + sh * p.num_splits;
+    const float* l = part.l + sh * p.num_splits;
+    float m_max = kNegInf;
+    for (int64_t c = 0; c < used; ++c) m_max = std::max(m_max, m[c]);
+    std::fill(acc, acc + D, 0.f);
+    float denom = 0.f;
+    for (int64_t c = 0; c < used; ++c) {
+      const float w = std::exp2(m[c] - m_max);
+      denom += w * l[c];
+      const float* o = part.o + (sh * p.num_splits + c) * D;
+      for (int64_t d = 0; d < D; d += kWidth) vstore(acc + d, fma(vload(o + d), set1(w), vload(acc + d)));
     }
-  });
+    const Vec8 inv = safe_reciprocal(set1(denom));
+    for (int64_t d = 0; d < D; d += kWidth) vstore(out + sh * D + d, mul(vload(acc + d), inv));
+  }
 }
 
 }  // namespace
 
-torch::Tensor paged_decode_attention_cpu(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                         const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                                         const torch::Tensor& context_lens, double softmax_scale) {
-  LS_CHECK_CPU(q);
+struct DecodeAttention::Plan {
+  Problem p;
+  int64_t num_seqs;
+  std::vector<WorkItem> items;
+  torch::Tensor partials;  // the split pieces' o, m and l (Partials), when contexts are split
+  Partials part{nullptr, nullptr, nullptr};
+  std::vector<int64_t> cache_sizes;
+  at::ScalarType cache_dtype;
+};
+
+void DecodeAttention::ScratchDeleter::operator()(Scratch* s) const { delete s; }
+
+DecodeAttention::DecodeAttention(int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t q_stride,
+                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                 const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+                                 double softmax_scale, int64_t num_threads)
+    : plan_(std::make_unique<Plan>()) {
   LS_CHECK_CPU(k_cache);
   LS_CHECK_CPU(v_cache);
   LS_CHECK_CPU(block_tables);
   LS_CHECK_CPU(context_lens);
-  LS_CHECK(q.dim() == 3, "paged_decode_attention: q must be [num_seqs, num_heads, head_dim], got ", q.dim(),
-           " dimensions");
-  LS_CHECK(q.stride(2) == 1 && (q.size(1) <= 1 || q.stride(1) == q.size(2)),
-           "paged_decode_attention: q must have contiguous [num_heads, head_dim] rows");
   LS_CHECK(k_cache.dim() == 4, "paged_decode_attention: k_cache must be [num_blocks, block_size, num_kv_heads, head_dim]");
   LS_CHECK(k_cache.sizes() == v_cache.sizes(), "paged_decode_attention: k_cache ", k_cache.sizes(), " and v_cache ",
            v_cache.sizes(), " shapes differ");
@@ -279,7 +294,6 @@ torch::Tensor paged_decode_attention_cpu(const torch::Tensor& q, const torch::Te
            "paged_decode_attention: block_tables must be a contiguous int32 [num_seqs, max_blocks] tensor");
   LS_CHECK(context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 && context_lens.is_contiguous(),
            "paged_decode_attention: context_lens must be a contiguous int32 [num_seqs] tensor");
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   LS_CHECK(k_cache.size(3) == head_dim, "paged_decode_attention: cache head_dim ", k_cache.size(3),
            " != q head_dim ", head_dim);
@@ -308,47 +322,104 @@ torch::Tensor paged_decode_attention_cpu(const torch::Tensor& q, const torch::Te
     max_len = std::max<int64_t>(max_len, lens[s]);
   }
 
-  auto out = torch::empty({num_seqs, num_heads, head_dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t group = num_heads / num_kv_heads;
   // Split contexts only when the sequences alone cannot keep every thread busy.
-  const int64_t want_splits = ceil_div(kItemsPerThread * at::get_num_threads(), std::max<int64_t>(num_seqs, 1));
+  const int64_t want_splits = ceil_div(kItemsPerThread * num_threads, std::max<int64_t>(num_seqs, 1));
   const int64_t max_splits = std::max<int64_t>(1, max_len / kMinSplitKeys);
   const int64_t num_splits = std::clamp<int64_t>(want_splits, 1, max_splits);
   const int64_t split_keys = num_splits == 1 ? std::max<int64_t>(max_len, 1) : round_up(ceil_div(max_len, num_splits), kTileK);
-  const Problem p{tables,     lens,         max_blocks,        block_size, num_heads,
-                  num_kv_heads, head_dim,   group,             q.stride(0), split_keys,
-                  ceil_div(std::max<int64_t>(max_len, 1), split_keys), static_cast<float>(softmax_scale) * vec::kLog2e};
-
-  std::vector<WorkItem> items;
+  Plan& plan = *plan_;
+  plan.p = Problem{tables,       lens,     max_blocks, block_size, num_heads,
+                   num_kv_heads, head_dim, group,      q_stride,   split_keys,
+                   ceil_div(std::max<int64_t>(max_len, 1), split_keys), static_cast<float>(softmax_scale) * vec::kLog2e};
+  plan.num_seqs = num_seqs;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t pieces = std::max<int64_t>(1, ceil_div(lens[s], split_keys));
-    for (int64_t c = 0; c < pieces; ++c) items.push_back({s, c, c * split_keys, std::min<int64_t>(lens[s], (c + 1) * split_keys)});
+    for (int64_t c = 0; c < pieces; ++c)
+      plan.items.push_back({s, c, c * split_keys, std::min<int64_t>(lens[s], (c + 1) * split_keys)});
   }
-  std::stable_sort(items.begin(), items.end(),
+  // longest first: the dynamic queue then balances them (work_queue.h)
+  std::stable_sort(plan.items.begin(), plan.items.end(),
                    [](const WorkItem& a, const WorkItem& b) { return a.key_end - a.key_start > b.key_end - b.key_start; });
-
-  torch::Tensor partials;
-  Partials part{nullptr, nullptr, nullptr};
-  if (p.num_splits > 1) {
-    const int64_t rows = num_seqs * num_heads * p.num_splits;
-    partials = torch::empty({rows * (head_dim + 2)}, q.options().dtype(at::kFloat));
-    part = {partials.data_ptr<float>(), partials.data_ptr<float>() + rows * head_dim,
-            partials.data_ptr<float>() + rows * (head_dim + 1)};
+  if (plan.p.num_splits > 1) {
+    const int64_t rows = num_seqs * num_heads * plan.p.num_splits;
+    plan.partials = torch::empty({rows * (head_dim + 2)}, k_cache.options().dtype(at::kFloat));
+    float* base = plan.partials.data_ptr<float>();
+    plan.part = {base, base + rows * head_dim, base + rows * (head_dim + 1)};
   }
+  plan.cache_sizes = k_cache.sizes().vec();
+  plan.cache_dtype = k_cache.scalar_type();
+}
 
+DecodeAttention::~DecodeAttention() = default;
+
+int64_t DecodeAttention::num_items() const { return static_cast<int64_t>(plan_->items.size()); }
+
+int64_t DecodeAttention::num_combine_rows() const {
+  return plan_->p.num_splits > 1 ? plan_->num_seqs * plan_->p.num_heads : 0;
+}
+
+DecodeAttention::ScratchPtr DecodeAttention::make_scratch() const {
+  const Problem& p = plan_->p;
+  return ScratchPtr(new Scratch(p.num_heads, p.num_kv_heads, p.group, p.head_dim, c10::elementSize(plan_->cache_dtype)));
+}
+
+void DecodeAttention::check_caches(const torch::Tensor& k_cache, const torch::Tensor& v_cache) const {
+  const at::IntArrayRef sizes(plan_->cache_sizes);
+  LS_CHECK(k_cache.sizes() == sizes && v_cache.sizes() == sizes && k_cache.scalar_type() == plan_->cache_dtype &&
+               v_cache.scalar_type() == plan_->cache_dtype && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+               k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+           "paged_decode_attention: every layer's caches must be contiguous CPU tensors of shape ", sizes,
+           " and dtype ", plan_->cache_dtype, ", got ", k_cache.sizes(), " ", k_cache.scalar_type(), " and ",
+           v_cache.sizes(), " ", v_cache.scalar_type());
+}
+
+template <typename QT>
+void DecodeAttention::run_item(int64_t i, const QT* q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                               QT* out, Scratch& sc) const {
+  const Plan& plan = *plan_;
+  dispatch_float_types(plan.cache_dtype, "paged_decode_attention: k_cache", [&](auto c_tag) {
+    using CT = decltype(c_tag);
+    attend<QT, CT>(plan.p, plan.items[i], q, static_cast<const CT*>(k_cache.const_data_ptr()),
+                   static_cast<const CT*>(v_cache.const_data_ptr()), out, plan.part, sc);
+  });
+}
+
+template <typename QT>
+void DecodeAttention::combine(int64_t r0, int64_t r1, QT* out) const {
+  combine_splits<QT>(plan_->p, r0, r1, plan_->part, out);
+}
+
+#define LENSERVE_DECODE_ATTENTION_FOR(QT)                                                                           \
+  template void DecodeAttention::run_item<QT>(int64_t, const QT*, const torch::Tensor&, const torch::Tensor&, QT*, \
+                                              Scratch&) const;                                                     \
+  template void DecodeAttention::combine<QT>(int64_t, int64_t, QT*) const;
+LENSERVE_DECODE_ATTENTION_FOR(float)
+LENSERVE_DECODE_ATTENTION_FOR(c10::BFloat16)
+LENSERVE_DECODE_ATTENTION_FOR(c10::Half)
+#undef LENSERVE_DECODE_ATTENTION_FOR
+
+torch::Tensor paged_decode_attention_cpu(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                         const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                                         const torch::Tensor& context_lens, double softmax_scale) {
+  LS_CHECK_CPU(q);
+  LS_CHECK(q.dim() == 3, "paged_decode_attention: q must be [num_seqs, num_heads, head_dim], got ", q.dim(),
+           " dimensions");
+  LS_CHECK(q.stride(2) == 1 && (q.size(1) <= 1 || q.stride(1) == q.size(2)),
+           "paged_decode_attention: q must have contiguous [num_heads, head_dim] rows");
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const DecodeAttention attn(num_seqs, num_heads, head_dim, q.stride(0), k_cache, v_cache, block_tables, context_lens,
+                             softmax_scale, at::get_num_threads());
+  auto out = torch::empty({num_seqs, num_heads, head_dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
   dispatch_float_types(q.scalar_type(), "paged_decode_attention: q", [&](auto q_tag) {
     using QT = decltype(q_tag);
-    dispatch_float_types(k_cache.scalar_type(), "paged_decode_attention: k_cache", [&](auto c_tag) {
-      using CT = decltype(c_tag);
-      const QT* qp = q.data_ptr<QT>();
-      const CT* kp = k_cache.data_ptr<CT>();
-      const CT* vp = v_cache.data_ptr<CT>();
-      QT* op = out.data_ptr<QT>();
-      parallel_dynamic(
-          static_cast<int64_t>(items.size()), [&] { return Scratch(num_heads, num_kv_heads, group, head_dim, k_cache.element_size()); },
-          [&](int64_t i, Scratch& sc) { attend<QT, CT>(p, items[i], qp, kp, vp, op, part, sc); });
-      if (p.num_splits > 1) combine_splits<QT>(p, num_seqs, part, op);
-    });
+    const QT* qp = q.data_ptr<QT>();
+    QT* op = out.data_ptr<QT>();
+    parallel_dynamic(
+        attn.num_items(), [&] { return attn.make_scratch(); },
+        [&](int64_t i, DecodeAttention::ScratchPtr& sc) { attn.run_item<QT>(i, qp, k_cache, v_cache, op, *sc); });
+    if (const int64_t rows = attn.num_combine_rows(); rows > 0)
+      at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) { attn.combine<QT>(r0, r1, op); });
   });
   return out;
 }

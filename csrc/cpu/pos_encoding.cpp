@@ -1,33 +1,12 @@
 #include <ATen/Parallel.h>
 
 #include "cpu/common.h"
+#include "cpu/rows.h"
 #include "ops.h"
 
 namespace lenserve {
-namespace {
 
-// Rotates one head in place. NeoX style pairs element i with i + rot_dim / 2 (what HF Llama and
-// Qwen2 use); GPT-J style pairs 2i with 2i + 1.
-template <typename T>
-inline void rotate_head(T* __restrict__ h, const float* __restrict__ cos, const float* __restrict__ sin, int64_t half,
-                        bool is_neox) {
-  if (is_neox) {
-#pragma omp simd
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = to_float(h[i]), x2 = to_float(h[i + half]);
-      h[i] = from_float<T>(x1 * cos[i] - x2 * sin[i]);
-      h[i + half] = from_float<T>(x2 * cos[i] + x1 * sin[i]);
-    }
-  } else {
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = to_float(h[2 * i]), x2 = to_float(h[2 * i + 1]);
-      h[2 * i] = from_float<T>(x1 * cos[i] - x2 * sin[i]);
-      h[2 * i + 1] = from_float<T>(x2 * cos[i] + x1 * sin[i]);
-    }
-  }
-}
-
-}  // namespace
+using rows::rotate_head;
 
 void rotary_embedding_cpu(const torch::Tensor& positions, torch::Tensor& query, torch::Tensor& key, int64_t head_dim,
                           const torch::Tensor& cos_sin_cache, bool is_neox) {

@@ -135,6 +135,9 @@ void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, in
 // N (a multiple of 8) interleaved rows of `type` (the file type).
 void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M, int64_t N,
              float* out);
+// gemm_x8's groups g0..g1-1 (rows 8 g0 .. 8 g1 - 1 of W) on the calling thread.
+void gemm_x8_groups(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M,
+                    int64_t N, int64_t g0, int64_t g1, float* out);
 
 // ---- the same GEMM with AVX-512 VNNI (quant_vnni.cpp) ----
 // Activation rows per register tile there (32 vector registers).
@@ -148,6 +151,20 @@ void group_rows_vnni(int64_t type, const uint8_t* group, const BlockQAct* xq, in
 // Whether gemm_x8 runs quant_vnni.cpp's kernels: where vnni_supported() and not turned off
 // (LENSERVE_CPU_ISA=avx2 at start, or the quant_kernel_isa op, ops.h).
 bool use_vnni();
+
+// ---- the decode path of quant_linear (quant_linear.cpp), a range of columns at a time ----
+// Bytes of one row of K elements; raises (naming `what`) on a type or K the kernels do not take.
+int64_t row_bytes_of(int64_t type, int64_t K, const char* what);
+// Whether quant_linear computes M rows of x against `type` on its integer-dot decode path (x
+// quantized to activation blocks by quantize_row_act, then decode_cols).
+bool on_integer_decode_path(int64_t type, int64_t M);
+// Columns are split in multiples of this (8 for interleaved rows: one group).
+int64_t decode_cols_unit(int64_t type);
+// out[m * N + n] for n in [n0, n1) (multiples of decode_cols_unit) and m < M, from x's activation
+// blocks (nb per row, rows back to back), on the calling thread: what quant_linear's decode path
+// computes for those columns, bit for bit.
+void decode_cols(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M,
+                 int64_t N, int64_t n0, int64_t n1, float* out);
 
 // ---- K-quants (quant_kquants.cpp) ----
 void dequant_row_q4_k(const uint8_t* row, float* out, int64_t K);

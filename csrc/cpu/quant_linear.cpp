@@ -175,14 +175,6 @@ float dot_f32(const float* a, const float* b, int64_t K) {
   return sum;
 }
 
-// Bytes of one row of K elements; raises on a type or K the kernels do not take.
-int64_t row_bytes_of(int64_t type, int64_t K, const char* what) {
-  const int64_t be = block_elems(type);
-  LS_CHECK(be > 0, what, ": weight type ", type, " is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)");
-  LS_CHECK(K % be == 0, what, ": ", K, " features is not a multiple of the type's block of ", be);
-  return K / be * block_bytes(type);
-}
-
 // The activation blocks of one call, in a buffer each calling thread keeps (grown, never shrunk):
 // a std::vector zero-filled its 72-byte blocks by copying, ~3% of a batch-8 decode step in
 // perf, and a large prefill allocated megabytes afresh per call.
@@ -195,6 +187,39 @@ BlockQAct* act_blocks(int64_t n) {
   }
   return buf.get();
 }
+
+}  // namespace
+
+namespace quant {
+
+int64_t row_bytes_of(int64_t type, int64_t K, const char* what) {
+  const int64_t be = block_elems(type);
+  LS_CHECK(be > 0, what, ": weight type ", type, " is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+  LS_CHECK(K % be == 0, what, ": ", K, " features is not a multiple of the type's block of ", be);
+  return K / be * block_bytes(type);
+}
+
+bool on_integer_decode_path(int64_t type, int64_t M) {
+  return has_integer_dot(type) && M <= (is_interleaved(type) ? max_interleaved_decode_rows() : kMaxDecodeRows);
+}
+
+int64_t decode_cols_unit(int64_t type) { return is_interleaved(type) ? 8 : 1; }
+
+void decode_cols(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M,
+                 int64_t N, int64_t n0, int64_t n1, float* out) {
+  if (is_interleaved(type)) {
+    gemm_x8_groups(base_type(type), w, row_bytes, xq, nb, M, N, n0 / 8, n1 / 8, out);
+    return;
+  }
+  const auto dot = is_kquant(type) ? dot_row_act_k : dot_row_act;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; m += 4)
+      dot(type, w + n * row_bytes, xq + m * nb, nb, static_cast<int>(std::min<int64_t>(4, M - m)), out + m * N + n, N);
+}
+
+}  // namespace quant
+
+namespace {
 
 void decode_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t row_bytes, int64_t type, int64_t K,
                  int64_t N, float* out) {
@@ -209,12 +234,7 @@ void decode_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64
       gemm_x8(base_type(type), w, row_bytes, xq, nb, M, N, out);
       return;
     }
-    const auto dot = is_kquant(type) ? dot_row_act_k : dot_row_act;
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = 0; m < M; m += 4)
-          dot(type, w + n * row_bytes, xq + m * nb, nb, static_cast<int>(std::min<int64_t>(4, M - m)), out + m * N + n, N);
-    });
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { decode_cols(type, w, row_bytes, xq, nb, M, N, n0, n1, out); });
     return;
   }
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
