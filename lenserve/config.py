@@ -24,7 +24,8 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     # CPU weight storage: fp32 (dtype), fp16 rows, or native (a GGUF's own encoding, nothing
-    # dequantized at load); auto: fp32 (see engine/llm_engine.py's _resolve_weights_dtype)
+    # dequantized at load); auto: native for a GGUF on CPU, else fp32 (engine/llm_engine.py's
+    # _resolve_weights_dtype)
     weights_dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # auto: float16 on CPU (half the memory of fp32), the model dtype on CUDA
     kv_cache_memory_gb: float | None = None  # CPU: default 4 GiB (pages are touched only when used)

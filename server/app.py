@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -216,6 +217,17 @@ def guarded_app(title: str, config: ServerConfig, lifespan=None) -> FastAPI:
     return app
 
 
+def _freeze_loaded_objects() -> bool:
+    """Moves every object alive once the server has loaded (torch's and the libraries' modules, the
+    model, ~200k objects) out of the cyclic garbage collector's reach (gc.freeze): a full collection
+    traversed them all, ~100 ms on the 2-core EPYC (SmolLM2 loaded), during which no stream got a
+    token; frozen, it takes microseconds. Undone at shutdown (gc.unfreeze), so an in-process server
+    leaves the collector as it found it."""
+    gc.collect()
+    gc.freeze()
+    return True
+
+
 def build_app(config: ServerConfig, engine=None) -> FastAPI:
     """`engine`: an already loaded LLMEngine to serve (tests); by default one is built in the lifespan."""
 
@@ -238,6 +250,7 @@ def build_app(config: ServerConfig, engine=None) -> FastAPI:
         # in a thread that exits: the predictor's loading runs OpenMP work (LightGBM), and a second
         # long-lived OpenMP team slows every parallel region of the engine's steps (cpu_threads.py)
         predictor = run_in_fresh_thread(load_length_models, config, eng)
+        frozen = _freeze_loaded_objects() if engine is None else False
         async_engine.start(asyncio.get_running_loop())
         app.state.engine = async_engine
         app.state.metrics = metrics
@@ -249,6 +262,8 @@ def build_app(config: ServerConfig, engine=None) -> FastAPI:
             yield
         finally:
             async_engine.shutdown()
+            if frozen:
+                gc.unfreeze()
 
     app = guarded_app("lenserve", config, lifespan=lifespan)
 
