@@ -517,3 +517,30 @@ def test_lifetime_scatter_is_the_lifetime_fits_own():
     want = np.quantile(noise, LIFETIME_QUANTILES) / np.median(noise)  # the fit absorbs the noise's scale
     got = np.array(list(q.values())) / q[0.49]
     assert np.abs(got - want).max() < 0.03
+
+
+def test_nnls_guessed_support_gives_the_exact_optimum():
+    """A refit first tries the last fit's support: kept only where it is the optimum's, so the
+    result equals the full search's whether the guess is right, wrong, too large, or collinear."""
+    from lenserve.scheduler.cost_model import _nnls, _support_optimum
+
+    rng = np.random.default_rng(7)
+    trials = kept = 0
+    for trial in range(60):
+        m, n = int(rng.integers(8, 80)), 5
+        a = np.abs(rng.normal(size=(m, n))) * (10.0 ** rng.integers(-2, 2, n))
+        b = a @ rng.normal(size=n) + rng.normal(0, 0.1, m)
+        exact = _nnls(a, b)
+        right = tuple(int(i) for i in np.flatnonzero(exact > 0))
+        for guess in (right, tuple(range(n)), (0,), tuple(int(i) for i in rng.permutation(n)[:2])):
+            assert _nnls(a, b, guess) == pytest.approx(exact, rel=1e-6, abs=1e-9)
+        if right:  # the right guess is taken as it is: one solve, no search
+            norm = np.linalg.norm(a, axis=0)
+            an = a / norm
+            trials += 1
+            kept += _support_optimum(an.T @ an, an.T @ b, right) is not None
+    assert trials > 20 and kept == trials
+    a = np.abs(rng.normal(size=(30, 5)))
+    a[:, 2] = a[:, 1]  # collinear: the guess cannot be solved, the full search runs
+    b = a @ np.array([1.0, 0.5, 0.5, 0.2, 0.1])
+    assert np.linalg.norm(a @ _nnls(a, b, (0, 1, 2, 3, 4)) - b) <= np.linalg.norm(a @ _nnls(a, b) - b) * (1 + 1e-9) + 1e-12
