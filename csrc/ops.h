@@ -73,6 +73,7 @@ torch::Tensor decode_layer_cpu(torch::Tensor& hidden, torch::Tensor& residual, c
 // Every layer of a decode-only step in one call: decode_layer_cpu for layer l with input_norms[l],
 // post_norms[l], weights / weight_types [4 l, 4 l + 4), qkv_biases[l] (or none when the list is
 // empty) and the caches of layer l; out_features are every layer's. Returns the last layer's output.
+// On integer-dot weights the layers run inside one parallel region (same results, bit for bit).
 torch::Tensor decode_layers_cpu(torch::Tensor& hidden, torch::Tensor& residual, const torch::Tensor& positions,
                                 at::TensorList input_norms, at::TensorList post_norms, double eps, at::TensorList weights,
                                 at::IntArrayRef weight_types, at::IntArrayRef out_features,

@@ -13,7 +13,10 @@
 // test_fused_decode_layer_equals_the_unfused_layer). decode_layers runs every layer of the step in
 // one call: against a decode_layer call per layer from Python (the loop, the layer's forward, the
 // dispatch of 20 arguments), 0.38-0.44 ms less of a ~5.3 ms batch-1 step and 0.46 ms less of a
-// ~17 ms batch-8 step (SmolLM2, 2-core EPYC, both alternated in blocks in one process).
+// ~17 ms batch-8 step (SmolLM2, 2-core EPYC, both alternated in blocks in one process). On
+// integer-dot weights decode_layers then runs the whole stack in one parallel region (below);
+// other stacks (packed fp32, 16-bit rows, rows past the integer decode path) call decode_layer
+// layer by layer.
 #include <omp.h>
 
 #include <atomic>
