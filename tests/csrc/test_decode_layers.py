@@ -89,7 +89,7 @@ def _layer_by_layer(p):
 
 @pytest.mark.parametrize("types", list(TYPE_SETS))
 @pytest.mark.parametrize("n", [1, 3, 10])
-@pytest.mark.parametrize("ctx", [37, 600])
+@pytest.mark.parametrize("ctx", [37, 150, 600])
 def test_one_region_equals_layer_by_layer(types, n, ctx):
     p = _problem(TYPE_SETS[types], interleave=True, n=n, ctx=ctx, cache_dtype=torch.float16, bias=types == "mixed")
     got, want = _stack(p), _layer_by_layer(p)
