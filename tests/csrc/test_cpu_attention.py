@@ -252,10 +252,10 @@ def test_paged_decode_long_context_is_split(num_seqs):
     _check_decode(*_paged_problem(lens, 9, 3, 64, 16, torch.float32, torch.float16, gen))
 
 
-@pytest.mark.parametrize("lens", [[150], [129], [300]])
-def test_paged_decode_one_short_sequence_is_split_for_balance(lens):
-    """One sequence on two or more threads: its context is cut into one piece per thread, down to
-    64-key pieces (at 2+ threads; at one thread nothing is split), and recombined."""
+@pytest.mark.parametrize("lens", [[150], [129], [300], [200, 150, 90]])
+def test_paged_decode_few_short_sequences_are_split_for_balance(lens):
+    """A few sequences that do not divide among the threads (one or three on two): each context
+    is cut into pieces that do, down to 64 keys (at one thread nothing is split), and recombined."""
     gen = torch.Generator().manual_seed(lens[0])
     before = torch.get_num_threads()
     torch.set_num_threads(max(2, before))
