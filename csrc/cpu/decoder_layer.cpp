@@ -250,16 +250,20 @@ torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& res
       const auto [u0, u1] = share(p.n / unit, t, nt);
       if (u1 > u0) quant::decode_cols(p.type, p.w, p.row_bytes, xq, nb, n, p.n, u0 * unit, u1 * unit, y);
     };
+    // residual += x; x = rms_norm(residual) * norm, quantized; then y = x W^T
+    auto norm_then_linear = [&](float* x, const float* norm, const Projection& p, float* y) {
+      for (int64_t r = r0; r < r1; ++r) {
+        rows::add_rms_norm_row(x + r * d, res + r * d, norm, d, eps_f);
+        quant::quantize_row_act(x + r * d, xq + r * (d / quant::QK), d);
+      }
+#pragma omp barrier
+      linear(p, d / quant::QK, y);
+#pragma omp barrier
+    };
     float* h = hidden.data_ptr<float>();
     for (int64_t l = 0; l < L; ++l) {
       const Projection* P = proj.data() + 4 * l;
-      for (int64_t r = r0; r < r1; ++r) {
-        rows::add_rms_norm_row(h + r * d, res + r * d, in_norm[l], d, eps_f);
-        quant::quantize_row_act(h + r * d, xq + r * (d / quant::QK), d);
-      }
-#pragma omp barrier
-      linear(P[0], d / quant::QK, qkv);
-#pragma omp barrier
+      norm_then_linear(h, in_norm[l], P[0], qkv);
       for (int64_t r = r0; r < r1; ++r) {
         float* row = qkv + r * qkv_out;
         if (bias[l] != nullptr)
@@ -289,13 +293,7 @@ torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& res
 #pragma omp barrier
       linear(P[1], q_size / quant::QK, ho);
 #pragma omp barrier
-      for (int64_t r = r0; r < r1; ++r) {
-        rows::add_rms_norm_row(ho + r * d, res + r * d, post_norm[l], d, eps_f);
-        quant::quantize_row_act(ho + r * d, xq + r * (d / quant::QK), d);
-      }
-#pragma omp barrier
-      linear(P[2], d / quant::QK, gu);
-#pragma omp barrier
+      norm_then_linear(ho, post_norm[l], P[2], gu);
       for (int64_t r = r0; r < r1; ++r) {
         rows::silu_and_mul_row(gu + r * 2 * inter, gu + r * 2 * inter + inter, act + r * inter, inter);
         quant::quantize_row_act(act + r * inter, xq + r * (inter / quant::QK), inter);
