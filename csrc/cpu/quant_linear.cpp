@@ -199,9 +199,13 @@ int64_t row_bytes_of(int64_t type, int64_t K, const char* what) {
   return K / be * block_bytes(type);
 }
 
-bool on_integer_decode_path(int64_t type, int64_t M) {
-  return has_integer_dot(type) && M <= (is_interleaved(type) ? max_interleaved_decode_rows() : kMaxDecodeRows);
+// Whether quant_linear takes M rows of x against `type` on its decode path (decode_rows), else
+// the panel path (prefill_rows).
+bool on_decode_path(int64_t type, int64_t M) {
+  return M <= (is_interleaved(type) ? max_interleaved_decode_rows() : kMaxDecodeRows);
 }
+
+bool on_integer_decode_path(int64_t type, int64_t M) { return has_integer_dot(type) && on_decode_path(type, M); }
 
 int64_t decode_cols_unit(int64_t type) { return is_interleaved(type) ? 8 : 1; }
 
@@ -370,7 +374,7 @@ torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weig
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  if (M <= (is_interleaved(weight_type) ? max_interleaved_decode_rows() : kMaxDecodeRows)) {
+  if (on_decode_path(weight_type, M)) {
     decode_rows(xp, x.stride(0), M, wp, row_bytes, weight_type, K, N, op);
     if (b != nullptr)
       for (int64_t m = 0; m < M; ++m)
