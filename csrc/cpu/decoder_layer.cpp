@@ -53,8 +53,9 @@ inline std::pair<int64_t, int64_t> share(int64_t count, int t, int nt) {
 // result equals the per-layer path bit for bit (tests/csrc/test_decode_layers.py). Against that
 // path, in one process in alternating blocks of steps (SmolLM2 Q4_1, 2-core EPYC with AVX-512):
 // 0.94x the step time at batch 1 (~4.5 ms), 0.91x at batch 8 (~15 ms). Still measured there and
-// not kept: splitting a short context's attention so both threads take a piece (256 keys ->
-// 64-96 a piece: 1.07-1.08x slower at batch 1), and a thread without rows in a row-wise phase
+// not kept: cutting a short context's attention into 64-96-key pieces (3-7 items on 2 threads:
+// 1.07-1.08x slower at batch 1; one piece per thread, kept, is paged_attention.cpp's
+// kMinBalanceKeys), and a thread without rows in a row-wise phase
 // prefetching the start of its share of the next projection (16-64 KiB: no change), and fewer
 // barriers (each sequence's rotary, cache write, attention and quantization by the thread taking
 // its item; each thread's gate and up columns followed by their SiLU: 7 a layer instead of 10, no
@@ -64,7 +65,6 @@ struct Projection {
   const uint8_t* w;
   int64_t type, row_bytes, n;
 };
-
 
 void check_projection_sizes(const torch::Tensor& hidden, at::IntArrayRef out_features, int64_t num_heads,
                             int64_t num_kv_heads, int64_t head_dim) {
