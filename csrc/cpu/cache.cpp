@@ -36,7 +36,7 @@ void reshape_and_cache_cpu(const torch::Tensor& key, const torch::Tensor& value,
            key.size(2), "]");
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) LS_CHECK(slots[i] < num_slots, "slot ", slots[i], " outside the cache of ", num_slots);
+  check_cache_slots(slots, n, num_slots);
   const int64_t k_stride = key.stride(0), v_stride = value.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "reshape_and_cache_src", [&] {
     using src_t = scalar_t;

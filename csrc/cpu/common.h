@@ -49,6 +49,19 @@ inline int64_t row_grain(int64_t elements_per_row) {
   return std::max<int64_t>(1, kParallelElementsPerChunk / std::max<int64_t>(elements_per_row, 1));
 }
 
+// Raises unless the rotary cos/sin table's width (rot_dim) fits a head and every one of the n
+// positions indexes one of its max_pos rows (rotary_embedding and the fused decode stack).
+inline void check_rotary_positions(const int64_t* pos, int64_t n, int64_t max_pos, int64_t rot_dim, int64_t head_dim) {
+  LS_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim, "bad cos_sin_cache width ", rot_dim);
+  for (int64_t i = 0; i < n; ++i)
+    LS_CHECK(pos[i] >= 0 && pos[i] < max_pos, "position ", pos[i], " outside the rotary cache of ", max_pos);
+}
+
+// Raises on a slot past a cache of num_slots (a negative slot is a padding row, not written).
+inline void check_cache_slots(const int64_t* slots, int64_t n, int64_t num_slots) {
+  for (int64_t i = 0; i < n; ++i) LS_CHECK(slots[i] < num_slots, "slot ", slots[i], " outside the cache of ", num_slots);
+}
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 

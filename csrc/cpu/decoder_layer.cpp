@@ -66,13 +66,21 @@ struct Projection {
   int64_t type, row_bytes, n;
 };
 
-void check_projection_sizes(const torch::Tensor& hidden, at::IntArrayRef out_features, int64_t num_heads,
-                            int64_t num_kv_heads, int64_t head_dim) {
+// The shapes a decode layer's arguments must agree on (decode_layer, and decode_layers' one region).
+void check_layer_shapes(const torch::Tensor& hidden, const torch::Tensor& residual, const torch::Tensor& positions,
+                        const torch::Tensor& context_lens, at::IntArrayRef out_features, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t head_dim) {
+  LS_CHECK_DIM(hidden, 2);
+  LS_CHECK(hidden.sizes() == residual.sizes(), "decode_layer: hidden ", hidden.sizes(), " and residual ",
+           residual.sizes(), " differ");
+  const int64_t n = hidden.size(0);
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   LS_CHECK(out_features[0] == q_size + 2 * kv_size && out_features[1] == hidden.size(1) &&
                out_features[2] % 2 == 0 && out_features[3] == hidden.size(1),
            "decode_layer: projection sizes ", out_features, " do not fit ", num_heads, " heads, ", num_kv_heads,
            " kv heads of ", head_dim, " and hidden ", hidden.size(1));
+  LS_CHECK(positions.size(0) == n && context_lens.size(0) == n,
+           "decode_layer: one position and one context length per decoding sequence (", n, " rows)");
 }
 
 // Whether decode_layers can run as one region: fp32 activations and every projection on
@@ -116,14 +124,9 @@ torch::Tensor decode_layer_cpu(torch::Tensor& hidden, torch::Tensor& residual, c
                                double softmax_scale) {
   LS_CHECK(weights.size() == 4 && weight_types.size() == 4 && out_features.size() == 4,
            "decode_layer: weights, weight_types and out_features take the qkv, o, gate_up and down projections (4 each)");
-  LS_CHECK_DIM(hidden, 2);
-  LS_CHECK(hidden.sizes() == residual.sizes(), "decode_layer: hidden ", hidden.sizes(), " and residual ",
-           residual.sizes(), " differ");
+  check_layer_shapes(hidden, residual, positions, context_lens, out_features, num_heads, num_kv_heads, head_dim);
   const int64_t n = hidden.size(0);
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  check_projection_sizes(hidden, out_features, num_heads, num_kv_heads, head_dim);
-  LS_CHECK(positions.size(0) == n && context_lens.size(0) == n,
-           "decode_layer: one position and one context length per decoding sequence (", n, " rows)");
 
   fused_add_rms_norm_cpu(hidden, residual, input_norm, eps);
   auto qkv = run_linear(hidden, weights[0], weight_types[0], out_features[0], qkv_bias);
@@ -187,11 +190,9 @@ torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& res
            "decode_layers: slot_mapping must be contiguous int64 with one slot per sequence (", n, ")");
   LS_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.is_contiguous() && cos_sin_cache.dim() == 2,
            "decode_layers: cos_sin_cache must be a contiguous fp32 [positions, rot_dim] tensor");
-  const int64_t rot_dim = cos_sin_cache.size(1), max_pos = cos_sin_cache.size(0);
-  LS_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim, "bad cos_sin_cache width ", rot_dim);
+  const int64_t rot_dim = cos_sin_cache.size(1);
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    LS_CHECK(pos[i] >= 0 && pos[i] < max_pos, "position ", pos[i], " outside the rotary cache of ", max_pos);
+  check_rotary_positions(pos, n, cos_sin_cache.size(0), rot_dim, head_dim);
   const DecodeAttention attn(n, num_heads, head_dim, qkv_out, k_caches[0], v_caches[0], block_tables, context_lens,
                              softmax_scale, at::get_num_threads());
   LS_CHECK(k_caches[0].size(2) == num_kv_heads, "decode_layers: the caches hold ", k_caches[0].size(2),
@@ -202,9 +203,8 @@ torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& res
     kc[l] = k_caches[l].data_ptr();
     vc[l] = v_caches[l].data_ptr();
   }
-  const int64_t num_slots = k_caches[0].size(0) * k_caches[0].size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) LS_CHECK(slots[i] < num_slots, "slot ", slots[i], " outside the cache of ", num_slots);
+  check_cache_slots(slots, n, k_caches[0].size(0) * k_caches[0].size(1));
   std::vector<const float*> in_norm(L), post_norm(L), bias(L, nullptr);
   for (int64_t l = 0; l < L; ++l) {
     in_norm[l] = input_norms[l].data_ptr<float>();
@@ -233,7 +233,7 @@ torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& res
   float* out_p = out.data_ptr<float>();
   const float eps_f = static_cast<float>(eps);
   const float* cs = cos_sin_cache.data_ptr<float>();
-  const int64_t half = rot_dim / 2, kv_row = kv_size;
+  const int64_t half = rot_dim / 2;
   const int threads = std::max(1, at::get_num_threads());
   std::vector<DecodeAttention::ScratchPtr> scratch;
   for (int t = 0; t < threads; ++t) scratch.push_back(attn.make_scratch());
@@ -274,9 +274,9 @@ torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& res
         if (slots[r] < 0) continue;
         const float* k = row + q_size;
         switch (cache_dtype) {
-          case at::kFloat: cache_row<float>(k, k + kv_size, kc[l], vc[l], slots[r], kv_row); break;
-          case at::kBFloat16: cache_row<c10::BFloat16>(k, k + kv_size, kc[l], vc[l], slots[r], kv_row); break;
-          default: cache_row<c10::Half>(k, k + kv_size, kc[l], vc[l], slots[r], kv_row); break;
+          case at::kFloat: cache_row<float>(k, k + kv_size, kc[l], vc[l], slots[r], kv_size); break;
+          case at::kBFloat16: cache_row<c10::BFloat16>(k, k + kv_size, kc[l], vc[l], slots[r], kv_size); break;
+          default: cache_row<c10::Half>(k, k + kv_size, kc[l], vc[l], slots[r], kv_size); break;
         }
       }
 #pragma omp barrier
@@ -328,12 +328,7 @@ torch::Tensor decode_layers_cpu(torch::Tensor& hidden, torch::Tensor& residual, 
   LS_CHECK(qkv_biases.empty() || static_cast<int64_t>(qkv_biases.size()) == L,
            "decode_layers: qkv_biases takes one entry per layer or none, got ", qkv_biases.size());
   if (L > 0 && stack_runs_in_one_region(hidden, weights, weight_types)) {
-    LS_CHECK_DIM(hidden, 2);
-    LS_CHECK(hidden.sizes() == residual.sizes(), "decode_layer: hidden ", hidden.sizes(), " and residual ",
-             residual.sizes(), " differ");
-    check_projection_sizes(hidden, out_features, num_heads, num_kv_heads, head_dim);
-    LS_CHECK(positions.size(0) == hidden.size(0) && context_lens.size(0) == hidden.size(0),
-             "decode_layer: one position and one context length per decoding sequence (", hidden.size(0), " rows)");
+    check_layer_shapes(hidden, residual, positions, context_lens, out_features, num_heads, num_kv_heads, head_dim);
     return decode_layers_one_region(hidden, residual, positions, input_norms, post_norms, eps, weights, weight_types,
                                     out_features, qkv_biases, num_heads, num_kv_heads, head_dim, cos_sin_cache,
                                     k_caches, v_caches, slot_mapping, block_tables, context_lens, softmax_scale);

@@ -27,11 +27,8 @@ void rotary_embedding_cpu(const torch::Tensor& positions, torch::Tensor& query, 
   LS_CHECK(head_dim > 0 && query.size(1) % head_dim == 0 && key.size(1) % head_dim == 0,
            "query/key widths must be multiples of head_dim ", head_dim);
   const int64_t rot_dim = cos_sin_cache.size(1);
-  LS_CHECK(rot_dim % 2 == 0 && rot_dim <= head_dim, "bad cos_sin_cache width ", rot_dim);
-  const int64_t max_pos = cos_sin_cache.size(0);
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    LS_CHECK(pos[i] >= 0 && pos[i] < max_pos, "position ", pos[i], " outside the rotary cache of ", max_pos);
+  check_rotary_positions(pos, n, cos_sin_cache.size(0), rot_dim, head_dim);
   const int64_t num_heads = query.size(1) / head_dim, num_kv_heads = key.size(1) / head_dim;
   const int64_t qs = query.stride(0), ks = key.stride(0), half = rot_dim / 2;
   const float* cache = cos_sin_cache.data_ptr<float>();

@@ -132,12 +132,10 @@ void interleave_rows(int64_t type, uint8_t* data, int64_t N, int64_t row_bytes);
 // Rows r0..r1-1 (of 8) of one interleaved group as fp32: rows[(r - r0) * ldr + k].
 void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, int r1, float* rows, int64_t ldr);
 // out[m * N + n] = dot(W row n, x row m) for M activation rows (nb blocks each, back to back) and
-// N (a multiple of 8) interleaved rows of `type` (the file type).
+// the rows n of groups g0..g1-1 (8 g0 .. 8 g1 - 1) of N (a multiple of 8) interleaved rows of
+// `type` (the file type), on the calling thread (decode_cols splits the groups over threads).
 void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M, int64_t N,
-             float* out);
-// gemm_x8's groups g0..g1-1 (rows 8 g0 .. 8 g1 - 1 of W) on the calling thread.
-void gemm_x8_groups(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M,
-                    int64_t N, int64_t g0, int64_t g1, float* out);
+             int64_t g0, int64_t g1, float* out);
 
 // ---- the same GEMM with AVX-512 VNNI (quant_vnni.cpp) ----
 // Activation rows per register tile there (32 vector registers).

@@ -255,8 +255,8 @@ std::string kernel_isa() {
 
 bool use_vnni() { return vnni_flag().load(std::memory_order_relaxed) != 0; }
 
-void gemm_x8_groups(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M,
-                    int64_t N, int64_t g0, int64_t g1, float* out) {
+void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M, int64_t N,
+             int64_t g0, int64_t g1, float* out) {
   const bool vnni = use_vnni();
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* group = w + g * 8 * row_bytes;
@@ -270,13 +270,6 @@ void gemm_x8_groups(int64_t type, const uint8_t* w, int64_t row_bytes, const Blo
       default: group_rows<kQ4_1>(group, xq, nb, M, out + g * 8, N); break;
     }
   }
-}
-
-void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M, int64_t N,
-             float* out) {
-  // ~32 KiB of weights per chunk of work: a decode step's small matrices still split over threads.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / (8 * row_bytes));
-  at::parallel_for(0, N / 8, grain, [&](int64_t g0, int64_t g1) { gemm_x8_groups(type, w, row_bytes, xq, nb, M, N, g0, g1, out); });
 }
 
 }  // namespace quant

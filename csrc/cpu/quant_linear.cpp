@@ -212,7 +212,7 @@ int64_t decode_cols_unit(int64_t type) { return is_interleaved(type) ? 8 : 1; }
 void decode_cols(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M,
                  int64_t N, int64_t n0, int64_t n1, float* out) {
   if (is_interleaved(type)) {
-    gemm_x8_groups(base_type(type), w, row_bytes, xq, nb, M, N, n0 / 8, n1 / 8, out);
+    gemm_x8(base_type(type), w, row_bytes, xq, nb, M, N, n0 / 8, n1 / 8, out);
     return;
   }
   const auto dot = is_kquant(type) ? dot_row_act_k : dot_row_act;
@@ -234,11 +234,11 @@ void decode_rows(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64
     at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) quantize_row_act(x + m * ldx, xq + m * nb, K);
     });
-    if (is_interleaved(type)) {
-      gemm_x8(base_type(type), w, row_bytes, xq, nb, M, N, out);
-      return;
-    }
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { decode_cols(type, w, row_bytes, xq, nb, M, N, n0, n1, out); });
+    // ~32 KiB of weights per chunk of work: a decode step's small matrices still split over threads
+    const int64_t unit = decode_cols_unit(type);
+    at::parallel_for(0, N / unit, std::max<int64_t>(1, (int64_t{32} << 10) / (unit * row_bytes)), [&](int64_t u0, int64_t u1) {
+      decode_cols(type, w, row_bytes, xq, nb, M, N, u0 * unit, u1 * unit, out);
+    });
     return;
   }
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
