@@ -296,7 +296,7 @@ class OnlineCostModel:
 
         scale = np.maximum(self._col_max, 1e-12)
         coef = _nnls_gram(self._gram / np.outer(scale, scale), self._moment / scale, self._lifetime_support)
-        self._lifetime_support = tuple(int(i) for i in np.flatnonzero(coef > 0))
+        self._lifetime_support = _support_of(coef)
         coef = coef / scale
         return self._with_settings(coef, {"num_samples": self.num_lifetime, "lifetime": True})
 
@@ -361,7 +361,7 @@ class OnlineCostModel:
             keep = (ratio > 1 / STALL_RATIO) & (ratio < STALL_RATIO)
             if keep.all() or keep.sum() < self.MIN_SAMPLES:
                 break
-        self._support = tuple(int(i) for i in np.flatnonzero(coef > 0))
+        self._support = _support_of(coef)
         coef = coef / scale
         n = len(data)
         recent = (self.num_observed - seen) <= 2 * self._half_life
@@ -382,6 +382,13 @@ def _nnls(a, b, support=None):
     norm[norm == 0] = 1.0
     an = a / norm
     return _nnls_gram(an.T @ an, an.T @ b, support) / norm
+
+
+def _support_of(coef) -> tuple[int, ...]:
+    """The indices of a fit's nonzero coefficients: the next fit's first guess (`_nnls_gram`)."""
+    import numpy as np
+
+    return tuple(int(i) for i in np.flatnonzero(coef > 0))
 
 
 def _support_optimum(gram, moment, support):

@@ -217,7 +217,7 @@ def guarded_app(title: str, config: ServerConfig, lifespan=None) -> FastAPI:
     return app
 
 
-def _freeze_loaded_objects() -> bool:
+def _freeze_loaded_objects() -> None:
     """Moves every object alive once the server has loaded (torch's and the libraries' modules, the
     model, ~200k objects) out of the cyclic garbage collector's reach (gc.freeze): a full collection
     traversed them all, ~100 ms on the 2-core EPYC (SmolLM2 loaded), during which no stream got a
@@ -225,7 +225,6 @@ def _freeze_loaded_objects() -> bool:
     leaves the collector as it found it."""
     gc.collect()
     gc.freeze()
-    return True
 
 
 def build_app(config: ServerConfig, engine=None) -> FastAPI:
@@ -250,7 +249,9 @@ def build_app(config: ServerConfig, engine=None) -> FastAPI:
         # in a thread that exits: the predictor's loading runs OpenMP work (LightGBM), and a second
         # long-lived OpenMP team slows every parallel region of the engine's steps (cpu_threads.py)
         predictor = run_in_fresh_thread(load_length_models, config, eng)
-        frozen = _freeze_loaded_objects() if engine is None else False
+        frozen = engine is None  # only what this lifespan loaded itself
+        if frozen:
+            _freeze_loaded_objects()
         async_engine.start(asyncio.get_running_loop())
         app.state.engine = async_engine
         app.state.metrics = metrics
