@@ -233,6 +233,8 @@ void group_rows(const uint8_t* group, const BlockQAct* xq, int64_t nb, int64_t M
   }
 }
 
+constexpr int64_t kActBlockBytes = int64_t{128} << 10;  // gemm_x8's block of activation rows
+
 // 1: quant_vnni.cpp's kernels, 0: this file's. Chosen once from the CPU and LENSERVE_CPU_ISA.
 std::atomic<int>& vnni_flag() {
   static std::atomic<int> flag([] {
@@ -258,16 +260,28 @@ bool use_vnni() { return vnni_flag().load(std::memory_order_relaxed) != 0; }
 void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M, int64_t N,
              int64_t g0, int64_t g1, float* out) {
   const bool vnni = use_vnni();
-  for (int64_t g = g0; g < g1; ++g) {
-    const uint8_t* group = w + g * 8 * row_bytes;
-    if (vnni) {
-      group_rows_vnni(type, group, xq, nb, M, out + g * 8, N);
-      continue;
-    }
-    switch (type) {
-      case kQ8_0: group_rows<kQ8_0>(group, xq, nb, M, out + g * 8, N); break;
-      case kQ4_0: group_rows<kQ4_0>(group, xq, nb, M, out + g * 8, N); break;
-      default: group_rows<kQ4_1>(group, xq, nb, M, out + g * 8, N); break;
+  // Rows of x in blocks of ~kActBlockBytes, every group of [g0, g1) against one block before the
+  // next: a prefill's activations (2048 rows: 2.6-7 MB) then stay in L2 across the groups instead
+  // of streaming from L3 once per group of 8 columns. SmolLM2's qkv, gate_up and down at 2048 rows,
+  // 2-core EPYC with VNNI, alternating in one process: 0.92-0.94x the time at 128 KiB (32-512
+  // KiB alike); no change at 256 rows, whose activations fit L2 anyway.
+  const int64_t MB = std::max<int64_t>(kVnniTileRows, kActBlockBytes / (nb * static_cast<int64_t>(sizeof(BlockQAct))) /
+                                                          kVnniTileRows * kVnniTileRows);
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t rows = std::min(MB, M - m0);
+    const BlockQAct* x = xq + m0 * nb;
+    float* o = out + m0 * N;
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* group = w + g * 8 * row_bytes;
+      if (vnni) {
+        group_rows_vnni(type, group, x, nb, rows, o + g * 8, N);
+        continue;
+      }
+      switch (type) {
+        case kQ8_0: group_rows<kQ8_0>(group, x, nb, rows, o + g * 8, N); break;
+        case kQ4_0: group_rows<kQ4_0>(group, x, nb, rows, o + g * 8, N); break;
+        default: group_rows<kQ4_1>(group, x, nb, rows, o + g * 8, N); break;
+      }
     }
   }
 }

@@ -214,6 +214,19 @@ def test_interleaved_linear_matches_fp64_dequantize(weight_type, m, kernel_isa):
 
 
 @pytest.mark.parametrize("weight_type", LEGACY)
+def test_integer_gemm_row_does_not_depend_on_batch(weight_type, kernel_isa):
+    """The integer GEMM takes x in blocks of ~128 KiB of rows (32 rows at K = 1536): a row's outputs
+    are the same bits alone as at any place among 256 rows, first or last of a block or inside one."""
+    k, n = 1536, 40
+    w = interleaved(random_rows(weight_type, n, k, 11))
+    x = torch.randn(256, k, generator=torch.Generator().manual_seed(weight_type))
+    many = torch.ops.lenserve.quant_linear(x, w.data, w.weight_type, n, None)
+    for i in (0, 31, 32, 100, 255):
+        one = torch.ops.lenserve.quant_linear(x[i : i + 1], w.data, w.weight_type, n, None)
+        assert torch.equal(one[0], many[i]), i
+
+
+@pytest.mark.parametrize("weight_type", LEGACY)
 def test_vnni_kernel_equals_avx2_bit_for_bit(weight_type):
     """The VNNI GEMM adds the same exact int32 products as AVX2's madd + add and scales them in
     the same order, so the outputs are identical, at every tile remainder (up to AVX2's limit)."""
