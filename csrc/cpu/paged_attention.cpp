@@ -26,10 +26,6 @@ namespace lenserve {
 namespace {
 
 constexpr int64_t kTileK = 32;          // keys per tile (may span several cache blocks)
-// Tiles ahead whose cache rows are prefetched. From DRAM (30 layers' caches, SmolLM2's heads, 32
-// sequences of ~230 keys, 2-core EPYC): 0.44 ms a layer without, 0.39-0.41 at 1, 0.35-0.37 at 2,
-// no better at 3-6.
-constexpr int64_t kPrefetchTiles = 2;
 constexpr int64_t kMinSplitKeys = 256;  // shortest context piece worth its own work item
 // Shortest piece when a split only balances a few sequences over the threads. SmolLM2 decode
 // steps on 2 threads, contexts of 200-490 keys, alternating in one process: at batch 1, 0.87x the
@@ -55,18 +51,41 @@ struct WorkItem {
   int64_t seq, split, key_start, key_end;
 };
 
+// The next tile's cache lines, requested into L2 (prefetcht1) a few at a time between this tile's
+// P V products: a tile's ~400 lines requested at once made the thread wait for the memory to
+// take them all before it computed anything, so the copies and the products did not overlap
+// (cold, the layer took the DRAM time plus the compute time). Spread out, from DRAM (30 layers'
+// caches, SmolLM2's heads, 2-core EPYC, alternating in one process): 0.85x the time with 8
+// sequences of ~190 keys, 0.84x with 32, 0.78x with 32 of ~530, against the burst 1-2 tiles ahead
+// (which had been 0.8x no prefetch). Prefetching 2 tiles ahead spread: 0.90 / 0.86 / 0.80x; into
+// L1 (prefetcht0): 1.2-1.5x slower; issued in the score loop too: no change.
+struct LinePrefetcher {
+  std::vector<const char*> lines;
+  size_t next = 0;
+  int64_t per_call = 0;
+  void issue() {
+    for (int64_t i = 0; i < per_call && next < lines.size(); ++i) __builtin_prefetch(lines[next++], 0, 2);
+  }
+  void flush() {
+    while (next < lines.size()) __builtin_prefetch(lines[next++], 0, 2);
+  }
+};
+
 }  // namespace
 
 struct DecodeAttention::Scratch {
   Scratch(int64_t num_heads, int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t cache_elem_bytes)
       : q(num_heads * head_dim), s(group * kTileK), o(num_heads * head_dim), m(num_heads), l(num_heads),
         alpha(num_heads), k_tile(kTileK * num_kv_heads * head_dim * cache_elem_bytes),
-        v_tile(kTileK * num_kv_heads * head_dim * cache_elem_bytes) {}
+        v_tile(kTileK * num_kv_heads * head_dim * cache_elem_bytes) {
+    next_tile.lines.reserve(2 * ceil_div(kTileK * num_kv_heads * head_dim * cache_elem_bytes, 64) + 2 * kTileK);
+  }
   std::vector<float> q;           // [num_heads, head_dim] pre-scaled queries
   std::vector<float> s;           // [group, kTileK] scores of one KV head's queries, then probabilities
   std::vector<float> o;           // [num_heads, head_dim] unnormalised output
   std::vector<float> m, l, alpha; // [num_heads]
   std::vector<char> k_tile, v_tile;  // [kTileK, num_kv_heads, head_dim] cache rows of the tile, as stored
+  LinePrefetcher next_tile;
 };
 
 namespace {
@@ -101,7 +120,7 @@ inline void scores4(const float* q, int64_t D, const CT* const k[4], float* s, i
 // o_g[d0 : d0 + NV * 8] = alpha_g * o_g + sum_j p[g * ld + j] * v_j for GH heads (rows of o D apart).
 template <int GH, int NV, typename CT>
 inline void accumulate_pv(const float* p, int64_t ld, const CT* const* v, int64_t num_keys, int64_t d0, float* o,
-                          int64_t D, const float* alpha) {
+                          int64_t D, const float* alpha, LinePrefetcher& next_tile) {
   using namespace vec;
   Vec8 acc[GH][NV];
   for (int g = 0; g < GH; ++g) {
@@ -109,6 +128,7 @@ inline void accumulate_pv(const float* p, int64_t ld, const CT* const* v, int64_
     for (int c = 0; c < NV; ++c) acc[g][c] = mul(vload(o + g * D + d0 + c * kWidth), a);
   }
   for (int64_t j = 0; j < num_keys; ++j) {
+    next_tile.issue();
     Vec8 pj[GH];
     for (int g = 0; g < GH; ++g) pj[g] = set1(p[g * ld + j]);
     for (int c = 0; c < NV; ++c) {
@@ -153,8 +173,8 @@ void tile_heads(const CT* const* k_rows, const CT* const* v_rows, int64_t num_ke
   float* o = sc.o.data() + h0 * D;
   const float* alpha = sc.alpha.data() + h0;
   int64_t d0 = 0;
-  for (; d0 + 4 * kWidth <= D; d0 += 4 * kWidth) accumulate_pv<GH, 4>(sc.s.data(), kTileK, v_rows, num_keys, d0, o, D, alpha);
-  for (; d0 < D; d0 += 2 * kWidth) accumulate_pv<GH, 2>(sc.s.data(), kTileK, v_rows, num_keys, d0, o, D, alpha);
+  for (; d0 + 4 * kWidth <= D; d0 += 4 * kWidth) accumulate_pv<GH, 4>(sc.s.data(), kTileK, v_rows, num_keys, d0, o, D, alpha, sc.next_tile);
+  for (; d0 < D; d0 += 2 * kWidth) accumulate_pv<GH, 2>(sc.s.data(), kTileK, v_rows, num_keys, d0, o, D, alpha, sc.next_tile);
 }
 
 template <typename QT, typename CT>
@@ -194,19 +214,26 @@ void attend(const Problem& p, const WorkItem& w, const QT* q, const CT* k_cache,
       std::memcpy(v_tile + j * row_stride, v_cache + slot * row_stride, run * row_bytes);
       j += run;
     }
-    // the next kPrefetchTiles tiles' rows requested now (into L2), so their copies find them there
-    const int64_t n1 = std::min(w.key_end, t0 + kTileK * (1 + kPrefetchTiles));
+    // the next tile's rows, requested during this tile's products (LinePrefetcher)
+    LinePrefetcher& pf = sc.next_tile;
+    pf.flush();
+    pf.lines.clear();
+    pf.next = 0;
+    const int64_t n1 = std::min(w.key_end, t0 + 2 * kTileK);
     for (int64_t pos = t0 + kTileK; pos < n1;) {
       const int64_t run = std::min(n1 - pos, p.block_size - pos % p.block_size);
       const int64_t slot = slot_of(pos);
       const char* kb = reinterpret_cast<const char*>(k_cache + slot * row_stride);
       const char* vb = reinterpret_cast<const char*>(v_cache + slot * row_stride);
       for (int64_t b = 0; b < run * row_bytes; b += 64) {
-        __builtin_prefetch(kb + b, 0, 2);
-        __builtin_prefetch(vb + b, 0, 2);
+        pf.lines.push_back(kb + b);
+        pf.lines.push_back(vb + b);
       }
       pos += run;
     }
+    // accumulate_pv's calls this tile: one per key, per 32 (or 16) dims, per group of <= 3 query heads
+    const int64_t pv_calls = num_keys * p.num_kv_heads * ceil_div(D, 4 * kWidth) * ceil_div(G, 3);
+    pf.per_call = ceil_div(static_cast<int64_t>(pf.lines.size()), std::max<int64_t>(1, pv_calls));
     for (int64_t kvh = 0; kvh < p.num_kv_heads; ++kvh) {
       // this KV head's part of the tile's rows, each vector converted to fp32 in registers once
       // for up to three query heads (no fp32 copy of the tile)
