@@ -133,3 +133,22 @@ def test_seeded_rows_repeat():
         return [sampler(logits, seqs).token_ids for _ in range(20)]
 
     assert run() == run()
+
+
+def test_greedy_rows_take_the_same_ids_on_the_short_path():
+    """Greedy rows with nothing to adjust or report skip the sampler's tensors (a numpy argmax
+    straight to a list): the same ids as torch's argmax, ties to the first and NaN as the largest,
+    and as the general path gives the same rows when one row in the batch asks for logprobs."""
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(5))
+    logits[1, 3] = logits[1, 7] = float("nan")
+    logits[2, :] = 1.0
+    logits[3, 10] = logits[3, 20] = 100.0
+    plain = SamplingParams(temperature=0)
+    seqs = [SimpleNamespace(params=plain, num_output_tokens=5, request_id=f"r{i}") for i in range(5)]
+    sampler = Sampler(vocab_size=300)
+    short = sampler(logits, seqs)
+    assert short.token_ids == logits.argmax(dim=-1).tolist() and short.logprobs == [None] * 5
+    assert all(type(t) is int for t in short.token_ids)
+    seqs[4] = SimpleNamespace(params=SamplingParams(temperature=0, logprobs=2), num_output_tokens=5, request_id="r4")
+    general = sampler(logits, seqs)
+    assert general.token_ids == short.token_ids and general.logprobs[4] is not None
