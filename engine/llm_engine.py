@@ -37,7 +37,10 @@ from lenserve.predictor.types import LengthPrediction
 from lenserve.scheduler import BlockManager, Scheduler, Sequence, SequenceStatus
 from lenserve.scheduler.cost_model import OnlineCostModel, load_default
 
-LIFETIME_REPORT_EVERY = 8  # refits (the cost model refits every 16 steps)
+LIFETIME_REPORT_EVERY = 8  # refits (the cost model refits every 16 steps, and at most every REFIT_MIN_S)
+# Measured step time between two refits of the online cost model, at least (OnlineCostModel's
+# refit_min_s): at batch 1 (~4 ms steps) a refit every ~60 steps instead of 16.
+REFIT_MIN_S = 0.25
 
 logger = logging.getLogger("lenserve")
 
@@ -142,7 +145,7 @@ class LLMEngine:
         config.scheduler.target_itl_s = resolve_target_itl_s(config.target_itl_ms, self.device.type)
         # Step times measured here refit the cost model the token budget is chosen with; on CPU the
         # shipped model (measured on another CPU, maybe 2-3x off) is the prior until they do.
-        self.cost_model = OnlineCostModel(prior=load_default() if on_cpu else None)
+        self.cost_model = OnlineCostModel(prior=load_default() if on_cpu else None, refit_min_s=REFIT_MIN_S)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, cost_model=self.cost_model)
         self.runner = ModelRunner(self.model, self.kv_cache, padded=config.attention == "padded")
         if self.use_cuda_graphs:

@@ -175,7 +175,7 @@ class OnlineCostModel:
     A shipped or measured model is a prior, not the truth: this machine may be 2-3x slower or
     faster than the one it was measured on, and other work shares the CPU. The engine reports
     every step's features (`step_features`) with its measured duration; every `refit_every`
-    steps the coefficients are refitted (non-negative least squares, relative error, a step's
+    steps (and `refit_min_s` seconds of measured steps) the coefficients are refitted (non-negative least squares, relative error, a step's
     weight halving every `half_life` steps) over a window of recent steps, kept in two halves, steps that carried prompt tokens and pure decode
     steps, so that a long spell of one kind does not forget the other (a decode-only window
     cannot tell the per-token cost of a prefill from the per-sequence cost of sampling). The
@@ -188,7 +188,7 @@ class OnlineCostModel:
     MIN_SAMPLES = 8
 
     def __init__(self, prior: CostModel | None = None, window: int = 256, refit_every: int = 16, prior_weight: float = 8.0,
-                 half_life: int = 32) -> None:
+                 half_life: int = 32, refit_min_s: float = 0.0) -> None:
         from collections import deque
 
         # The refit solves its small non-negative least squares with numpy alone (`_nnls`):
@@ -206,6 +206,11 @@ class OnlineCostModel:
         self._prefill: deque = deque(maxlen=window // 2)
         self._decode: deque = deque(maxlen=window // 2)
         self._refit_every = refit_every
+        # and at least this much measured step time between refits: a refit (~1 ms of numpy) every
+        # 16 steps of ~4 ms was ~1.5% of a batch-1 decode step; the machine's speed drifts over
+        # seconds, not milliseconds
+        self._refit_min_s = refit_min_s
+        self._since_refit_s = 0.0
         self._prior_weight = prior_weight
         self._half_life = half_life  # steps after which a step's weight in the (squared) loss halves
         self._since_refit = 0
@@ -250,7 +255,9 @@ class OnlineCostModel:
             self._accumulate(row[:5], float(step_s))
         self.num_observed += 1
         self._since_refit += 1
-        if self.can_refit and self._since_refit >= self._refit_every and len(self._prefill) + len(self._decode) >= self.MIN_SAMPLES:
+        self._since_refit_s += step_s
+        if (self.can_refit and self._since_refit >= self._refit_every and self._since_refit_s >= self._refit_min_s
+                and len(self._prefill) + len(self._decode) >= self.MIN_SAMPLES):
             self.refit()
         return ratio
 
@@ -332,6 +339,7 @@ class OnlineCostModel:
         import numpy as np
 
         self._since_refit = 0
+        self._since_refit_s = 0.0
         data = np.array(list(self._prefill) + list(self._decode))
         x, y, seen = data[:, :5], data[:, 5], data[:, 6]
         # relative error, and newer steps weigh more (the machine's speed drifts: other work starts)

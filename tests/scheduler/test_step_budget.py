@@ -360,6 +360,24 @@ def test_observe_returns_measured_over_predicted_under_the_model_in_force():
     assert abs(ratios[-1] - 1) < abs(ratios[0] - 1)  # the refits follow the measured steps
 
 
+def test_refits_wait_for_the_measured_time_as_well_as_the_steps():
+    """refit_min_s: a refit every refit_every steps only once that much measured step time has
+    passed since the last (the engine's 0.25 s spares a batch-1 decode most of its refits)."""
+    f = {"num_tokens": 1, "num_sampled": 1, "prefill_pairs": 0.0, "decode_context": 300}
+    counts = {}
+    for min_s in (0.0, 0.1):
+        online = OnlineCostModel(prior=COST, refit_every=4, refit_min_s=min_s)
+        refits_at = []
+        for i in range(1, 41):
+            online.observe(f, 2.0**-6)  # 15.625 ms, exact in binary: the sums below are exact
+            if online.num_refits > len(refits_at):
+                refits_at.append(i)
+        counts[min_s] = refits_at
+    # the first refit waits for MIN_SAMPLES (8) steps; then every 4 steps, or every 7 (0.109 s)
+    assert counts[0.0] == list(range(8, 41, 4))
+    assert counts[0.1] == [8, 15, 22, 29, 36]
+
+
 def test_samples_from_histogram_stand_for_the_observations():
     from lenserve.scheduler.cost_model import samples_from_histogram
 
