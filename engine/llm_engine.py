@@ -39,7 +39,8 @@ from lenserve.scheduler.cost_model import OnlineCostModel, load_default
 
 LIFETIME_REPORT_EVERY = 8  # refits (the cost model refits every 16 steps, and at most every REFIT_MIN_S)
 # Measured step time between two refits of the online cost model, at least (OnlineCostModel's
-# refit_min_s): at batch 1 (~4 ms steps) a refit every ~60 steps instead of 16.
+# refit_min_s), when no ITL target sizes the budgets with it: at batch 1 (~4 ms steps) a refit
+# every ~60 steps instead of 16.
 REFIT_MIN_S = 0.25
 
 logger = logging.getLogger("lenserve")
@@ -144,8 +145,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         config.scheduler.target_itl_s = resolve_target_itl_s(config.target_itl_ms, self.device.type)
         # Step times measured here refit the cost model the token budget is chosen with; on CPU the
-        # shipped model (measured on another CPU, maybe 2-3x off) is the prior until they do.
-        self.cost_model = OnlineCostModel(prior=load_default() if on_cpu else None, refit_min_s=REFIT_MIN_S)
+        # shipped model (measured on another CPU, maybe 2-3x off) is the prior until they do. Without
+        # a target no budget depends on it (it prices steps for the metrics and for simulation):
+        # refits then also wait REFIT_MIN_S.
+        self.cost_model = OnlineCostModel(prior=load_default() if on_cpu else None,
+                                          refit_min_s=REFIT_MIN_S if config.scheduler.target_itl_s is None else 0.0)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, cost_model=self.cost_model)
         self.runner = ModelRunner(self.model, self.kv_cache, padded=config.attention == "padded")
         if self.use_cuda_graphs:

@@ -101,6 +101,32 @@ def test_one_region_equals_layer_by_layer(types, n, ctx):
     assert not torch.equal(got[2][0], p["k_caches"][0])
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_bound_stack_equals_the_op(bias):
+    """lenserve._C.DecodeStack binds the per-model arguments once (what the engine calls every
+    decode step): run() gives the op's hidden state, residual and cache writes bit for bit, step
+    after step on the same bound caches."""
+    from lenserve.engine._ext import extension
+
+    p = _problem(TYPE_SETS["mixed"], interleave=True, n=3, ctx=150, cache_dtype=torch.float16, bias=bias)
+    num_layers = len(p["k_caches"])
+    k, v = [c.clone() for c in p["k_caches"]], [c.clone() for c in p["v_caches"]]
+    bound = extension().DecodeStack(
+        p["norms"][:num_layers], p["norms"][num_layers:], 1e-5, [w.data for w in p["weights"]],
+        [w.weight_type for w in p["weights"]], OUTS, list(p["biases"]), HEADS, KV_HEADS, HEAD_DIM, p["cos_sin"], k, v,
+        HEAD_DIM**-0.5)
+    for step in range(2):  # the second step reads the first one's cache writes
+        if step:  # the op starts from the caches the bound stack has written
+            p["k_caches"], p["v_caches"] = [c.clone() for c in k], [c.clone() for c in v]
+        hidden, residual = p["hidden"].clone(), p["residual"].clone()
+        got = bound.run(hidden, residual, p["positions"], p["slots"], p["tables"], p["lens"])
+        want = _stack(p)
+        assert torch.equal(got, want[0]) and torch.equal(residual, want[1])
+        for a, b in zip(k + v, want[2] + want[3]):
+            assert torch.equal(a, b)
+        p["hidden"] = got  # the next step's input
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_one_region_cache_dtypes_and_file_rows(cache_dtype):
     """Other cache dtypes, and legacy rows left in file order (not interleaved): the plain dot path."""

@@ -232,6 +232,22 @@ def test_fused_decode_layer_equals_the_unfused_layer(which, native_llm, fp32_llm
                 assert abs(la.logprob - lb.logprob) < 1e-5 and all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(la.top, lb.top))
 
 
+@pytest.mark.skipif(not has_op("decode_layers", "cpu"), reason="lenserve._C has no decode_layers")
+def test_bound_decode_stack_follows_the_caches(native_llm):
+    """The model binds its decode stack to the KV caches once (lenserve._C.DecodeStack) and binds
+    again only when it is handed other cache tensors."""
+    model = native_llm.engine.model
+    stack, kv = model._fused_stack(), native_llm.engine.kv_cache.layers
+    first = model._decode_stack(stack, kv)
+    assert model._decode_stack(stack, list(kv)) is first  # the same tensors in another list
+    other = [(k[:1].clone(), v[:1].clone()) for k, v in kv]
+    try:
+        assert model._decode_stack(stack, other) is not first
+    finally:
+        assert model._decode_stack(stack, kv) is not first  # rebound to the engine's caches
+    assert all(a is b for a, b in zip(model._bound_caches, kv))
+
+
 @pytest.mark.skipif(not has_op("decode_layer", "cpu"), reason="lenserve._C has no decode_layer")
 def test_decode_layer_rejects_malformed_inputs(native_llm):
     layer = native_llm.engine.model.layers[0]
