@@ -56,8 +56,10 @@ def best_ms(fn, reps: int) -> float:
 
 
 def write_result(name: str, payload: dict) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, name)
+    """Writes payload as JSON to benchmarks/results/<name>, or to `name` itself when it names a
+    folder (a path such as benchmarks/results/x.json, from the working directory)."""
+    path = name if os.path.dirname(name) else os.path.join(RESULTS, name)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path
