@@ -313,7 +313,6 @@ def _step_overhead(eng, prompt, steps: int = 60):
     import torch
 
     from lenserve import SamplingParams
-
     from lenserve.engine._ext import extension
 
     ns = torch.ops.lenserve

@@ -37,7 +37,7 @@ from lenserve.predictor.types import LengthPrediction
 from lenserve.scheduler import BlockManager, Scheduler, Sequence, SequenceStatus
 from lenserve.scheduler.cost_model import OnlineCostModel, load_default
 
-LIFETIME_REPORT_EVERY = 8  # refits (the cost model refits every 16 steps, and at most every REFIT_MIN_S)
+LIFETIME_REPORT_EVERY = 8  # refits (every 16 steps, and without an ITL target no sooner than REFIT_MIN_S apart)
 # Measured step time between two refits of the online cost model, at least (OnlineCostModel's
 # refit_min_s), when no ITL target sizes the budgets with it: at batch 1 (~4 ms steps) a refit
 # every ~60 steps instead of 16.

@@ -176,9 +176,8 @@ class LlamaModel:
         once, so a step passes only its own tensors (the 364 of SmolLM2's layers, converted from
         Python lists on every call, were ~0.13 ms of a ~3.5 ms batch-1 step). Rebuilt when the
         caches are other tensors."""
-        bound = self._bound_caches
-        if (self._bound_stack is not None and bound is not None and len(bound) == len(kv_caches)
-                and all(a is b for a, b in zip(bound, kv_caches))):
+        bound = self._bound_caches  # set together with _bound_stack
+        if bound is not None and len(bound) == len(kv_caches) and all(a is b for a, b in zip(bound, kv_caches)):
             return self._bound_stack
         from lenserve.engine._ext import extension
 

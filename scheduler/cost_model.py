@@ -175,9 +175,10 @@ class OnlineCostModel:
     A shipped or measured model is a prior, not the truth: this machine may be 2-3x slower or
     faster than the one it was measured on, and other work shares the CPU. The engine reports
     every step's features (`step_features`) with its measured duration; every `refit_every`
-    steps (and `refit_min_s` seconds of measured steps) the coefficients are refitted (non-negative least squares, relative error, a step's
-    weight halving every `half_life` steps) over a window of recent steps, kept in two halves, steps that carried prompt tokens and pure decode
-    steps, so that a long spell of one kind does not forget the other (a decode-only window
+    steps, once `refit_min_s` of measured step time has passed, the coefficients are refitted
+    (non-negative least squares, relative error, a step's weight halving every `half_life` steps)
+    over a window of recent steps, kept in two halves, steps that carried prompt tokens and pure
+    decode steps, so that a long spell of one kind does not forget the other (a decode-only window
     cannot tell the per-token cost of a prefill from the per-sequence cost of sampling). The
     prior, rescaled to the speed the steps show, enters the fit as `prior_weight` pseudo-steps,
     so it decides only what the steps leave open; steps more than 3x off the fit (the OS stalled

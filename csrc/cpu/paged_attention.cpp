@@ -66,8 +66,11 @@ struct LinePrefetcher {
   void issue() {
     for (int64_t i = 0; i < per_call && next < lines.size(); ++i) __builtin_prefetch(lines[next++], 0, 2);
   }
-  void flush() {
+  // Requests what the last tile left (its products made fewer calls than planned), then empties.
+  void restart() {
     while (next < lines.size()) __builtin_prefetch(lines[next++], 0, 2);
+    lines.clear();
+    next = 0;
   }
 };
 
@@ -216,9 +219,7 @@ void attend(const Problem& p, const WorkItem& w, const QT* q, const CT* k_cache,
     }
     // the next tile's rows, requested during this tile's products (LinePrefetcher)
     LinePrefetcher& pf = sc.next_tile;
-    pf.flush();
-    pf.lines.clear();
-    pf.next = 0;
+    pf.restart();
     const int64_t n1 = std::min(w.key_end, t0 + 2 * kTileK);
     for (int64_t pos = t0 + kTileK; pos < n1;) {
       const int64_t run = std::min(n1 - pos, p.block_size - pos % p.block_size);
