@@ -6,6 +6,7 @@ Decode-only steps replay a captured CUDA graph when one fits (engine/cuda_graph.
 """
 from __future__ import annotations
 
+import array
 import itertools
 
 import torch
@@ -16,6 +17,47 @@ from lenserve.engine.kv_cache import KVCache
 from lenserve.engine.model import LlamaModel
 from lenserve.engine.step_buffer import StepBuffer
 from lenserve.scheduler.output import SchedulerOutput
+
+
+class _DecodeBuffers:
+    """A decode-only step's metadata in two persistent CPU buffers (int64: input ids, positions,
+    slots; int32: cu_seqlens_k, context lens, block tables), written as Python arrays (no numpy on
+    the device machine), with the tensor views for one (num_seqs, max_blocks) made once and kept
+    until the shape changes (at batch 1, when the sequence takes a new block). Each `write`
+    overwrites the last one's values."""
+
+    def __init__(self) -> None:
+        self._shape: tuple[int, int] | None = None
+        self._longs = array.array("q")
+        self._ints = array.array("i")
+        self._views: tuple[torch.Tensor, ...] = ()
+
+    def _reshape(self, n: int, max_blocks: int) -> None:
+        # Never resized in place: a bigger shape gets new arrays, and views still held keep the old.
+        num_ints = (n + 1) + (n + 1) + n + n * max_blocks
+        if len(self._longs) < 4 * n:
+            self._longs = array.array("q", bytes(8 * max(4 * n, 2 * len(self._longs))))
+        if len(self._ints) < num_ints:
+            self._ints = array.array("i", bytes(4 * max(num_ints, 2 * len(self._ints))))
+        longs, ints = torch.frombuffer(self._longs, dtype=torch.int64), torch.frombuffer(self._ints, dtype=torch.int32)
+        # The last n longs and the first n + 1 ints are constant: logits row i is sequence i, and
+        # each sequence has one new token (cu_seqlens_q = 0, 1, ..., n).
+        self._longs[3 * n : 4 * n] = array.array("q", range(n))
+        self._ints[: n + 1] = array.array("i", range(n + 1))
+        self._views = (longs[:n], longs[n : 2 * n], longs[2 * n : 3 * n], ints[: n + 1], ints[n + 1 : 2 * n + 2],
+                       ints[2 * n + 2 : 3 * n + 2], ints[3 * n + 2 : 3 * n + 2 + n * max_blocks].view(n, max_blocks),
+                       longs[3 * n : 4 * n])
+        self._shape = (n, max_blocks)
+
+    def write(self, n: int, max_blocks: int, longs: list[int], ints: list[int]) -> tuple[torch.Tensor, ...]:
+        """Views (input_ids, positions, slot_mapping, cu_seqlens_q, cu_seqlens_k, context_lens,
+        block_tables, logits rows 0..n-1) holding `longs` (3n values) and `ints` (cu_seqlens_k,
+        context lens, then the n x max_blocks table)."""
+        if self._shape != (n, max_blocks):
+            self._reshape(n, max_blocks)
+        self._longs[: 3 * n] = array.array("q", longs)
+        self._ints[n + 1 : n + 1 + len(ints)] = array.array("i", ints)
+        return self._views
 
 
 class ModelRunner:
@@ -30,6 +72,7 @@ class ModelRunner:
         self.step_buffer = StepBuffer(self.device)
         self.decode_graphs: DecodeGraphRunner | None = None
         self.last_used_graph = False
+        self._decode_buffers = _DecodeBuffers()
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> DecodeGraphRunner:
         """Static buffers for decode batches up to max_num_seqs (padded to the captured sizes) and,
@@ -42,6 +85,62 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[int]]:
         """Returns input_ids, positions, metadata, logits row indices, and which sequences sample."""
+        if not out.num_prefill_seqs and not self.step_buffer.pack and not self.padded and sum(out.num_new_tokens) == len(out.seqs):
+            return self._prepare_decode(out)
+        return self._prepare_packed(out)
+
+    def _prepare_decode(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[int]]:
+        """prepare for a decode-only step on CPU (one new token per sequence, no padding): the same
+        values as _prepare_packed, written into the runner's persistent decode buffers (valid until
+        the next prepare, as a CUDA graph's static inputs are). Right after a forward has streamed
+        every weight through the caches, a batch-1 step's Python runs cold: the general path's
+        loops, nine new tensors and their splits and views took ~125 us there (~45 us warm), the
+        largest cost of a batch-1 step outside the kernels."""
+        bs = self.block_size
+        seqs = out.seqs
+        longs: list[int] = []  # input_ids, positions, slots
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        sampling: list[int] = []
+        max_blocks = 0
+        for i, seq in enumerate(seqs):
+            p = seq.num_computed_tokens
+            blocks = seq.block_ids
+            longs.append(seq.token_ids[p])
+            positions.append(p)
+            slots.append(blocks[p // bs] * bs + p % bs)
+            context_lens.append(p + 1)
+            if len(blocks) > max_blocks:
+                max_blocks = len(blocks)
+            if p + 1 == seq.num_tokens:
+                sampling.append(i)  # its one row is row i
+        longs += positions
+        longs += slots
+        ints = list(itertools.accumulate(context_lens, initial=0))  # cu_seqlens_k
+        ints += context_lens
+        for seq in seqs:
+            ints += seq.block_ids
+            if len(seq.block_ids) < max_blocks:
+                ints += itertools.repeat(0, max_blocks - len(seq.block_ids))
+        views = self._decode_buffers.write(len(seqs), max_blocks, longs, ints)
+        input_ids, positions_t, slot_mapping, cu_q, cu_k, context_lens_t, block_tables, all_rows = views
+        meta = AttentionMetadata(
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=1,
+            max_seqlen_k=max(context_lens),
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            context_lens=context_lens_t,
+            num_prefill_tokens=0,
+        )
+        self.last_padding_ratio = 0.0
+        rows = all_rows if len(sampling) == len(seqs) else torch.tensor(sampling, dtype=torch.int64)
+        return input_ids, positions_t, meta, rows, sampling
+
+    def _prepare_packed(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[int]]:
+        """prepare for any step: prefill and decode rows packed, padded when the runner pads."""
         bs = self.block_size
         seqs, num_new = out.seqs, out.num_new_tokens
         pad_to = max(num_new) if self.padded else 0
