@@ -27,3 +27,34 @@ def test_every_level_and_round_gets_fresh_prompts():
     assert bench_peers._requests_per_round([1, 8, 32]) == 43
     with pytest.raises(ValueError, match="take 87 prompts, got 64"):
         bench_peers._serve_all({}, [1, 8, 32], [[1]] * 64, 8, rounds=2)
+
+
+def test_huge_page_reading_reports_its_backing_and_frees_the_buffer():
+    if not hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        pytest.skip("no MADV_HUGEPAGE here")
+    vm = lambda: [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize")][0]  # noqa: E731
+    bench_peers._read_bandwidth_huge_pages(64 << 20)  # the first call also starts torch's threads
+    before = vm()
+    r = bench_peers._read_bandwidth_huge_pages(64 << 20)
+    assert r is not None and r["gb_s"] > 0 and 0.0 <= r["huge_page_fraction"] <= 1.0
+    assert vm() - before < 32 << 10, "the 64 MiB mapping is unmapped on return"  # kB
+
+
+def test_hot_cache_attention_scales_with_layers_context_and_threads():
+    torch = pytest.importorskip("torch")
+    from lenserve.engine._ext import has_op
+
+    if not has_op("paged_decode_attention", "cpu"):
+        pytest.skip("lenserve._C not built")
+    from lenserve.config import EngineConfig
+    from lenserve.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(EngineConfig(model="random:tiny", device="cpu", max_model_len=256, kv_cache_memory_gb=0.01))
+    threads = torch.get_num_threads()
+    one = bench_peers._hot_cache_attention(eng, 200, threads=1, reps=20)
+    two = bench_peers._hot_cache_attention(eng, 200, threads=2, reps=20)
+    assert torch.get_num_threads() == threads, "the thread count is restored"
+    assert one["context"] == 200 and one["ms_per_token"] > 0
+    # per token: every layer's one-thread time (less an empty op call), split over the threads
+    assert one["ms_per_token"] <= one["layer_ms_one_thread"] * len(eng.model.layers) + 1e-3
+    assert two["ms_per_token"] < one["ms_per_token"]
