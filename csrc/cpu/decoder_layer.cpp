@@ -27,6 +27,7 @@
 #include "cpu/decode_attention.h"
 #include "cpu/quant_blocks.h"
 #include "cpu/rows.h"
+#include "cpu/spin_barrier.h"
 #include "ops.h"
 
 namespace lenserve {
@@ -59,7 +60,11 @@ inline std::pair<int64_t, int64_t> share(int64_t count, int t, int nt) {
 // prefetching the start of its share of the next projection (16-64 KiB: no change), and fewer
 // barriers (each sequence's rotary, cache write, attention and quantization by the thread taking
 // its item; each thread's gate and up columns followed by their SiLU: 7 a layer instead of 10, no
-// change at batch 1 or 8), so the barriers' own cost is small beside the waiting at them.
+// change at batch 1 or 8), so the barriers' own cost is small beside the waiting at them; and
+// at batch 1, each row-wise op split over the threads by heads or activation blocks (1.00x). The
+// barriers are spin_barrier.h's: libgomp's ended each with a futex_wake system call. Against it,
+// medians of alternating blocks of steps: batch 1 0.983, 0.984 and 0.991x the time (12-16 pairs
+// of blocks each, single pairs 0.88-1.06x), batch 8 0.989 and 0.981x, batch 32 0.997x.
 
 struct Projection {
   const uint8_t* w;
@@ -241,9 +246,12 @@ torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& res
   for (int64_t l = 0; l < L; ++l) next_item[l].store(0, std::memory_order_relaxed);
   const int64_t num_items = attn.num_items(), combine_rows = attn.num_combine_rows();
 
+  SpinBarrier barrier;  // between the phases below (spin_barrier.h: no system call per barrier)
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#pragma omp single
+    barrier.reset(nt);  // the team may be smaller than asked; single's own barrier publishes it
     const auto [r0, r1] = share(n, t, nt);  // this thread's rows for the row-wise ops
     auto linear = [&](const Projection& p, int64_t nb, float* y) {
       const int64_t unit = quant::decode_cols_unit(p.type);
@@ -256,9 +264,9 @@ torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& res
         rows::add_rms_norm_row(x + r * d, res + r * d, norm, d, eps_f);
         quant::quantize_row_act(x + r * d, xq + r * (d / quant::QK), d);
       }
-#pragma omp barrier
+      barrier.wait();
       linear(p, d / quant::QK, y);
-#pragma omp barrier
+      barrier.wait();
     };
     float* h = hidden.data_ptr<float>();
     for (int64_t l = 0; l < L; ++l) {
@@ -279,28 +287,28 @@ torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& res
           default: cache_row<c10::Half>(k, k + kv_size, kc[l], vc[l], slots[r], kv_size); break;
         }
       }
-#pragma omp barrier
+      barrier.wait();
       for (int64_t i = next_item[l].fetch_add(1, std::memory_order_relaxed); i < num_items;
            i = next_item[l].fetch_add(1, std::memory_order_relaxed))
         attn.run_item<float>(i, qkv, k_caches[l], v_caches[l], att, *scratch[t]);
-#pragma omp barrier
+      barrier.wait();
       if (combine_rows > 0) {
         const auto [c0, c1] = share(combine_rows, t, nt);
         attn.combine<float>(c0, c1, att);
-#pragma omp barrier
+        barrier.wait();
       }
       for (int64_t r = r0; r < r1; ++r) quant::quantize_row_act(att + r * q_size, xq + r * (q_size / quant::QK), q_size);
-#pragma omp barrier
+      barrier.wait();
       linear(P[1], q_size / quant::QK, ho);
-#pragma omp barrier
+      barrier.wait();
       norm_then_linear(ho, post_norm[l], P[2], gu);
       for (int64_t r = r0; r < r1; ++r) {
         rows::silu_and_mul_row(gu + r * 2 * inter, gu + r * 2 * inter + inter, act + r * inter, inter);
         quant::quantize_row_act(act + r * inter, xq + r * (inter / quant::QK), inter);
       }
-#pragma omp barrier
+      barrier.wait();
       linear(P[3], inter / quant::QK, out_p);
-#pragma omp barrier
+      barrier.wait();
       h = out_p;
     }
   }
