@@ -3,7 +3,9 @@
 #pragma once
 
 #include <torch/all.h>
+#include <memory>
 #include <string>
+#include <vector>
 
 namespace lenserve {
 
@@ -82,5 +84,25 @@ torch::Tensor decode_layers_cpu(torch::Tensor& hidden, torch::Tensor& residual, 
                                 at::TensorList k_caches, at::TensorList v_caches, const torch::Tensor& slot_mapping,
                                 const torch::Tensor& block_tables, const torch::Tensor& context_lens,
                                 double softmax_scale);
+// decode_layers with its model arguments (every layer's norms, weights, biases, the rotary table
+// and the caches) checked once, at construction: run() checks only the step's own tensors and
+// computes what decode_layers_cpu does with the same arguments, bit for bit. The tensors are held
+// (not copied) for the object's life.
+class DecodeLayers {
+ public:
+  DecodeLayers(std::vector<torch::Tensor> input_norms, std::vector<torch::Tensor> post_norms, double eps,
+               std::vector<torch::Tensor> weights, std::vector<int64_t> weight_types, std::vector<int64_t> out_features,
+               c10::List<std::optional<at::Tensor>> qkv_biases, int64_t num_heads, int64_t num_kv_heads,
+               int64_t head_dim, torch::Tensor cos_sin_cache, std::vector<torch::Tensor> k_caches,
+               std::vector<torch::Tensor> v_caches, double softmax_scale);
+  ~DecodeLayers();
+  torch::Tensor run(torch::Tensor& hidden, torch::Tensor& residual, const torch::Tensor& positions,
+                    const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
+                    const torch::Tensor& context_lens) const;
+
+ private:
+  struct Bound;
+  std::unique_ptr<Bound> b_;
+};
 
 }  // namespace lenserve

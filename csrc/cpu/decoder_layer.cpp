@@ -71,6 +71,16 @@ struct Projection {
   int64_t type, row_bytes, n;
 };
 
+// The projections' sizes against the heads and the hidden size.
+void check_projection_sizes(at::IntArrayRef out_features, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                            int64_t hidden_size) {
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  LS_CHECK(out_features[0] == q_size + 2 * kv_size && out_features[1] == hidden_size && out_features[2] % 2 == 0 &&
+               out_features[3] == hidden_size,
+           "decode_layer: projection sizes ", out_features, " do not fit ", num_heads, " heads, ", num_kv_heads,
+           " kv heads of ", head_dim, " and hidden ", hidden_size);
+}
+
 // The shapes a decode layer's arguments must agree on (decode_layer, and decode_layers' one region).
 void check_layer_shapes(const torch::Tensor& hidden, const torch::Tensor& residual, const torch::Tensor& positions,
                         const torch::Tensor& context_lens, at::IntArrayRef out_features, int64_t num_heads,
@@ -79,23 +89,9 @@ void check_layer_shapes(const torch::Tensor& hidden, const torch::Tensor& residu
   LS_CHECK(hidden.sizes() == residual.sizes(), "decode_layer: hidden ", hidden.sizes(), " and residual ",
            residual.sizes(), " differ");
   const int64_t n = hidden.size(0);
-  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  LS_CHECK(out_features[0] == q_size + 2 * kv_size && out_features[1] == hidden.size(1) &&
-               out_features[2] % 2 == 0 && out_features[3] == hidden.size(1),
-           "decode_layer: projection sizes ", out_features, " do not fit ", num_heads, " heads, ", num_kv_heads,
-           " kv heads of ", head_dim, " and hidden ", hidden.size(1));
+  check_projection_sizes(out_features, num_heads, num_kv_heads, head_dim, hidden.size(1));
   LS_CHECK(positions.size(0) == n && context_lens.size(0) == n,
            "decode_layer: one position and one context length per decoding sequence (", n, " rows)");
-}
-
-// Whether decode_layers can run as one region: fp32 activations and every projection on
-// quant_linear's integer-dot decode path at this many rows. Checks nothing else (the caller does).
-bool stack_runs_in_one_region(const torch::Tensor& hidden, at::TensorList weights, at::IntArrayRef weight_types) {
-  if (hidden.scalar_type() != at::kFloat || hidden.dim() != 2) return false;
-  for (size_t i = 0; i < weights.size(); ++i)
-    if (weights[i].scalar_type() != at::kByte || !quant::on_integer_decode_path(weight_types[i], hidden.size(0)))
-      return false;
-  return true;
 }
 
 void check_fp32_vector(const torch::Tensor& t, int64_t size, const char* what) {
@@ -149,19 +145,155 @@ torch::Tensor decode_layer_cpu(torch::Tensor& hidden, torch::Tensor& residual, c
   return run_linear(silu_and_mul_cpu(gate_up), weights[3], weight_types[3], out_features[3], std::nullopt);
 }
 
-namespace {
+struct DecodeLayers::Bound {
+  std::vector<torch::Tensor> input_norms, post_norms, weights, k_caches, v_caches;
+  c10::List<std::optional<at::Tensor>> qkv_biases;
+  std::vector<int64_t> weight_types, out_features;
+  torch::Tensor cos_sin_cache;
+  double eps = 0, softmax_scale = 0;
+  int64_t L = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  // What the one region reads, set when every weight is a byte matrix of an integer-dot type
+  bool integer_weights = false;
+  std::vector<int64_t> distinct_types;
+  std::vector<Projection> proj;  // 4 per layer
+  std::vector<const float*> in_norm, post_norm, bias;
+  std::vector<void*> kc, vc;
+  at::ScalarType cache_dtype = at::kFloat;
 
-torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& residual, const torch::Tensor& positions,
-                                       at::TensorList input_norms, at::TensorList post_norms, double eps,
-                                       at::TensorList weights, at::IntArrayRef weight_types,
-                                       at::IntArrayRef out_features, const c10::List<std::optional<at::Tensor>>& qkv_biases,
-                                       int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                       const torch::Tensor& cos_sin_cache, at::TensorList k_caches,
-                                       at::TensorList v_caches, const torch::Tensor& slot_mapping,
-                                       const torch::Tensor& block_tables, const torch::Tensor& context_lens,
-                                       double softmax_scale) {
-  // Every check runs here, before the region: nothing inside it may throw.
+  // Whether a step of these rows runs in the one region: fp32 activations, every type on
+  // quant_linear's integer-dot decode path at this many rows.
+  bool one_region(const torch::Tensor& hidden) const {
+    if (!integer_weights || hidden.scalar_type() != at::kFloat || hidden.dim() != 2) return false;
+    for (int64_t type : distinct_types)
+      if (!quant::on_integer_decode_path(type, hidden.size(0))) return false;
+    return true;
+  }
+
+  // The model arguments the one region reads, checked, and their pointers (nothing inside the
+  // region may throw).
+  void bind_one_region() {
+    const int64_t d = out_features[3];
+    const int64_t q_size = num_heads * head_dim, inter = out_features[2] / 2, qkv_out = out_features[0];
+    check_projection_sizes(out_features, num_heads, num_kv_heads, head_dim, d);
+    for (int64_t l = 0; l < L; ++l) {
+      check_fp32_vector(input_norms[l], d, "input_norms");
+      check_fp32_vector(post_norms[l], d, "post_norms");
+      if (!qkv_biases.empty() && qkv_biases.get(l).has_value()) check_fp32_vector(*qkv_biases.get(l), qkv_out, "qkv_biases");
+    }
+    const int64_t in_features[4] = {d, q_size, d, inter};
+    for (int64_t i = 0; i < 4 * L; ++i) {
+      const torch::Tensor& w = weights[i];
+      const int64_t type = weight_types[i], K = in_features[i % 4], N = out_features[i % 4];
+      const int64_t row_bytes = quant::row_bytes_of(type, K, "decode_layers");
+      LS_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.size(0) == N && w.size(1) == row_bytes,
+               "decode_layers: weight ", i, " must be a contiguous CPU [", N, ", ", row_bytes, "] bytes for ", N,
+               " rows of ", K, " features of type ", type, ", got ", w.sizes());
+      LS_CHECK(N % quant::decode_cols_unit(type) == 0, "decode_layers: weight ", i, " of type ", type,
+               " needs a multiple of ", quant::decode_cols_unit(type), " rows, got ", N);
+      proj.push_back({w.data_ptr<uint8_t>(), type, row_bytes, N});
+    }
+    LS_CHECK_CPU(cos_sin_cache);
+    LS_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.is_contiguous() && cos_sin_cache.dim() == 2,
+             "decode_layers: cos_sin_cache must be a contiguous fp32 [positions, rot_dim] tensor");
+    // every layer's caches like the first layer's, which each step's DecodeAttention checks
+    const torch::Tensor& k0 = k_caches[0];
+    LS_CHECK(k0.dim() == 4 && k0.size(2) == num_kv_heads, "decode_layers: the caches hold ",
+             k0.dim() == 4 ? k0.size(2) : -1, " KV heads, the layers ", num_kv_heads);
+    cache_dtype = k0.scalar_type();
+    LS_CHECK(cache_dtype == at::kFloat || cache_dtype == at::kBFloat16 || cache_dtype == at::kHalf,
+             "decode_layers: caches must be float32, bfloat16 or float16, got ", cache_dtype);
+    for (int64_t l = 0; l < L; ++l) {
+      for (const torch::Tensor* c : {&k_caches[l], &v_caches[l]})
+        LS_CHECK(c->device().is_cpu() && c->is_contiguous() && c->sizes() == k0.sizes() && c->scalar_type() == cache_dtype,
+                 "decode_layers: every layer's caches must be contiguous CPU tensors of shape ", k0.sizes(),
+                 " and dtype ", cache_dtype, ", got ", c->sizes(), " ", c->scalar_type(), " (layer ", l, ")");
+      kc.push_back(k_caches[l].data_ptr());
+      vc.push_back(v_caches[l].data_ptr());
+      in_norm.push_back(input_norms[l].data_ptr<float>());
+      post_norm.push_back(post_norms[l].data_ptr<float>());
+      bias.push_back(!qkv_biases.empty() && qkv_biases.get(l).has_value() ? qkv_biases.get(l)->data_ptr<float>() : nullptr);
+    }
+  }
+
+  torch::Tensor run_one_region(torch::Tensor& hidden, torch::Tensor& residual, const torch::Tensor& positions,
+                               const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
+                               const torch::Tensor& context_lens) const;
+};
+
+DecodeLayers::DecodeLayers(std::vector<torch::Tensor> input_norms, std::vector<torch::Tensor> post_norms, double eps,
+                           std::vector<torch::Tensor> weights, std::vector<int64_t> weight_types,
+                           std::vector<int64_t> out_features, c10::List<std::optional<at::Tensor>> qkv_biases,
+                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, torch::Tensor cos_sin_cache,
+                           std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches,
+                           double softmax_scale)
+    : b_(std::make_unique<Bound>()) {
+  Bound& b = *b_;
   const int64_t L = static_cast<int64_t>(input_norms.size());
+  LS_CHECK(static_cast<int64_t>(post_norms.size()) == L && static_cast<int64_t>(k_caches.size()) == L &&
+               static_cast<int64_t>(v_caches.size()) == L,
+           "decode_layers: input_norms, post_norms, k_caches and v_caches take one entry per layer, got ", L, ", ",
+           post_norms.size(), ", ", k_caches.size(), " and ", v_caches.size());
+  LS_CHECK(static_cast<int64_t>(weights.size()) == 4 * L && static_cast<int64_t>(weight_types.size()) == 4 * L,
+           "decode_layers: weights and weight_types take 4 per layer (", 4 * L, "), got ", weights.size(), " and ",
+           weight_types.size());
+  LS_CHECK(qkv_biases.empty() || static_cast<int64_t>(qkv_biases.size()) == L,
+           "decode_layers: qkv_biases takes one entry per layer or none, got ", qkv_biases.size());
+  LS_CHECK(L == 0 || out_features.size() == 4,
+           "decode_layers: out_features takes the qkv, o, gate_up and down projections' (4), got ", out_features.size());
+  b.input_norms = std::move(input_norms);
+  b.post_norms = std::move(post_norms);
+  b.weights = std::move(weights);
+  b.k_caches = std::move(k_caches);
+  b.v_caches = std::move(v_caches);
+  b.qkv_biases = std::move(qkv_biases);
+  b.weight_types = std::move(weight_types);
+  b.out_features = std::move(out_features);
+  b.cos_sin_cache = std::move(cos_sin_cache);
+  b.eps = eps;
+  b.softmax_scale = softmax_scale;
+  b.L = L;
+  b.num_heads = num_heads;
+  b.num_kv_heads = num_kv_heads;
+  b.head_dim = head_dim;
+  b.integer_weights = L > 0;
+  for (int64_t i = 0; i < 4 * L; ++i) {
+    const int64_t type = b.weight_types[i];
+    b.integer_weights = b.integer_weights && b.weights[i].scalar_type() == at::kByte && quant::on_integer_decode_path(type, 1);
+    if (std::find(b.distinct_types.begin(), b.distinct_types.end(), type) == b.distinct_types.end())
+      b.distinct_types.push_back(type);
+  }
+  if (b.integer_weights) b.bind_one_region();
+}
+
+DecodeLayers::~DecodeLayers() = default;
+
+torch::Tensor DecodeLayers::run(torch::Tensor& hidden, torch::Tensor& residual, const torch::Tensor& positions,
+                                const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
+                                const torch::Tensor& context_lens) const {
+  const Bound& b = *b_;
+  if (b.one_region(hidden)) {
+    check_layer_shapes(hidden, residual, positions, context_lens, b.out_features, b.num_heads, b.num_kv_heads,
+                       b.head_dim);
+    return b.run_one_region(hidden, residual, positions, slot_mapping, block_tables, context_lens);
+  }
+  torch::Tensor h = hidden;
+  const at::TensorList weights(b.weights);
+  const at::IntArrayRef types(b.weight_types);
+  for (int64_t l = 0; l < b.L; ++l) {
+    torch::Tensor k_cache = b.k_caches[l], v_cache = b.v_caches[l];
+    const std::optional<torch::Tensor> bias = b.qkv_biases.empty() ? std::nullopt : b.qkv_biases.get(l);
+    h = decode_layer_cpu(h, residual, positions, b.input_norms[l], b.post_norms[l], b.eps, weights.slice(4 * l, 4),
+                         types.slice(4 * l, 4), b.out_features, bias, b.num_heads, b.num_kv_heads, b.head_dim,
+                         b.cos_sin_cache, k_cache, v_cache, slot_mapping, block_tables, context_lens, b.softmax_scale);
+  }
+  return h;
+}
+
+torch::Tensor DecodeLayers::Bound::run_one_region(torch::Tensor& hidden, torch::Tensor& residual,
+                                                  const torch::Tensor& positions, const torch::Tensor& slot_mapping,
+                                                  const torch::Tensor& block_tables,
+                                                  const torch::Tensor& context_lens) const {
+  // The step's own tensors, checked here, before the region: nothing inside it may throw.
   const int64_t n = hidden.size(0), d = hidden.size(1);
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   const int64_t qkv_out = out_features[0], inter = out_features[2] / 2;
@@ -169,57 +301,18 @@ torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& res
   LS_CHECK_CPU(residual);
   LS_CHECK(hidden.is_contiguous() && residual.is_contiguous() && residual.scalar_type() == at::kFloat,
            "decode_layers: hidden and residual must be contiguous fp32");
-  for (int64_t l = 0; l < L; ++l) {
-    check_fp32_vector(input_norms[l], d, "input_norms");
-    check_fp32_vector(post_norms[l], d, "post_norms");
-    if (!qkv_biases.empty() && qkv_biases.get(l).has_value()) check_fp32_vector(*qkv_biases.get(l), qkv_out, "qkv_biases");
-  }
-  const int64_t in_features[4] = {d, q_size, d, inter};
-  std::vector<Projection> proj;
-  for (int64_t i = 0; i < 4 * L; ++i) {
-    const torch::Tensor& w = weights[i];
-    const int64_t type = weight_types[i], K = in_features[i % 4], N = out_features[i % 4];
-    const int64_t row_bytes = quant::row_bytes_of(type, K, "decode_layers");
-    LS_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.size(0) == N && w.size(1) == row_bytes,
-             "decode_layers: weight ", i, " must be a contiguous CPU [", N, ", ", row_bytes, "] bytes for ", N,
-             " rows of ", K, " features of type ", type, ", got ", w.sizes());
-    LS_CHECK(N % quant::decode_cols_unit(type) == 0, "decode_layers: weight ", i, " of type ", type, " needs a multiple of ",
-             quant::decode_cols_unit(type), " rows, got ", N);
-    proj.push_back({w.data_ptr<uint8_t>(), type, row_bytes, N});
-  }
   LS_CHECK_CPU(positions);
-  LS_CHECK_CPU(cos_sin_cache);
   LS_CHECK_CPU(slot_mapping);
   LS_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "decode_layers: positions must be contiguous int64");
   LS_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() && slot_mapping.size(0) == n,
            "decode_layers: slot_mapping must be contiguous int64 with one slot per sequence (", n, ")");
-  LS_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.is_contiguous() && cos_sin_cache.dim() == 2,
-           "decode_layers: cos_sin_cache must be a contiguous fp32 [positions, rot_dim] tensor");
   const int64_t rot_dim = cos_sin_cache.size(1);
   const int64_t* pos = positions.data_ptr<int64_t>();
   check_rotary_positions(pos, n, cos_sin_cache.size(0), rot_dim, head_dim);
   const DecodeAttention attn(n, num_heads, head_dim, qkv_out, k_caches[0], v_caches[0], block_tables, context_lens,
                              softmax_scale, at::get_num_threads());
-  LS_CHECK(k_caches[0].size(2) == num_kv_heads, "decode_layers: the caches hold ", k_caches[0].size(2),
-           " KV heads, the layers ", num_kv_heads);
-  std::vector<void*> kc(L), vc(L);
-  for (int64_t l = 0; l < L; ++l) {
-    attn.check_caches(k_caches[l], v_caches[l]);
-    kc[l] = k_caches[l].data_ptr();
-    vc[l] = v_caches[l].data_ptr();
-  }
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   check_cache_slots(slots, n, k_caches[0].size(0) * k_caches[0].size(1));
-  std::vector<const float*> in_norm(L), post_norm(L), bias(L, nullptr);
-  for (int64_t l = 0; l < L; ++l) {
-    in_norm[l] = input_norms[l].data_ptr<float>();
-    post_norm[l] = post_norms[l].data_ptr<float>();
-    if (!qkv_biases.empty() && qkv_biases.get(l).has_value()) bias[l] = qkv_biases.get(l)->data_ptr<float>();
-  }
-  const at::ScalarType cache_dtype = k_caches[0].scalar_type();
-  LS_CHECK(cache_dtype == at::kFloat || cache_dtype == at::kBFloat16 || cache_dtype == at::kHalf,
-           "decode_layers: caches must be float32, bfloat16 or float16, got ", cache_dtype);
-  if (L == 0) return hidden;
 
   auto opts = hidden.options();
   auto out = torch::empty({n, d}, opts);
@@ -315,8 +408,6 @@ torch::Tensor decode_layers_one_region(torch::Tensor& hidden, torch::Tensor& res
   return out;
 }
 
-}  // namespace
-
 torch::Tensor decode_layers_cpu(torch::Tensor& hidden, torch::Tensor& residual, const torch::Tensor& positions,
                                 at::TensorList input_norms, at::TensorList post_norms, double eps, at::TensorList weights,
                                 at::IntArrayRef weight_types, at::IntArrayRef out_features,
@@ -325,31 +416,10 @@ torch::Tensor decode_layers_cpu(torch::Tensor& hidden, torch::Tensor& residual, 
                                 at::TensorList k_caches, at::TensorList v_caches, const torch::Tensor& slot_mapping,
                                 const torch::Tensor& block_tables, const torch::Tensor& context_lens,
                                 double softmax_scale) {
-  const int64_t L = static_cast<int64_t>(input_norms.size());
-  LS_CHECK(static_cast<int64_t>(post_norms.size()) == L && static_cast<int64_t>(k_caches.size()) == L &&
-               static_cast<int64_t>(v_caches.size()) == L,
-           "decode_layers: input_norms, post_norms, k_caches and v_caches take one entry per layer, got ", L, ", ",
-           post_norms.size(), ", ", k_caches.size(), " and ", v_caches.size());
-  LS_CHECK(static_cast<int64_t>(weights.size()) == 4 * L && static_cast<int64_t>(weight_types.size()) == 4 * L,
-           "decode_layers: weights and weight_types take 4 per layer (", 4 * L, "), got ", weights.size(), " and ",
-           weight_types.size());
-  LS_CHECK(qkv_biases.empty() || static_cast<int64_t>(qkv_biases.size()) == L,
-           "decode_layers: qkv_biases takes one entry per layer or none, got ", qkv_biases.size());
-  if (L > 0 && stack_runs_in_one_region(hidden, weights, weight_types)) {
-    check_layer_shapes(hidden, residual, positions, context_lens, out_features, num_heads, num_kv_heads, head_dim);
-    return decode_layers_one_region(hidden, residual, positions, input_norms, post_norms, eps, weights, weight_types,
-                                    out_features, qkv_biases, num_heads, num_kv_heads, head_dim, cos_sin_cache,
-                                    k_caches, v_caches, slot_mapping, block_tables, context_lens, softmax_scale);
-  }
-  torch::Tensor h = hidden;
-  for (int64_t l = 0; l < L; ++l) {
-    torch::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
-    const std::optional<torch::Tensor> bias = qkv_biases.empty() ? std::nullopt : qkv_biases.get(l);
-    h = decode_layer_cpu(h, residual, positions, input_norms[l], post_norms[l], eps, weights.slice(4 * l, 4),
-                         weight_types.slice(4 * l, 4), out_features, bias, num_heads, num_kv_heads, head_dim,
-                         cos_sin_cache, k_cache, v_cache, slot_mapping, block_tables, context_lens, softmax_scale);
-  }
-  return h;
+  const DecodeLayers layers(input_norms.vec(), post_norms.vec(), eps, weights.vec(), weight_types.vec(),
+                            out_features.vec(), qkv_biases, num_heads, num_kv_heads, head_dim, cos_sin_cache,
+                            k_caches.vec(), v_caches.vec(), softmax_scale);
+  return layers.run(hidden, residual, positions, slot_mapping, block_tables, context_lens);
 }
 
 }  // namespace lenserve
