@@ -282,6 +282,9 @@ def test_decode_layer_rejects_malformed_inputs(native_llm):
         stack(h, w=weights * 2 + weights[:1])
     with pytest.raises(RuntimeError, match="one entry per layer or none"):
         stack(h, biases=[None])
+    with pytest.raises(RuntimeError, match="out_features takes"):
+        torch.ops.lenserve.decode_layers(h, h.clone(), args[0], norms, norms, 1e-5, weights * 2, types * 2, outs[:3], [],
+                                         *stack_tail, caches, caches, *meta)
     with pytest.raises(RuntimeError, match="do not fit"):  # each layer's own checks still run
         torch.ops.lenserve.decode_layers(h, h.clone(), args[0], norms, norms, 1e-5, weights * 2, types * 2, outs, [],
                                          cfg.num_heads + 1, cfg.num_kv_heads, cfg.head_dim, tail[3], caches, caches, *meta)
