@@ -19,6 +19,7 @@
 // layer by layer.
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <vector>
