@@ -15,6 +15,7 @@ server can undercut: a process that imports torch and holds the file's bytes, no
 
     python benchmarks/bench_peers.py [--llama-server PATH] [--gguf FILE] [--out bench_peers_cpu.json]
     python benchmarks/bench_peers.py --memory-only --out bench_peers_memory_cpu.json   # seconds
+    python benchmarks/bench_peers.py --plot-from benchmarks/results/bench_peers_cpu_avx512_vnni_run11.json
 
 llama-server is taken from --llama-server or PATH; without it the peer's rows are skipped.
 """
@@ -438,6 +439,57 @@ def _step_overhead(eng, prompt, steps: int = 60):
             "outside_kernels_fraction_p10_p90": [round(float(np.percentile(fractions, q)), 3) for q in (10, 90)]}
 
 
+def plot(result: dict, path: str) -> None:
+    """Three panels: each server's aggregate tok/s and TTFT p50 by streams (the median over rounds,
+    every round's value as a dot), and batch-1 decode beside the kernels' hot-cache reference and
+    the bandwidth bounds (70% of the best one dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    for name, rows in result["servers"].items():
+        levels = sorted({r["streams"] for r in rows})
+        for ax, key, scale in ((axes[0], "tok_s", 1.0), (axes[1], "ttft_p50_s", 1.0)):
+            med = [float(np.median([r[key] for r in rows if r["streams"] == s])) * scale for s in levels]
+            line, = ax.plot(levels, med, marker="o", label=name)
+            dots = [(r["streams"], r[key] * scale) for r in rows]
+            ax.scatter([d[0] for d in dots], [d[1] for d in dots], s=10, color=line.get_color(), alpha=0.5)
+    all_levels = sorted({r["streams"] for rows in result["servers"].values() for r in rows})
+    for ax, ylabel in ((axes[0], "aggregate tok/s (streaming, closed loop)"), (axes[1], "TTFT p50 (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_levels, [str(v) for v in all_levels])
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    native = result["offline"]["native"]
+    attention = native.get("hot_cache_attention")  # runs before the 10th measured the linears alone
+    bars = [("batch-1\ndecode", native["decode_batch1_tok_s"]),
+            ("kernels,\nhot cache" if attention else "linears,\nhot cache",
+             1e3 / (native["hot_cache_linears"]["ms_per_token"] + (attention["ms_per_token"] if attention else 0.0)))]
+    readings = result["read_bandwidth_readings_gb_s"]
+    if readings and isinstance(readings[0], dict):
+        plain = max(r["4k_pages_gb_s"] for r in readings)
+        bars.append((f"bound,\nplain buffer\n{plain:.1f} GB/s", plain * 1e9 / native["weight_bytes"]))
+    bars.append((f"bound,\nbest reading\n{result['read_bandwidth_gb_s']:.1f} GB/s", result["decode_bound_tok_s"]))
+    ax = axes[2]
+    ax.bar(range(len(bars)), [v for _, v in bars], color=["tab:blue", "tab:green"] + ["tab:gray"] * (len(bars) - 2))
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.axhline(0.7 * result["decode_bound_tok_s"], color="k", ls="--", lw=1, label="70% of the best bound")
+    ax.set_ylabel("tok/s, one sequence (native weights)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    machine_info = result["machine"]
+    fig.suptitle(f"lenserve vs llama-server on {result['gguf']}, {machine_info.get('cpu', '?')} "
+                 f"({machine_info.get('cores', '?')} cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", default=None, help="default: the embedded SmolLM2 Q4_1 GGUF")
@@ -452,7 +504,13 @@ def main() -> None:
                          "kernel on a CPU that has AVX-512 VNNI (default: native,fp32, plus native_avx2 there)")
     ap.add_argument("--out", default="bench_peers_cpu.json")
     ap.add_argument("--memory-only", action="store_true", help="only the resident-memory measurements (fresh processes, seconds)")
+    ap.add_argument("--plot-from", default=None, metavar="JSON", help="only draw the PNG of an earlier run's JSON (beside it)")
     args = ap.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            plot(json.load(f), os.path.splitext(args.plot_from)[0] + ".png")
+        print("wrote", os.path.splitext(args.plot_from)[0] + ".png")
+        return
     from lenserve.engine.loader_gguf import find_embedded_gguf
 
     gguf_path = args.gguf or find_embedded_gguf()
@@ -535,7 +593,10 @@ def main() -> None:
             crit["ttft_p50_32_streams_le_0.5x"] = ratios["32"]["ttft_p50"] <= 0.5
     result["criteria"] = crit
     print(json.dumps(result, indent=1))
-    print("wrote", write_result(args.out, result))
+    written = write_result(args.out, result)
+    print("wrote", written)
+    plot(result, os.path.splitext(written)[0] + ".png")
+    print("wrote", os.path.splitext(written)[0] + ".png")
 
 
 if __name__ == "__main__":

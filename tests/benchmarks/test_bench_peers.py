@@ -58,3 +58,19 @@ def test_hot_cache_attention_scales_with_layers_context_and_threads():
     # per token: every layer's one-thread time (less an empty op call), split over the threads
     assert one["ms_per_token"] <= one["layer_ms_one_thread"] * len(eng.model.layers) + 1e-3
     assert two["ms_per_token"] < one["ms_per_token"]
+
+
+def test_plot_draws_a_run_and_an_older_one(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"streams": s, "round": r, "tok_s": 100.0 * s ** 0.5 + r, "ttft_p50_s": 0.1 * s} for s in (1, 8) for r in range(2)]
+    native = {"decode_batch1_tok_s": 280.0, "weight_bytes": 96_000_000,
+              "hot_cache_linears": {"ms_per_token": 1.8}, "hot_cache_attention": {"ms_per_token": 0.3}}
+    result = {"servers": {"lenserve_native": rows, "llama_server": rows}, "offline": {"native": native}, "gguf": "m.gguf",
+              "machine": {"cpu": "cpu", "cores": 2}, "read_bandwidth_gb_s": 60.0, "decode_bound_tok_s": 625.0,
+              "read_bandwidth_readings_gb_s": [{"4k_pages_gb_s": 50.0, "huge_pages_gb_s": 60.0, "huge_page_fraction": 1.0}]}
+    bench_peers.plot(result, str(tmp_path / "new.png"))
+    # runs 1-9: readings as plain numbers, no attention reference
+    del native["hot_cache_attention"]
+    bench_peers.plot(dict(result, read_bandwidth_readings_gb_s=[33.0, 50.0]), str(tmp_path / "old.png"))
+    for name in ("new.png", "old.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
