@@ -31,8 +31,6 @@ class DecodeAttention {
   // Rows (sequence, head) whose split pieces combine() merges; 0 when the items write out directly.
   int64_t num_combine_rows() const;
   ScratchPtr make_scratch() const;
-  // Raises unless k_cache / v_cache have the planned caches' shape and dtype (another layer's).
-  void check_caches(const torch::Tensor& k_cache, const torch::Tensor& v_cache) const;
   // Item i against these caches: out [num_seqs, num_heads, head_dim], or the partials of a split.
   template <typename QT>
   void run_item(int64_t i, const QT* q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, QT* out,

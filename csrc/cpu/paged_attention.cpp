@@ -305,7 +305,6 @@ struct DecodeAttention::Plan {
   std::vector<WorkItem> items;
   torch::Tensor partials;  // the split pieces' o, m and l (Partials), when contexts are split
   Partials part{nullptr, nullptr, nullptr};
-  std::vector<int64_t> cache_sizes;
   at::ScalarType cache_dtype;
 };
 
@@ -390,7 +389,6 @@ DecodeAttention::DecodeAttention(int64_t num_seqs, int64_t num_heads, int64_t he
     float* base = plan.partials.data_ptr<float>();
     plan.part = {base, base + rows * head_dim, base + rows * (head_dim + 1)};
   }
-  plan.cache_sizes = k_cache.sizes().vec();
   plan.cache_dtype = k_cache.scalar_type();
 }
 
@@ -405,16 +403,6 @@ int64_t DecodeAttention::num_combine_rows() const {
 DecodeAttention::ScratchPtr DecodeAttention::make_scratch() const {
   const Problem& p = plan_->p;
   return ScratchPtr(new Scratch(p.num_heads, p.num_kv_heads, p.group, p.head_dim, c10::elementSize(plan_->cache_dtype)));
-}
-
-void DecodeAttention::check_caches(const torch::Tensor& k_cache, const torch::Tensor& v_cache) const {
-  const at::IntArrayRef sizes(plan_->cache_sizes);
-  LS_CHECK(k_cache.sizes() == sizes && v_cache.sizes() == sizes && k_cache.scalar_type() == plan_->cache_dtype &&
-               v_cache.scalar_type() == plan_->cache_dtype && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-               k_cache.device().is_cpu() && v_cache.device().is_cpu(),
-           "paged_decode_attention: every layer's caches must be contiguous CPU tensors of shape ", sizes,
-           " and dtype ", plan_->cache_dtype, ", got ", k_cache.sizes(), " ", k_cache.scalar_type(), " and ",
-           v_cache.sizes(), " ", v_cache.scalar_type());
 }
 
 template <typename QT>
