@@ -19,6 +19,14 @@ from lenserve.engine.step_buffer import StepBuffer
 from lenserve.scheduler.output import SchedulerOutput
 
 
+def _extend_block_table(out: list[int], seqs, max_blocks: int) -> None:
+    """Appends each sequence's block ids, padded with block 0 to max_blocks: the flat
+    [num_seqs, max_blocks] block table."""
+    for seq in seqs:
+        out += seq.block_ids
+        out += itertools.repeat(0, max_blocks - len(seq.block_ids))
+
+
 class _DecodeBuffers:
     """A decode-only step's metadata in two persistent CPU buffers (int64: input ids, positions,
     slots; int32: cu_seqlens_k, context lens, block tables), written as Python arrays (no numpy on
@@ -119,10 +127,7 @@ class ModelRunner:
         longs += slots
         ints = list(itertools.accumulate(context_lens, initial=0))  # cu_seqlens_k
         ints += context_lens
-        for seq in seqs:
-            ints += seq.block_ids
-            if len(seq.block_ids) < max_blocks:
-                ints += itertools.repeat(0, max_blocks - len(seq.block_ids))
+        _extend_block_table(ints, seqs, max_blocks)
         views = self._decode_buffers.write(len(seqs), max_blocks, longs, ints)
         input_ids, positions_t, slot_mapping, cu_q, cu_k, context_lens_t, block_tables, all_rows = views
         meta = AttentionMetadata(
@@ -176,9 +181,7 @@ class ModelRunner:
         num_prefill = out.num_prefill_seqs
         max_blocks = max(len(s.block_ids) for s in seqs)
         table: list[int] = []
-        for seq in seqs:
-            table.extend(seq.block_ids)
-            table.extend(itertools.repeat(0, max_blocks - len(seq.block_ids)))
+        _extend_block_table(table, seqs, max_blocks)
         ctx_slots: list[int] = []
         if need_gather:
             for seq, end in zip(seqs[:num_prefill], context_lens[:num_prefill]):
