@@ -329,6 +329,14 @@ def _hot_cache_linears(model, reps: int = 200) -> dict:
             "op_call_ms": round(call_ms, 4), "ms_per_token": round(total, 3), "tok_s": round(1e3 / total, 1)}
 
 
+def _empty_op_call_ms() -> float:
+    """An empty lenserve op call from Python (quant_kernel_isa(""), best of 2000): the dispatch
+    that the kernels' timed calls also pay."""
+    import torch
+
+    return best_ms(lambda: torch.ops.lenserve.quant_kernel_isa(""), 2000)
+
+
 def _hot_cache_attention(eng, context: int, threads: int, reps: int = 200) -> dict:
     """With _hot_cache_linears, a reference no real batch-1 decode can beat on these kernels: one
     token's attention over `context` keys of the engine's cache (its dtype and block size) in every
@@ -349,7 +357,7 @@ def _hot_cache_attention(eng, context: int, threads: int, reps: int = 200) -> di
     torch.set_num_threads(1)
     try:
         layer_ms = best_ms(lambda: ops.paged_decode_attention(q, k_cache, v_cache, table, lens, cfg.head_dim ** -0.5), reps)
-        empty_ms = best_ms(lambda: ops.quant_kernel_isa(""), 2000)
+        empty_ms = _empty_op_call_ms()
     finally:
         torch.set_num_threads(before)
     total = (layer_ms - empty_ms) * len(eng.model.layers) / threads
@@ -397,7 +405,7 @@ def _step_overhead(eng, prompt, steps: int = 60):
     from lenserve.engine._ext import extension
 
     ns = torch.ops.lenserve
-    empty_s = best_ms(lambda: ns.quant_kernel_isa(""), 2000) / 1e3
+    empty_s = _empty_op_call_ms() / 1e3
     targets = [(ns, name) for name in _lenserve_op_names()] + [(extension().DecodeStack, "run")]
     originals = {(owner, name): getattr(owner, name) for owner, name in targets}
     inside = [0.0, 0]  # seconds inside op calls, calls
@@ -451,11 +459,10 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for name, rows in result["servers"].items():
         levels = sorted({r["streams"] for r in rows})
-        for ax, key, scale in ((axes[0], "tok_s", 1.0), (axes[1], "ttft_p50_s", 1.0)):
-            med = [float(np.median([r[key] for r in rows if r["streams"] == s])) * scale for s in levels]
+        for ax, key in ((axes[0], "tok_s"), (axes[1], "ttft_p50_s")):
+            med = [float(np.median([r[key] for r in rows if r["streams"] == s])) for s in levels]
             line, = ax.plot(levels, med, marker="o", label=name)
-            dots = [(r["streams"], r[key] * scale) for r in rows]
-            ax.scatter([d[0] for d in dots], [d[1] for d in dots], s=10, color=line.get_color(), alpha=0.5)
+            ax.scatter([r["streams"] for r in rows], [r[key] for r in rows], s=10, color=line.get_color(), alpha=0.5)
     all_levels = sorted({r["streams"] for rows in result["servers"].values() for r in rows})
     for ax, ylabel in ((axes[0], "aggregate tok/s (streaming, closed loop)"), (axes[1], "TTFT p50 (s)")):
         ax.set_xscale("log", base=2)
@@ -490,6 +497,13 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _plot_beside(result: dict, json_path: str) -> str:
+    """plot() into the PNG named as the run's JSON; returns its path."""
+    path = os.path.splitext(json_path)[0] + ".png"
+    plot(result, path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", default=None, help="default: the embedded SmolLM2 Q4_1 GGUF")
@@ -508,8 +522,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.plot_from:
         with open(args.plot_from) as f:
-            plot(json.load(f), os.path.splitext(args.plot_from)[0] + ".png")
-        print("wrote", os.path.splitext(args.plot_from)[0] + ".png")
+            print("wrote", _plot_beside(json.load(f), args.plot_from))
         return
     from lenserve.engine.loader_gguf import find_embedded_gguf
 
@@ -595,8 +608,7 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     written = write_result(args.out, result)
     print("wrote", written)
-    plot(result, os.path.splitext(written)[0] + ".png")
-    print("wrote", os.path.splitext(written)[0] + ".png")
+    print("wrote", _plot_beside(result, written))
 
 
 if __name__ == "__main__":
