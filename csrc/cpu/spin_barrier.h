@@ -26,7 +26,8 @@ class SpinBarrier {
   void reset(int num_threads) {
     count_.store(0, std::memory_order_relaxed);
     num_threads_ = num_threads;
-    spin_ = num_threads <= usable_cpus();
+    static const int cpus = usable_cpus();  // once a process: reset runs every decode step
+    spin_ = num_threads <= cpus;
   }
 
   void wait() {
