@@ -1,7 +1,7 @@
 """Quantized linear (lenserve._C quant_linear) on the embedded model's shapes vs the packed fp32
 linear, and the measurements behind the decode path's choices: integer dots against int16
 activations or fp32 activations against unpacked rows, and rows in file order or interleaved
-eight at a time (Q4_1x8, Q8_0x8: what the engine serves). `quant_embedding` over every row is the
+eight at a time (Q4_1x8, Q8_0x8, Q5_0x8, Q5_1x8: what the engine serves). `quant_embedding` over every row is the
 unpacking alone, a lower bound on any fp32-activation decode (it still has to do the FMAs).
 
 Prints JSON: per (type, shape, rows of x) the best ms of the repetitions (the machine is shared:
@@ -120,7 +120,10 @@ def main() -> None:
         w = torch.randn(n, k) * 0.05
         packed = torch.ops.lenserve.pack_linear_weight(w)
         weights = {"Q4_1": _quantized(quant.Q4_1, w), "Q8_0": _quantized(quant.Q8_0, w), "F16": QuantWeight.from_float16(w)}
-        for name_x8 in ("Q4_1", "Q8_0"):  # rows interleaved eight at a time, as the engine serves them
+        # Q5_0 / Q5_1: what Q4_K_M / Q5_K_M files hold where rows are not whole 256-blocks (SmolLM2's
+        # 576-wide matrices); before their kernels the engine held them as F16 rows
+        weights.update({name: _quantized(getattr(quant, name), w) for name in ("Q5_0", "Q5_1")})
+        for name_x8 in ("Q4_1", "Q8_0", "Q5_0", "Q5_1"):  # rows interleaved eight at a time, as the engine serves them
             x8 = _quantized(getattr(quant, name_x8), w)
             x8.interleave()
             weights[name_x8 + "x8"] = x8

@@ -51,7 +51,7 @@ torch::Tensor pack_linear_weight_cpu(const torch::Tensor& weight);
 torch::Tensor packed_linear_cpu(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features,
                                 const std::optional<torch::Tensor>& bias);
 // x fp32 [M, K] (rows contiguous); weight uint8 [N, row bytes]: the GGUF rows of ggml type
-// weight_type (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K); bias [N] -> x Wᵀ + b  [M, N]
+// weight_type (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K); bias [N] -> x Wᵀ + b  [M, N]
 torch::Tensor quant_linear_cpu(const torch::Tensor& x, const torch::Tensor& weight, int64_t weight_type,
                                int64_t out_features, const std::optional<torch::Tensor>& bias);
 void quant_interleave_cpu(torch::Tensor& weight, int64_t weight_type);

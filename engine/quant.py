@@ -18,12 +18,12 @@ if TYPE_CHECKING:  # numpy only where a GGUF is read: the engine path imports wi
     import numpy as np
 
 # ggml types the kernels read as they are (gguf.GGMLQuantizationType values).
-F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 13, 14, 30
-KERNEL_TYPES = {F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K}
-# Added to Q8_0 / Q4_0 / Q4_1: the rows are interleaved eight at a time (csrc/cpu/quant_blocks.h).
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+KERNEL_TYPES = {F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K}
+# Added to Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1: the rows are interleaved eight at a time (csrc/cpu/quant_blocks.h).
 INTERLEAVED = 1024
-INTERLEAVABLE = {Q8_0, Q4_0, Q4_1}
-_BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
+INTERLEAVABLE = {Q8_0, Q4_0, Q4_1, Q5_0, Q5_1}
+_BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
 
 
 def kernel_isa() -> str:
@@ -124,23 +124,34 @@ class QuantWeight:
 
 
 def deinterleave(data: np.ndarray, weight_type: int) -> np.ndarray:
-    """uint8 [N, row_bytes] interleaved rows of a Q8_0 / Q4_0 / Q4_1 matrix back in file layout: an
-    independent statement of the layout in csrc/cpu/quant_interleaved.cpp (the tests check the
-    kernel's in-place interleaving against it)."""
+    """uint8 [N, row_bytes] interleaved rows of a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 matrix back in file
+    layout: an independent statement of the layout in csrc/cpu/quant_interleaved.cpp (the tests
+    check the kernel's in-place interleaving against it)."""
     import numpy as np
 
     n, rb = data.shape
     bb = _BLOCK[weight_type][1]
     nb = rb // bb
-    blocks = data.reshape(n // 8, nb, 8 * bb)  # [group, block, interleaved bytes]
-    out = np.empty((n // 8, 8, nb, bb), dtype=np.uint8)  # [group, row, block, file bytes]
-    out[..., 0:2] = blocks[..., 0:16].reshape(n // 8, nb, 8, 2).transpose(0, 2, 1, 3)  # d
-    qs_at = 2
-    if weight_type == Q4_1:
-        out[..., 2:4] = blocks[..., 16:32].reshape(n // 8, nb, 8, 2).transpose(0, 2, 1, 3)  # m
-        qs_at = 4
+    g = n // 8
+    blocks = data.reshape(g, nb, 8 * bb)  # [group, block, interleaved bytes]
+    out = np.empty((g, 8, nb, bb), dtype=np.uint8)  # [group, row, block, file bytes]
+    out[..., 0:2] = blocks[..., 0:16].reshape(g, nb, 8, 2).transpose(0, 2, 1, 3)  # d
+    at, qs_at = 16, 2  # where the next field lies: interleaved, file
+    if weight_type in (Q4_1, Q5_1):
+        out[..., 2:4] = blocks[..., 16:32].reshape(g, nb, 8, 2).transpose(0, 2, 1, 3)  # m
+        at, qs_at = 32, 4
+    if weight_type in (Q5_0, Q5_1):
+        # h[p] bit 16e + r: row r's element 2p + e; bit 16e + 8 + r: its element 16 + 2p + e
+        h = blocks[..., at : at + 32].copy().view("<u4")  # [group, block, chunk p]
+        bits = (h[..., None] >> np.arange(32, dtype=np.uint32)) & 1  # [group, block, p, bit]
+        bits = bits.reshape(g, nb, 8, 2, 2, 8)  # [group, block, p, e, low/high nibble, row]
+        # element j = 16 * nibble + 2p + e of row r -> [group, block, row, nibble, p, e]
+        fifth = bits.transpose(0, 1, 5, 4, 2, 3).reshape(g, nb, 8, 32).astype(np.uint32)
+        qh = (fifth << np.arange(32, dtype=np.uint32)).sum(-1, dtype=np.uint32)  # [group, block, row]
+        out[..., qs_at : qs_at + 4] = np.ascontiguousarray(qh.transpose(0, 2, 1), dtype="<u4")[..., None].view(np.uint8)
+        at, qs_at = at + 32, qs_at + 4
     chunks = (bb - qs_at) // 2  # 16-byte chunks: each holds two bytes of every row
-    # after the 8 rows' scales (and mins): [group, block, chunk p, row, byte e]
-    q = blocks[..., 8 * qs_at :].reshape(n // 8, nb, chunks, 8, 2)
-    out[..., qs_at:] = q.transpose(0, 3, 1, 2, 4).reshape(n // 8, 8, nb, 2 * chunks)
+    # after the 8 rows' scales (mins, fifth bits): [group, block, chunk p, row, byte e]
+    q = blocks[..., at:].reshape(g, nb, chunks, 8, 2)
+    out[..., qs_at:] = q.transpose(0, 3, 1, 2, 4).reshape(g, 8, nb, 2 * chunks)
     return out.reshape(n, rb)

@@ -20,6 +20,8 @@ enum Type : int64_t {
   kF16 = 1,
   kQ4_0 = 2,
   kQ4_1 = 3,
+  kQ5_0 = 6,
+  kQ5_1 = 7,
   kQ8_0 = 8,
   kQ4_K = 12,
   kQ5_K = 13,
@@ -29,7 +31,7 @@ enum Type : int64_t {
   kInterleaved = 1024,
 };
 
-constexpr int64_t QK = 32;     // elements per block of the legacy formats (Q4_0, Q4_1, Q8_0)
+constexpr int64_t QK = 32;     // elements per block of the legacy formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
 constexpr int64_t QK_K = 256;  // elements per super-block of the K-quants
 constexpr int64_t K_SCALE_SIZE = 12;
 
@@ -47,6 +49,21 @@ struct BlockQ4_0 {
 struct BlockQ4_1 {
   uint16_t d;
   uint16_t m;
+  uint8_t qs[QK / 2];
+};
+// Q5_0: x = d * (q - 16), q = nibble as Q4_0 | bit j of qh (little-endian, element j) << 4.
+// llama.cpp's Q4_K_M falls back to Q5_0 (and Q5_K_M to Q5_1) for matrices whose rows are not
+// whole 256-element super-blocks: most of SmolLM2's (576 wide) and Qwen2.5-0.5B's (896).
+struct BlockQ5_0 {
+  uint16_t d;
+  uint8_t qh[4];
+  uint8_t qs[QK / 2];
+};
+// Q5_1: x = d * q + m; q as Q5_0
+struct BlockQ5_1 {
+  uint16_t d;
+  uint16_t m;
+  uint8_t qh[4];
   uint8_t qs[QK / 2];
 };
 // Q4_K: 8 sub-blocks of 32 with 6-bit scales and mins packed in `scales` (see scale_min_k4);
@@ -73,6 +90,7 @@ struct BlockQ6_K {
   uint16_t d;
 };
 static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20, "legacy block sizes");
+static_assert(sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24, "5-bit legacy block sizes");
 static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210, "K-quant block sizes");
 
 // Activations of the integer dot products: one row quantized per 32 elements to int16 with
@@ -113,12 +131,14 @@ inline float fp16_to_float(uint16_t h) {
 void dequant_row_q8_0(const uint8_t* row, float* out, int64_t K);
 void dequant_row_q4_0(const uint8_t* row, float* out, int64_t K);
 void dequant_row_q4_1(const uint8_t* row, float* out, int64_t K);
+void dequant_row_q5_0(const uint8_t* row, float* out, int64_t K);
+void dequant_row_q5_1(const uint8_t* row, float* out, int64_t K);
 // x [K] -> K / 32 activation blocks
 void quantize_row_act(const float* x, BlockQAct* out, int64_t K);
 // x [K] -> out [K] = d * q of the activation blocks quantize_row_act makes (same d, same q)
 void round_row_act(const float* x, float* out, int64_t K);
 // out[m * ldo] = dot(W row, x row m) for m < M (1..4), x rows as activation blocks nb apart;
-// type is Q8_0, Q4_0 or Q4_1.
+// type is Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1.
 void dot_row_act(int64_t type, const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo);
 
 // ---- legacy formats interleaved eight rows at a time (quant_interleaved.cpp) ----

@@ -16,7 +16,14 @@
 //   Q4_0x8 (144 B / block): d[8] fp16 | 8 chunks p of 16 B: byte 2r + e = file byte 2p + e of row r
 //                           (low nibble: element 2p + e; high nibble: element 16 + 2p + e)
 //   Q4_1x8 (160 B / block): d[8] fp16 | m[8] fp16 | 8 chunks as Q4_0x8
+//   Q5_0x8 (176 B / block): d[8] fp16 | h[8] uint32 | 8 chunks as Q4_0x8
+//   Q5_1x8 (192 B / block): d[8] fp16 | m[8] fp16 | h[8] uint32 | 8 chunks as Q4_0x8
+//                           h[p] holds chunk p's fifth bits: bit 16 e + r that of row r's element
+//                           2p + e (the low nibble of byte 2r + e), bit 16 e + 8 + r that of its
+//                           element 16 + 2p + e (the high nibble)
 // A 16-byte chunk widened to int16 is then the 8 rows' element pairs, one pair per 32-bit lane.
+// h[p] broadcast to every 32-bit lane puts, in int16 lane 2r + e, the half e of it that holds both
+// fifth bits of that lane: one AND against a constant per lane (bit r, or bit 8 + r) finds them.
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -34,24 +41,42 @@ namespace quant {
 
 bool is_interleaved(int64_t type) { return (type & kInterleaved) != 0; }
 int64_t base_type(int64_t type) { return type & ~kInterleaved; }
-bool can_interleave(int64_t type) { return type == kQ8_0 || type == kQ4_0 || type == kQ4_1; }
+bool can_interleave(int64_t type) {
+  return type == kQ8_0 || type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1;
+}
 
 namespace {
 
-// Bytes before the chunks of an interleaved block (the 8 scales, and the 8 mins of Q4_1).
-constexpr int64_t header_bytes(int64_t type) { return type == kQ4_1 ? 32 : 16; }
+constexpr bool is_q5(int64_t type) { return type == kQ5_0 || type == kQ5_1; }
+constexpr bool has_min(int64_t type) { return type == kQ4_1 || type == kQ5_1; }
+// Bytes before the chunks of an interleaved block (the 8 scales, the 8 mins of Q4_1 / Q5_1, the
+// fifth bits of Q5_0 / Q5_1).
+constexpr int64_t header_bytes(int64_t type) { return 16 + (has_min(type) ? 16 : 0) + (is_q5(type) ? 32 : 0); }
 // Bytes of one file block (block_bytes, at compile time for the kernels' templates).
 constexpr int64_t file_block_bytes(int64_t type) {
-  return type == kQ8_0 ? sizeof(BlockQ8_0) : (type == kQ4_0 ? sizeof(BlockQ4_0) : sizeof(BlockQ4_1));
+  switch (type) {
+    case kQ8_0: return sizeof(BlockQ8_0);
+    case kQ4_0: return sizeof(BlockQ4_0);
+    case kQ4_1: return sizeof(BlockQ4_1);
+    case kQ5_0: return sizeof(BlockQ5_0);
+    default: return sizeof(BlockQ5_1);
+  }
+}
+// Chunk p's fifth-bit word of an interleaved Q5 block b (h[p] in the layout above).
+inline uint32_t chunk_high_bits(const uint8_t* b, int64_t type, int64_t p) {
+  uint32_t h;
+  std::memcpy(&h, b + header_bytes(type) - 32 + 4 * p, sizeof(h));
+  return h;
 }
 // Chunks of 16 bytes in an interleaved block.
 constexpr int64_t num_chunks(int64_t type) { return type == kQ8_0 ? 16 : 8; }
 
 struct BlockFields {
   const uint8_t* d;
-  const uint8_t* m;  // Q4_1 only
+  const uint8_t* m;   // Q4_1 / Q5_1 only
   const uint8_t* qs;
   int64_t qs_bytes;
+  const uint8_t* qh;  // Q5_0 / Q5_1 only
 };
 
 // Where the scale, min and quants of one file block lie.
@@ -59,15 +84,23 @@ BlockFields fields_of(int64_t type, const uint8_t* block) {
   switch (type) {
     case kQ8_0: {
       const auto* b = reinterpret_cast<const BlockQ8_0*>(block);
-      return {reinterpret_cast<const uint8_t*>(&b->d), nullptr, reinterpret_cast<const uint8_t*>(b->qs), QK};
+      return {reinterpret_cast<const uint8_t*>(&b->d), nullptr, reinterpret_cast<const uint8_t*>(b->qs), QK, nullptr};
     }
     case kQ4_0: {
       const auto* b = reinterpret_cast<const BlockQ4_0*>(block);
-      return {reinterpret_cast<const uint8_t*>(&b->d), nullptr, b->qs, QK / 2};
+      return {reinterpret_cast<const uint8_t*>(&b->d), nullptr, b->qs, QK / 2, nullptr};
+    }
+    case kQ4_1: {
+      const auto* b = reinterpret_cast<const BlockQ4_1*>(block);
+      return {reinterpret_cast<const uint8_t*>(&b->d), reinterpret_cast<const uint8_t*>(&b->m), b->qs, QK / 2, nullptr};
+    }
+    case kQ5_0: {
+      const auto* b = reinterpret_cast<const BlockQ5_0*>(block);
+      return {reinterpret_cast<const uint8_t*>(&b->d), nullptr, b->qs, QK / 2, b->qh};
     }
     default: {
-      const auto* b = reinterpret_cast<const BlockQ4_1*>(block);
-      return {reinterpret_cast<const uint8_t*>(&b->d), reinterpret_cast<const uint8_t*>(&b->m), b->qs, QK / 2};
+      const auto* b = reinterpret_cast<const BlockQ5_1*>(block);
+      return {reinterpret_cast<const uint8_t*>(&b->d), reinterpret_cast<const uint8_t*>(&b->m), b->qs, QK / 2, b->qh};
     }
   }
 }
@@ -77,12 +110,22 @@ void interleave_group(int64_t type, const uint8_t* rows, int64_t row_bytes, int6
   const int64_t bb = block_bytes(type), hb = header_bytes(type);
   for (int64_t i = 0; i < nb; ++i) {
     uint8_t* dst = out + i * 8 * bb;
+    uint32_t h[8] = {};
     for (int r = 0; r < 8; ++r) {
       const BlockFields f = fields_of(type, rows + r * row_bytes + i * bb);
       std::memcpy(dst + 2 * r, f.d, 2);
       if (f.m != nullptr) std::memcpy(dst + 16 + 2 * r, f.m, 2);
       for (int64_t p = 0; p < f.qs_bytes / 2; ++p) std::memcpy(dst + hb + 16 * p + 2 * r, f.qs + 2 * p, 2);
+      if (f.qh == nullptr) continue;
+      uint32_t fifth;  // bit j: element j's fifth bit
+      std::memcpy(&fifth, f.qh, sizeof(fifth));
+      for (int p = 0; p < 8; ++p)
+        for (int e = 0; e < 2; ++e) {
+          h[p] |= ((fifth >> (2 * p + e)) & 1u) << (16 * e + r);
+          h[p] |= ((fifth >> (16 + 2 * p + e)) & 1u) << (16 * e + 8 + r);
+        }
     }
+    if (is_q5(type)) std::memcpy(dst + hb - 32, h, sizeof(h));
   }
 }
 
@@ -115,13 +158,19 @@ void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, in
           for (int e = 0; e < 2; ++e) out[2 * p + e] = dr * static_cast<float>(static_cast<int8_t>(qs[16 * p + 2 * r + e]));
         continue;
       }
-      const float off = type == kQ4_0 ? -8.f * dr : fp16_to_float(mn[r]);
-      for (int64_t p = 0; p < 8; ++p)
+      // as the file-row dequantizers compute each type (the same floats: tested)
+      const int offset = type == kQ4_0 ? 8 : (type == kQ5_0 ? 16 : 0);
+      const float mr = has_min(type) ? fp16_to_float(mn[r]) : 0.f;
+      for (int64_t p = 0; p < 8; ++p) {
+        const uint32_t h = is_q5(type) ? chunk_high_bits(b, type, p) : 0u;
         for (int e = 0; e < 2; ++e) {
           const uint8_t q = qs[16 * p + 2 * r + e];
-          out[2 * p + e] = dr * static_cast<float>(q & 0xF) + off;
-          out[16 + 2 * p + e] = dr * static_cast<float>(q >> 4) + off;
+          const int q0 = (q & 0xF) | static_cast<int>(((h >> (16 * e + r)) & 1u) << 4);
+          const int q1 = (q >> 4) | static_cast<int>(((h >> (16 * e + 8 + r)) & 1u) << 4);
+          out[2 * p + e] = dr * static_cast<float>(q0 - offset) + mr;
+          out[16 + 2 * p + e] = dr * static_cast<float>(q1 - offset) + mr;
         }
+      }
     }
   }
 }
@@ -161,8 +210,17 @@ void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* ou
 #pragma GCC unroll 2
       for (int p = 0; p < 8; ++p) {
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p));
-        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
-        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+        __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+        __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+        if constexpr (is_q5(TYPE)) {
+          // lane 2r + e: bit r (low nibble's fifth bit) and bit 8 + r (high nibble's) of h[p]'s half e
+          const __m256i bit_lo = _mm256_setr_epi16(1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128);
+          const __m256i bit_hi = _mm256_slli_epi16(bit_lo, 8);
+          const __m256i sixteen = _mm256_set1_epi16(16);
+          const __m256i h = _mm256_set1_epi32(static_cast<int32_t>(chunk_high_bits(b, TYPE, p)));
+          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(h, bit_lo), bit_lo), sixteen));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(h, bit_hi), bit_hi), sixteen));
+        }
         for (int m = 0; m < MR; ++m) {
           int32_t plo, phi;
           std::memcpy(&plo, xs[m] + 2 * p, 4);
@@ -176,8 +234,8 @@ void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* ou
       for (int m = 0; m < MR; ++m)
         accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_mul_ps(wd, _mm256_set1_ps(xq[m * nb + i].d)), accf[m]);
     } else {
-      const __m256 wc = TYPE == kQ4_0 ? _mm256_mul_ps(wd, _mm256_set1_ps(-8.f))
-                                      : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+      const __m256 wc = has_min(TYPE) ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)))
+                                      : _mm256_mul_ps(wd, _mm256_set1_ps(TYPE == kQ4_0 ? -8.f : -16.f));
       for (int m = 0; m < MR; ++m) {
         const BlockQAct& a = xq[m * nb + i];
         accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_mul_ps(wd, _mm256_set1_ps(a.d)), accf[m]);
@@ -200,19 +258,23 @@ void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* ou
     const uint8_t* qs = b + hb;
     for (int r = 0; r < 8; ++r) {
       const float wd = fp16_to_float(d[r]);
-      const float wc = TYPE == kQ8_0 ? 0.f : (TYPE == kQ4_0 ? -8.f * wd : fp16_to_float(mn[r]));
+      const float wc = has_min(TYPE) ? fp16_to_float(mn[r]) : (TYPE == kQ8_0 ? 0.f : (TYPE == kQ4_0 ? -8.f : -16.f) * wd);
       for (int m = 0; m < MR; ++m) {
         const BlockQAct& a = xq[m * nb + i];
         int dot = 0;
-        for (int p = 0; p < num_chunks(TYPE); ++p)
+        for (int p = 0; p < num_chunks(TYPE); ++p) {
+          const uint32_t h = is_q5(TYPE) ? chunk_high_bits(b, TYPE, p) : 0u;
           for (int e = 0; e < 2; ++e) {
             const uint8_t q = qs[16 * p + 2 * r + e];
             if constexpr (TYPE == kQ8_0) {
               dot += static_cast<int8_t>(q) * a.qs[2 * p + e];
             } else {
-              dot += (q & 0xF) * a.qs[2 * p + e] + (q >> 4) * a.qs[16 + 2 * p + e];
+              const int q0 = (q & 0xF) | static_cast<int>(((h >> (16 * e + r)) & 1u) << 4);
+              const int q1 = (q >> 4) | static_cast<int>(((h >> (16 * e + 8 + r)) & 1u) << 4);
+              dot += q0 * a.qs[2 * p + e] + q1 * a.qs[16 + 2 * p + e];
             }
           }
+        }
         acc[m][r] += wd * a.d * static_cast<float>(dot) + wc * a.s;
       }
     }
@@ -280,7 +342,9 @@ void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct*
       switch (type) {
         case kQ8_0: group_rows<kQ8_0>(group, x, nb, rows, o + g * 8, N); break;
         case kQ4_0: group_rows<kQ4_0>(group, x, nb, rows, o + g * 8, N); break;
-        default: group_rows<kQ4_1>(group, x, nb, rows, o + g * 8, N); break;
+        case kQ4_1: group_rows<kQ4_1>(group, x, nb, rows, o + g * 8, N); break;
+        case kQ5_0: group_rows<kQ5_0>(group, x, nb, rows, o + g * 8, N); break;
+        default: group_rows<kQ5_1>(group, x, nb, rows, o + g * 8, N); break;
       }
     }
   }

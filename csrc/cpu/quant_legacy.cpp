@@ -1,9 +1,12 @@
-// Q8_0, Q4_0 and Q4_1: unpacking to fp32 and integer dot products against int16 activations.
+// Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1: unpacking to fp32 and integer dot products against int16
+// activations.
 //
 // The dot of a weight block with an activation block (xd, xs = xd * sum(xq)) is
 //   Q8_0: wd * xd * sum(wq * xq)
 //   Q4_0: wd * xd * sum(wq * xq) - 8 * wd * xs
 //   Q4_1: wd * xd * sum(wq * xq) + wm * xs
+//   Q5_0: wd * xd * sum(wq * xq) - 16 * wd * xs   (wq the 5-bit q: nibble | qh bit << 4)
+//   Q5_1: wd * xd * sum(wq * xq) + wm * xs
 // with sum(wq * xq) exact in int32 lanes: the weight bytes widened to int16
 // (_mm256_cvtepu8_epi16 / _mm256_cvtepi8_epi16) and _mm256_madd_epi16 against the activations.
 //
@@ -17,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/quant_blocks.h"
 
@@ -52,6 +56,40 @@ void dequant_row_q4_1(const uint8_t* row, float* out, int64_t K) {
     }
   }
 }
+
+namespace {
+
+// Bits 0..31 of a Q5 block's qh: bit j is the fifth bit of element j.
+inline uint32_t high_bits(const uint8_t* qh) {
+  uint32_t h;
+  std::memcpy(&h, qh, sizeof(h));
+  return h;
+}
+
+// A Q5_0 (x = d * (q - 16)) or Q5_1 (x = d * q + m) row as fp32.
+template <typename Block>
+void dequant_row_q5(const uint8_t* row, float* out, int64_t K) {
+  constexpr bool kHasMin = std::is_same_v<Block, BlockQ5_1>;
+  const auto* b = reinterpret_cast<const Block*>(row);
+  for (int64_t i = 0; i < K / QK; ++i, out += QK) {
+    const float d = fp16_to_float(b[i].d);
+    float m = 0.f;
+    if constexpr (kHasMin) m = fp16_to_float(b[i].m);
+    const uint32_t h = high_bits(b[i].qh);
+    for (int j = 0; j < QK / 2; ++j) {
+      int q0 = (b[i].qs[j] & 0xF) | static_cast<int>(((h >> j) & 1) << 4);
+      int q1 = (b[i].qs[j] >> 4) | static_cast<int>(((h >> (j + 16)) & 1) << 4);
+      if constexpr (!kHasMin) q0 -= 16, q1 -= 16;
+      out[j] = d * static_cast<float>(q0) + m;
+      out[j + QK / 2] = d * static_cast<float>(q1) + m;
+    }
+  }
+}
+
+}  // namespace
+
+void dequant_row_q5_0(const uint8_t* row, float* out, int64_t K) { dequant_row_q5<BlockQ5_0>(row, out, K); }
+void dequant_row_q5_1(const uint8_t* row, float* out, int64_t K) { dequant_row_q5<BlockQ5_1>(row, out, K); }
 
 namespace {
 
@@ -146,33 +184,53 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The 32 weights of block i as int16: elements 0..15 in lo, 16..31 in hi; *wd its scale, *wc
-// the coefficient of the activation block's sum (Q4_0: -8 wd, Q4_1: m, Q8_0: none).
+#endif
+
+// Block i's scale *wd and the coefficient *wc of the activation block's sum (Q4_0: -8 wd, Q5_0:
+// -16 wd, Q4_1 / Q5_1: m, Q8_0: none); its quant bytes *qs and, for Q5_0 / Q5_1, the fifth bits *qh.
+template <int64_t TYPE>
+inline void block_fields(const uint8_t* row, int64_t i, const uint8_t** qs, const uint8_t** qh, float* wd, float* wc) {
+  auto take = [&](const auto& b, float offset) {
+    *qs = reinterpret_cast<const uint8_t*>(b.qs);
+    *wd = fp16_to_float(b.d);
+    if constexpr (TYPE == kQ4_1 || TYPE == kQ5_1) *wc = fp16_to_float(b.m);
+    else *wc = offset * *wd;
+    if constexpr (TYPE == kQ5_0 || TYPE == kQ5_1) *qh = b.qh;
+  };
+  if constexpr (TYPE == kQ8_0) take(reinterpret_cast<const BlockQ8_0*>(row)[i], 0.f);
+  else if constexpr (TYPE == kQ4_0) take(reinterpret_cast<const BlockQ4_0*>(row)[i], -8.f);
+  else if constexpr (TYPE == kQ4_1) take(reinterpret_cast<const BlockQ4_1*>(row)[i], 0.f);
+  else if constexpr (TYPE == kQ5_0) take(reinterpret_cast<const BlockQ5_0*>(row)[i], -16.f);
+  else take(reinterpret_cast<const BlockQ5_1*>(row)[i], 0.f);
+}
+
+#ifdef LENSERVE_AVX2
+// 16 fifth bits (bit j for int16 lane j) as 16 in the lanes whose bit is set.
+inline __m256i fifth_bits(uint32_t bits16) {
+  const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, -32768);
+  const __m256i set = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16(static_cast<int16_t>(bits16)), bit), bit);
+  return _mm256_and_si256(set, _mm256_set1_epi16(16));
+}
+
+// The 32 weights of block i as int16: elements 0..15 in lo, 16..31 in hi; *wd, *wc as block_fields.
 template <int64_t TYPE>
 inline void load_block(const uint8_t* row, int64_t i, __m256i* lo, __m256i* hi, float* wd, float* wc) {
+  const uint8_t* qs;
+  const uint8_t* qh = nullptr;
+  block_fields<TYPE>(row, i, &qs, &qh, wd, wc);
   if constexpr (TYPE == kQ8_0) {
-    const auto& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
-    *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs)));
-    *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16)));
-    *wd = fp16_to_float(b.d);
-    *wc = 0.f;
+    *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+    *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)));
   } else {
-    const uint8_t* qs;
-    if constexpr (TYPE == kQ4_0) {
-      const auto& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
-      qs = b.qs;
-      *wd = fp16_to_float(b.d);
-      *wc = -8.f * *wd;
-    } else {
-      const auto& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
-      qs = b.qs;
-      *wd = fp16_to_float(b.d);
-      *wc = fp16_to_float(b.m);
-    }
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
     const __m128i mask = _mm_set1_epi8(0xF);
     *lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
     *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+    if constexpr (TYPE == kQ5_0 || TYPE == kQ5_1) {
+      const uint32_t h = high_bits(qh);
+      *lo = _mm256_or_si256(*lo, fifth_bits(h & 0xFFFF));
+      *hi = _mm256_or_si256(*hi, fifth_bits(h >> 16));
+    }
   }
 }
 
@@ -213,33 +271,27 @@ void dot_rows(const uint8_t* row, const BlockQAct* xq, int64_t nb, float* out, i
   for (int m = 0; m < MR; ++m) out[m * ldo] = hsum(_mm256_add_ps(acc0[m], acc1[m])) + (off0[m] + off1[m]);
 }
 #else
+// Element j of block i's integer weights (Q8_0: int8; Q4: nibble; Q5: nibble | fifth bit << 4).
+template <int64_t TYPE>
+inline int weight_q(const uint8_t* qs, const uint8_t* qh, int j) {
+  if constexpr (TYPE == kQ8_0) return static_cast<int8_t>(qs[j]);
+  const int nibble = j < QK / 2 ? (qs[j] & 0xF) : (qs[j - QK / 2] >> 4);
+  if constexpr (TYPE == kQ5_0 || TYPE == kQ5_1) return nibble | static_cast<int>(((high_bits(qh) >> j) & 1) << 4);
+  return nibble;
+}
+
 template <int64_t TYPE, int MR>
 void dot_rows(const uint8_t* row, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
   for (int m = 0; m < MR; ++m) {
     float sum = 0.f;
     for (int64_t i = 0; i < nb; ++i) {
       const BlockQAct& a = xq[m * nb + i];
+      const uint8_t* qs;
+      const uint8_t* qh = nullptr;
+      float wd, wc;
+      block_fields<TYPE>(row, i, &qs, &qh, &wd, &wc);
       int dot = 0;
-      float wd, wc = 0.f;
-      if constexpr (TYPE == kQ8_0) {
-        const auto& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
-        for (int j = 0; j < QK; ++j) dot += b.qs[j] * a.qs[j];
-        wd = fp16_to_float(b.d);
-      } else {
-        const uint8_t* qs;
-        if constexpr (TYPE == kQ4_0) {
-          const auto& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
-          qs = b.qs;
-          wd = fp16_to_float(b.d);
-          wc = -8.f * wd;
-        } else {
-          const auto& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
-          qs = b.qs;
-          wd = fp16_to_float(b.d);
-          wc = fp16_to_float(b.m);
-        }
-        for (int j = 0; j < QK / 2; ++j) dot += (qs[j] & 0xF) * a.qs[j] + (qs[j] >> 4) * a.qs[j + QK / 2];
-      }
+      for (int j = 0; j < QK; ++j) dot += weight_q<TYPE>(qs, qh, j) * a.qs[j];
       sum += wd * a.d * static_cast<float>(dot) + wc * a.s;
     }
     out[m * ldo] = sum;
@@ -258,7 +310,9 @@ void dot_row_act(int64_t type, const uint8_t* row, const BlockQAct* xq, int64_t 
   switch (type) {
     case kQ8_0: dot_type<kQ8_0>(row, xq, nb, M, out, ldo); break;
     case kQ4_0: dot_type<kQ4_0>(row, xq, nb, M, out, ldo); break;
-    default: dot_type<kQ4_1>(row, xq, nb, M, out, ldo); break;
+    case kQ4_1: dot_type<kQ4_1>(row, xq, nb, M, out, ldo); break;
+    case kQ5_0: dot_type<kQ5_0>(row, xq, nb, M, out, ldo); break;
+    default: dot_type<kQ5_1>(row, xq, nb, M, out, ldo); break;
   }
 }
 

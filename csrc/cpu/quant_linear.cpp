@@ -38,7 +38,9 @@ int64_t block_elems(int64_t type) {
     case kBF16: return 1;
     case kQ8_0:
     case kQ4_0:
-    case kQ4_1: return QK;
+    case kQ4_1:
+    case kQ5_0:
+    case kQ5_1: return QK;
     case kQ4_K:
     case kQ5_K:
     case kQ6_K: return QK_K;
@@ -55,6 +57,8 @@ int64_t block_bytes(int64_t type) {
     case kQ8_0: return sizeof(BlockQ8_0);
     case kQ4_0: return sizeof(BlockQ4_0);
     case kQ4_1: return sizeof(BlockQ4_1);
+    case kQ5_0: return sizeof(BlockQ5_0);
+    case kQ5_1: return sizeof(BlockQ5_1);
     case kQ4_K: return sizeof(BlockQ4_K);
     case kQ5_K: return sizeof(BlockQ5_K);
     case kQ6_K: return sizeof(BlockQ6_K);
@@ -123,6 +127,8 @@ void dequant_row(int64_t type, const uint8_t* row, float* out, int64_t K) {
     case kQ8_0: dequant_row_q8_0(row, out, K); break;
     case kQ4_0: dequant_row_q4_0(row, out, K); break;
     case kQ4_1: dequant_row_q4_1(row, out, K); break;
+    case kQ5_0: dequant_row_q5_0(row, out, K); break;
+    case kQ5_1: dequant_row_q5_1(row, out, K); break;
     case kQ4_K: dequant_row_q4_k(row, out, K); break;
     case kQ5_K: dequant_row_q5_k(row, out, K); break;
     default: dequant_row_q6_k(row, out, K); break;
@@ -194,7 +200,7 @@ namespace quant {
 
 int64_t row_bytes_of(int64_t type, int64_t K, const char* what) {
   const int64_t be = block_elems(type);
-  LS_CHECK(be > 0, what, ": weight type ", type, " is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+  LS_CHECK(be > 0, what, ": weight type ", type, " is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
   LS_CHECK(K % be == 0, what, ": ", K, " features is not a multiple of the type's block of ", be);
   return K / be * block_bytes(type);
 }
@@ -390,7 +396,7 @@ void quant_interleave_cpu(torch::Tensor& weight, int64_t weight_type) {
   LS_CHECK_DTYPE(weight, at::kByte);
   LS_CHECK_DIM(weight, 2);
   LS_CHECK_CONTIGUOUS(weight);
-  LS_CHECK(can_interleave(weight_type), "quant_interleave: only Q8_0, Q4_0 and Q4_1 rows interleave, got type ", weight_type);
+  LS_CHECK(can_interleave(weight_type), "quant_interleave: only Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 rows interleave, got type ", weight_type);
   const int64_t N = weight.size(0);
   LS_CHECK(N % 8 == 0, "quant_interleave: the rows must be a multiple of 8, got ", N);
   LS_CHECK(weight.size(1) % block_bytes(weight_type) == 0, "quant_interleave: rows of ", weight.size(1),

@@ -34,9 +34,17 @@ bool vnni_supported() {
 
 namespace {
 
-constexpr int64_t header_bytes_v(int64_t type) { return type == kQ4_1 ? 32 : 16; }
+constexpr bool is_q5_v(int64_t type) { return type == kQ5_0 || type == kQ5_1; }
+constexpr bool has_min_v(int64_t type) { return type == kQ4_1 || type == kQ5_1; }
+constexpr int64_t header_bytes_v(int64_t type) { return 16 + (has_min_v(type) ? 16 : 0) + (is_q5_v(type) ? 32 : 0); }
 constexpr int64_t file_block_bytes_v(int64_t type) {
-  return type == kQ8_0 ? sizeof(BlockQ8_0) : (type == kQ4_0 ? sizeof(BlockQ4_0) : sizeof(BlockQ4_1));
+  switch (type) {
+    case kQ8_0: return sizeof(BlockQ8_0);
+    case kQ4_0: return sizeof(BlockQ4_0);
+    case kQ4_1: return sizeof(BlockQ4_1);
+    case kQ5_0: return sizeof(BlockQ5_0);
+    default: return sizeof(BlockQ5_1);
+  }
 }
 
 typedef int32_t __attribute__((may_alias)) pair_t;
@@ -80,8 +88,20 @@ void group_tile_vnni(const uint8_t* group, const BlockQAct* xq, int64_t nb, floa
 #pragma GCC unroll 8
       for (int p = 0; p < 8; ++p) {
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p));
-        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
-        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+        __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+        __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+        if constexpr (is_q5_v(TYPE)) {
+          // the fifth bits (quant_interleaved.cpp's layout): a mask of the lanes whose bit is set
+          // (vptestmw), and 16 added in those lanes
+          const __m256i bit_lo = _mm256_setr_epi16(1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128);
+          const __m256i bit_hi = _mm256_slli_epi16(bit_lo, 8);
+          const __m256i sixteen = _mm256_set1_epi16(16);
+          uint32_t bits;
+          std::memcpy(&bits, b + hb - 32 + 4 * p, sizeof(bits));
+          const __m256i h = _mm256_set1_epi32(static_cast<int32_t>(bits));
+          lo = _mm256_mask_add_epi16(lo, _mm256_test_epi16_mask(h, bit_lo), lo, sixteen);
+          hi = _mm256_mask_add_epi16(hi, _mm256_test_epi16_mask(h, bit_hi), hi, sixteen);
+        }
         for (int m = 0; m < MR; ++m) {
           acc0[m] = dp_pair(acc0[m], lo, xs[m] + 2 * p);
           acc1[m] = dp_pair(acc1[m], hi, xs[m] + 16 + 2 * p);
@@ -95,8 +115,8 @@ void group_tile_vnni(const uint8_t* group, const BlockQAct* xq, int64_t nb, floa
         accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc0[m], acc1[m])),
                                   _mm256_mul_ps(wd, _mm256_set1_ps(xq[m * nb + i].d)), accf[m]);
     } else {
-      const __m256 wc = TYPE == kQ4_0 ? _mm256_mul_ps(wd, _mm256_set1_ps(-8.f))
-                                      : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+      const __m256 wc = has_min_v(TYPE) ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)))
+                                        : _mm256_mul_ps(wd, _mm256_set1_ps(TYPE == kQ4_0 ? -8.f : -16.f));
       for (int m = 0; m < MR; ++m) {
         const BlockQAct& a = xq[m * nb + i];
         accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc0[m], acc1[m])),
@@ -134,7 +154,9 @@ void group_rows_vnni(int64_t type, const uint8_t* group, const BlockQAct* xq, in
   switch (type) {
     case kQ8_0: group_rows_vnni_t<kQ8_0>(group, xq, nb, M, out, ldo); break;
     case kQ4_0: group_rows_vnni_t<kQ4_0>(group, xq, nb, M, out, ldo); break;
-    default: group_rows_vnni_t<kQ4_1>(group, xq, nb, M, out, ldo); break;
+    case kQ4_1: group_rows_vnni_t<kQ4_1>(group, xq, nb, M, out, ldo); break;
+    case kQ5_0: group_rows_vnni_t<kQ5_0>(group, xq, nb, M, out, ldo); break;
+    default: group_rows_vnni_t<kQ5_1>(group, xq, nb, M, out, ldo); break;
   }
 }
 

@@ -18,17 +18,19 @@ _FP16_FIELDS = {
     quant.Q8_0: [0],
     quant.Q4_0: [0],
     quant.Q4_1: [0, 2],
+    quant.Q5_0: [0],
+    quant.Q5_1: [0, 2],
     quant.Q4_K: [0, 2],
     quant.Q5_K: [0, 2],
     quant.Q6_K: [208],
 }
 # decode dots x as int16 activation blocks against the weights' integers (prefill rounds x the same way)
-INTEGER_DOT_TYPES = {quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q4_K, quant.Q5_K, quant.Q6_K}
+INTEGER_DOT_TYPES = {quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1, quant.Q4_K, quant.Q5_K, quant.Q6_K}
 
 
 def random_rows(weight_type: int, n: int, k: int, seed: int) -> QuantWeight:
     """n rows of random well-formed blocks: any quant bits, scales fp16 of a plausible size
-    (Q4_1's and the K-quants' second field, the min, may be negative for Q4_1)."""
+    (Q4_1's, Q5_1's and the K-quants' second field, the min, negative for Q4_1 and Q5_1)."""
     rng = np.random.default_rng(seed)
     if weight_type in (quant.F16, quant.BF16, quant.F32):
         w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32))
@@ -42,8 +44,8 @@ def random_rows(weight_type: int, n: int, k: int, seed: int) -> QuantWeight:
     blocks = rng.integers(0, 256, size=(n, k // elems, nbytes), dtype=np.uint8)
     for off in _FP16_FIELDS[weight_type]:
         scale = rng.uniform(0.002, 0.05, size=blocks.shape[:2]).astype(np.float16)
-        if weight_type == quant.Q4_1 and off == 2:
-            scale = -scale * 8
+        if weight_type in (quant.Q4_1, quant.Q5_1) and off == 2:
+            scale = -scale * (8 if weight_type == quant.Q4_1 else 16)
         blocks[:, :, off : off + 2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
     return QuantWeight(torch.from_numpy(blocks.reshape(n, -1).copy()), weight_type, k)
 
@@ -73,7 +75,7 @@ def check_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
     assert (err <= bound).all(), (err.max().item(), (err - bound).max().item())
 
 
-LEGACY = [quant.Q8_0, quant.Q4_0, quant.Q4_1]
+LEGACY = [quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1]
 SUPER = [quant.Q4_K, quant.Q5_K, quant.Q6_K]
 SIXTEEN_BIT = [quant.F16, quant.BF16, quant.F32]
 
@@ -139,12 +141,12 @@ def test_bad_inputs_raise():
     with pytest.raises(RuntimeError, match="weight must be"):
         torch.ops.lenserve.quant_linear(torch.randn(2, 64), w.data, w.weight_type, 9, None)
     with pytest.raises(RuntimeError, match="not supported"):
-        torch.ops.lenserve.quant_linear(torch.randn(2, 64), w.data, 6, 8, None)  # Q5_0
+        torch.ops.lenserve.quant_linear(torch.randn(2, 64), w.data, 20, 8, None)  # IQ4_NL
     with pytest.raises(RuntimeError, match="out of"):
         torch.ops.lenserve.quant_embedding(torch.tensor([8]), w.data, w.weight_type, 64)
 
 
-@pytest.mark.parametrize("weight_type", [quant.Q4_1, quant.Q8_0, quant.Q4_K])
+@pytest.mark.parametrize("weight_type", [quant.Q4_1, quant.Q8_0, quant.Q5_0, quant.Q5_1, quant.Q4_K])
 def test_row_result_does_not_depend_on_batch(weight_type):
     """One row alone (decode path) and inside 40 rows (panel path) agree to fp32 rounding."""
     k = 512
@@ -176,7 +178,7 @@ def test_interleaving_is_the_documented_layout(weight_type):
     assert not random_rows(weight_type, 12, 64, 1).can_interleave()
     with pytest.raises(RuntimeError, match="multiple of 8"):
         torch.ops.lenserve.quant_interleave(random_rows(weight_type, 12, 64, 1).data, weight_type)
-    with pytest.raises(RuntimeError, match="only Q8_0, Q4_0 and Q4_1"):
+    with pytest.raises(RuntimeError, match="only Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1"):
         torch.ops.lenserve.quant_interleave(random_rows(quant.Q4_K, 8, 256, 1).data, quant.Q4_K)
 
 

@@ -94,9 +94,10 @@ HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 256, 512, 2, 4, 2
 
 def _random_blocks(rng, qtype, rows, cols) -> np.ndarray:
     """Well-formed K-quant blocks (gguf cannot quantize these): any bits, small fp16 scales."""
+    T = gguf.GGMLQuantizationType
     elems, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(rows, cols // elems, nbytes), dtype=np.uint8)
-    offsets = [208] if qtype == gguf.GGMLQuantizationType.Q6_K else [0, 2]
+    offsets = {T.Q6_K: [208], T.Q2_K: [80, 82]}.get(qtype, [0, 2])
     for off in offsets:
         scale = rng.uniform(0.0005, 0.002, size=blocks.shape[:2]).astype(np.float16)
         blocks[:, :, off : off + 2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
@@ -127,7 +128,7 @@ def _write_gguf(path: str) -> None:
     rng = np.random.default_rng(0)
 
     def add(name, rows, cols, qtype, scale=0.06):
-        if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+        if qtype in (T.Q2_K, T.Q4_K, T.Q5_K, T.Q6_K):
             w.add_tensor(name, _random_blocks(rng, qtype, rows, cols), raw_dtype=qtype)
             return
         data = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
@@ -139,10 +140,10 @@ def _write_gguf(path: str) -> None:
     add("token_embd.weight", vocab, HIDDEN, T.Q8_0, scale=1.0)
     w.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
     kv = HIDDEN // HEADS * KV_HEADS
-    # q/k/v of three types: the fused projection runs as parts; Q5_0 has no kernel (fp16 fallback)
+    # q/k/v of three types: the fused projection runs as parts; Q2_K has no kernel (fp16 fallback)
     types = [
         dict(attn_q=T.Q4_K, attn_k=T.Q5_K, attn_v=T.Q6_K, attn_output=T.Q4_0, ffn_gate=T.Q4_1, ffn_up=T.Q4_1, ffn_down=T.Q8_0),
-        dict(attn_q=T.Q8_0, attn_k=T.Q8_0, attn_v=T.Q8_0, attn_output=T.F16, ffn_gate=T.Q4_K, ffn_up=T.Q4_K, ffn_down=T.Q5_0),
+        dict(attn_q=T.Q8_0, attn_k=T.Q5_0, attn_v=T.Q5_1, attn_output=T.F16, ffn_gate=T.Q4_K, ffn_up=T.Q4_K, ffn_down=T.Q2_K),
     ]
     shapes = dict(attn_q=(HIDDEN, HIDDEN), attn_k=(kv, HIDDEN), attn_v=(kv, HIDDEN), attn_output=(HIDDEN, HIDDEN),
                   ffn_gate=(FFN, HIDDEN), ffn_up=(FFN, HIDDEN), ffn_down=(HIDDEN, FFN))
@@ -162,9 +163,10 @@ def test_small_gguf_of_every_type_loads_and_serves(tmp_path, caplog):
     _write_gguf(path)
     with caplog.at_level(logging.INFO, logger="lenserve"):
         native = LLM(model=path, weights_dtype="native", max_num_seqs=4, max_model_len=256, kv_cache_memory_gb=0.05)
-    assert "Q5_0 have no native kernel" in caplog.text
+    assert "Q2_K have no native kernel" in caplog.text
     model = native.engine.model
     assert [p.type_name for p in model.layers[0].qkv_proj.parts] == ["Q4_K", "Q5_K", "Q6_K"]
+    assert [p.type_name for p in model.layers[1].qkv_proj.parts] == ["Q8_0x8", "Q5_0x8", "Q5_1x8"]
     assert model.layers[1].down_proj.parts[0].type_name == "F16"
     cfg, weights, _, _ = load_model_files(path)
     ref = LlamaModel.from_weights(cfg, weights, torch.float32, torch.device("cpu"))
