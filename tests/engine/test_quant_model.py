@@ -292,3 +292,35 @@ def test_decode_layer_rejects_malformed_inputs(native_llm):
                                          cfg.num_heads + 1, cfg.num_kv_heads, cfg.head_dim, tail[3], caches, caches, *meta)
     out = stack(h)  # well-formed: two layers run
     assert out.shape == h.shape and torch.isfinite(out).all()
+
+
+# ---- the embedded model's weights as a Q4_K_M file holds 576-wide matrices: Q5_0 (or Q5_1) ------
+
+
+@pytest.fixture(scope="module", params=["Q5_0", "Q5_1"])
+def q5_file(request, tmp_path_factory):
+    from benchmarks.requant_gguf import requantize
+
+    path = str(tmp_path_factory.mktemp("q5") / f"smollm2-{request.param}.gguf")
+    report = requantize(find_embedded_gguf(), path, matrix_type=request.param, progress=False)
+    assert report["tensors"][request.param] == 210  # every layer matrix
+    return request.param, path
+
+
+def test_q5_weights_agree_with_fp32_to_first_near_tie(q5_file, test_prompts):
+    """Real weights in Q5_0 / Q5_1, served natively (interleaved, integer dots) against the same
+    file dequantized to fp32: greedy tokens to the first near tie, perplexity within 0.5%."""
+    qtype, path = q5_file
+    kw = dict(max_num_seqs=16, max_model_len=1024, kv_cache_memory_gb=0.2)
+    native, ref = LLM(model=path, weights_dtype="native", **kw), LLM(model=path, weights_dtype="fp32", **kw)
+    assert [p.type_name for p in native.engine.model.layers[0].qkv_proj.parts] == [qtype + "x8"]
+    prompts = test_prompts[:16]
+    params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=5, ignore_eos=True)
+    same = 0
+    for n, r in zip(native.generate(prompts, params), ref.generate(prompts, params)):
+        a, b = n.outputs[0], r.outputs[0]
+        same += check_logprobs_close(b.token_ids, b.logprobs, a.token_ids, a.logprobs, "fp32", qtype) is None
+    assert same >= 12, same
+    ids = native.engine.tokenizer.encode("\n\n".join(test_prompts[100:140]))[:600]
+    ppl, ppl_ref = _perplexity(native.engine.model, ids), _perplexity(ref.engine.model, ids)
+    assert abs(ppl / ppl_ref - 1) < 0.005, (ppl, ppl_ref)
