@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, best_ms, machine, stream_completion, write_result  # noqa: E402
+from common import ROOT, best_ms, machine, save_figure, stream_completion, write_result  # noqa: E402
 
 from lenserve.server.process import ServerProcess, free_port  # noqa: E402
 from lenserve.engine.quant import kernel_isa  # noqa: E402
@@ -489,12 +489,7 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("tok/s, one sequence (native weights)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    machine_info = result["machine"]
-    fig.suptitle(f"lenserve vs llama-server on {result['gguf']}, {machine_info.get('cpu', '?')} "
-                 f"({machine_info.get('cores', '?')} cores)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"lenserve vs llama-server on {result['gguf']}", result["machine"])
 
 
 def _plot_beside(result: dict, json_path: str) -> str:

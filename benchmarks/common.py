@@ -43,6 +43,17 @@ def machine() -> dict:
     return info
 
 
+def save_figure(fig, path: str, title: str, machine_info: dict) -> None:
+    """Titles a benchmark's figure with the machine it ran on (its numbers compare only there),
+    writes it as a PNG and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(f"{title}, {machine_info.get('cpu', '?')} ({machine_info.get('cores', '?')} cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def best_ms(fn, reps: int) -> float:
     """fn's best time of `reps` calls after one warm-up call, in ms (a shared machine's neighbours
     only ever slow a call down, so the best is the least disturbed)."""

@@ -1,0 +1,151 @@
+"""The embedded SmolLM2 in the GGUF types people's files hold, served natively on CPU: the file's own
+Q4_1, and the same weights requantized to Q5_0 / Q5_1 (benchmarks/requant_gguf.py; what a Q4_K_M /
+Q5_K_M file holds for 576-wide rows), each beside Q5_0 held as fp16 rows, as the engine held it
+before it had Q5 kernels. Each configuration runs in a fresh process: weight bytes, VmHWM after
+load, prefill tok/s (10 prompts of 200 tokens in one step), batch-1 decode tok/s (best of 3 runs)
+and decode-only step times at batch 8 and 32.
+
+    python benchmarks/bench_gguf_types.py [--out bench_gguf_types_cpu.json] [--plot-from JSON]
+
+Prints JSON and writes it (and a PNG beside it) under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, save_figure, write_result  # noqa: E402
+
+_CHILD = r"""
+import json, sys, time
+import numpy as np
+sys.path.insert(0, {bench_dir!r})
+path, held_as_fp16 = sys.argv[1], sys.argv[2] == "1"
+if held_as_fp16:  # the engine before Q5 kernels: Q5_0 / Q5_1 matrices became fp16 rows at load
+    from lenserve.engine import loader_gguf, quant
+    loader_gguf.KERNEL_TYPES = loader_gguf.KERNEL_TYPES - {{quant.Q5_0, quant.Q5_1}}
+from bench_peers import _prompts
+from lenserve import LLM, SamplingParams
+
+def kb(key):
+    return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)][0]
+
+llm = LLM(model=path, weights_dtype="native", max_num_seqs=64, max_num_batched_tokens=2048, enable_prefix_caching=False)
+hwm_mb = kb("VmHWM") / 1024
+eng = llm.engine
+prompts = _prompts(40, 200)
+one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+llm.generate(prompts[:1], one)
+prefill = []
+for _ in range(3):
+    t0 = time.perf_counter()
+    llm.generate(prompts[:10], one)
+    prefill.append(time.perf_counter() - t0)
+new = {new_tokens}
+params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+runs = []
+for i in range(3):
+    eng.add_request(f"d{{i}}", prompts[i], params)
+    eng.step()  # its prefill
+    t0 = time.perf_counter()
+    while eng.has_unfinished_requests():
+        eng.step()
+    runs.append((new - 1) / (time.perf_counter() - t0))
+steps = {{}}
+for b in (8, 32):
+    times = []
+    for i in range(b):
+        eng.add_request(f"b{{b}}-{{i}}", prompts[i], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        t0 = time.perf_counter()
+        eng.step()
+        if eng.last_stats.num_prompt_tokens == 0:
+            times.append(time.perf_counter() - t0)
+    steps[str(b)] = round(1e3 * float(np.median(times)), 2)
+types = sorted({{p.type_name for layer in eng.model.layers for lin in (layer.qkv_proj, layer.down_proj) for p in lin.parts}})
+print(json.dumps(dict(weight_bytes=eng.model.num_bytes(), vmhwm_mb=round(hwm_mb, 1), layer_types=types,
+                      prefill_tok_s=round(2000 / min(prefill), 1), decode_batch1_tok_s=round(max(runs), 1),
+                      decode_batch1_tok_s_runs=[round(r, 1) for r in runs], decode_step_ms=steps)))
+"""
+
+
+def _run(path: str, held_as_fp16: bool, new_tokens: int) -> dict:
+    code = _CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), new_tokens=new_tokens)
+    out = subprocess.run([sys.executable, "-c", code, path, "1" if held_as_fp16 else "0"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["configs"])
+    rows = [result["configs"][n] for n in names]
+    panels = [("batch-1 decode tok/s", [r["decode_batch1_tok_s"] for r in rows]),
+              ("batch-32 decode tok/s", [32e3 / r["decode_step_ms"]["32"] for r in rows]),
+              ("prefill tok/s", [r["prefill_tok_s"] for r in rows]),
+              ("VmHWM after load (MiB)", [r["vmhwm_mb"] for r in rows])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2))
+    colors = ["tab:blue" if "fp16" not in n else "tab:gray" for n in names]
+    for ax, (title, values) in zip(axes, panels):
+        ax.bar(range(len(names)), values, color=colors)
+        labels = [n.replace(" (the file's own)", "\n(the file's)").replace(", native", "\nnative")
+                  .replace(", held as fp16 rows (before)", "\nas fp16 rows\n(before)") for n in names]
+        ax.set_xticks(range(len(names)), labels, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    isa = result["machine"].get("cpu_kernel_isa", "?")
+    save_figure(fig, path, f"SmolLM2-135M by GGUF type, lenserve on CPU ({isa} kernels)", result["machine"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench_gguf_types_cpu.json")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--plot-from", default=None, help="redraw the PNG of an earlier run's JSON, run nothing")
+    args = ap.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            plot(json.load(f), os.path.splitext(args.plot_from)[0] + ".png")
+        return
+    from tqdm import tqdm
+
+    from requant_gguf import requantize
+    from lenserve.engine.loader_gguf import find_embedded_gguf
+
+    src = find_embedded_gguf()
+    configs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"Q4_1 (the file's own)": (src, False)}
+        for qtype in ("Q5_0", "Q5_1"):
+            path = os.path.join(tmp, f"smollm2-{qtype}.gguf")
+            requantize(src, path, matrix_type=qtype, progress=False)
+            files[f"{qtype}, native"] = (path, False)
+            files[f"{qtype}, held as fp16 rows (before)"] = (path, True)
+        for name, (path, fp16) in tqdm(files.items(), desc="configurations"):
+            configs[name] = _run(path, fp16, args.new_tokens)
+    base = configs["Q5_0, held as fp16 rows (before)"]
+    native = configs["Q5_0, native"]
+    result = {"machine": machine(), "new_tokens": args.new_tokens, "configs": configs,
+              "q5_0_native_over_fp16_rows": {
+                  "decode_batch1_tok_s": round(native["decode_batch1_tok_s"] / base["decode_batch1_tok_s"], 2),
+                  "decode_batch8_step_time": round(native["decode_step_ms"]["8"] / base["decode_step_ms"]["8"], 2),
+                  "decode_batch32_step_time": round(native["decode_step_ms"]["32"] / base["decode_step_ms"]["32"], 2),
+                  "prefill_tok_s": round(native["prefill_tok_s"] / base["prefill_tok_s"], 2),
+                  "vmhwm": round(native["vmhwm_mb"] / base["vmhwm_mb"], 2)}}
+    print(json.dumps(result, indent=1))
+    out = write_result(args.out, result)
+    png = os.path.splitext(out)[0] + ".png"
+    plot(result, png)
+    print("wrote", out, png)
+
+
+if __name__ == "__main__":
+    main()
