@@ -20,9 +20,9 @@ if TYPE_CHECKING:  # numpy only where a GGUF is read: the engine path imports wi
 # ggml types the kernels read as they are (gguf.GGMLQuantizationType values).
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 KERNEL_TYPES = {F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K}
-# Added to Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1: the rows are interleaved eight at a time (csrc/cpu/quant_blocks.h).
+# Added to Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K: the rows are interleaved eight at a time (csrc/cpu/quant_blocks.h).
 INTERLEAVED = 1024
-INTERLEAVABLE = {Q8_0, Q4_0, Q4_1, Q5_0, Q5_1}
+INTERLEAVABLE = {Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K}
 _BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
 
 
@@ -124,7 +124,7 @@ class QuantWeight:
 
 
 def deinterleave(data: np.ndarray, weight_type: int) -> np.ndarray:
-    """uint8 [N, row_bytes] interleaved rows of a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 matrix back in file
+    """uint8 [N, row_bytes] interleaved rows of a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K matrix back in file
     layout: an independent statement of the layout in csrc/cpu/quant_interleaved.cpp (the tests
     check the kernel's in-place interleaving against it)."""
     import numpy as np
@@ -136,6 +136,21 @@ def deinterleave(data: np.ndarray, weight_type: int) -> np.ndarray:
     blocks = data.reshape(g, nb, 8 * bb)  # [group, block, interleaved bytes]
     out = np.empty((g, 8, nb, bb), dtype=np.uint8)  # [group, row, block, file bytes]
     out[..., 0:2] = blocks[..., 0:16].reshape(g, nb, 8, 2).transpose(0, 2, 1, 3)  # d
+    if weight_type == Q4_K:
+        out[..., 2:4] = blocks[..., 16:32].reshape(g, nb, 8, 2).transpose(0, 2, 1, 3)  # dmin
+        lo = blocks[..., 32:96].reshape(g, nb, 8, 8).astype(np.int32)  # [group, block, sub-block j, row]
+        hi = blocks[..., 96:128].reshape(g, nb, 4, 1, 8).astype(np.int32) >> np.array([0, 4]).reshape(1, 1, 1, 2, 1)
+        hi = hi.reshape(g, nb, 8, 8)  # sub-block j = 2t + (0, 1)
+        sc = ((lo & 15) | (hi & 3) << 4).transpose(0, 3, 1, 2)  # [group, row, block, j], 6 bits
+        mn = ((lo >> 4) | ((hi >> 2) & 3) << 4).transpose(0, 3, 1, 2)
+        # the file's 12 bytes (ggml's get_scale_min_k4 read backwards)
+        out[..., 4:8] = sc[..., :4] | (sc[..., 4:] >> 4) << 6
+        out[..., 8:12] = mn[..., :4] | (mn[..., 4:] >> 4) << 6
+        out[..., 12:16] = (sc[..., 4:] & 15) | (mn[..., 4:] & 15) << 4
+        # chunk 16t + p, byte 2r + e -> file qs byte 32t + 2p + e of row r
+        q = blocks[..., 128:].reshape(g, nb, 4, 16, 8, 2)
+        out[..., 16:] = q.transpose(0, 4, 1, 2, 3, 5).reshape(g, 8, nb, 128)
+        return out.reshape(n, rb)
     at, qs_at = 16, 2  # where the next field lies: interleaved, file
     if weight_type in (Q4_1, Q5_1):
         out[..., 2:4] = blocks[..., 16:32].reshape(g, nb, 8, 2).transpose(0, 2, 1, 3)  # m

@@ -27,7 +27,7 @@ enum Type : int64_t {
   kQ5_K = 13,
   kQ6_K = 14,
   kBF16 = 30,
-  // Added to Q8_0, Q4_0 or Q4_1: rows interleaved eight at a time (quant_interleaved.cpp).
+  // Added to Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or Q4_K: rows interleaved eight at a time (quant_interleaved.cpp).
   kInterleaved = 1024,
 };
 
@@ -93,6 +93,17 @@ static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(Block
 static_assert(sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24, "5-bit legacy block sizes");
 static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210, "K-quant block sizes");
 
+// The j-th (0..7) 6-bit scale and min of a Q4_K / Q5_K super-block's packed `scales`.
+inline void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
 // Activations of the integer dot products: one row quantized per 32 elements to int16 with
 // fp32 d = max|x| / kActMax and s = d * sum(q) (llama.cpp's Q8_1 at 16 bits; quant_legacy.cpp
 // says why 16).
@@ -151,6 +162,9 @@ constexpr int kTileRows = 4;
 void interleave_rows(int64_t type, uint8_t* data, int64_t N, int64_t row_bytes);
 // Rows r0..r1-1 (of 8) of one interleaved group as fp32: rows[(r - r0) * ldr + k].
 void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, int r1, float* rows, int64_t ldr);
+// The 8 rows of one interleaved group as 8 columns of a panel: panel[k * ldp + r] for k < nb * 32,
+// where the CPU has a direct kernel for the type (AVX2, Q4_K); false (nothing written) otherwise.
+bool panel_from_group_x8(int64_t type, const uint8_t* group, int64_t nb, float* panel, int64_t ldp);
 // out[m * N + n] = dot(W row n, x row m) for M activation rows (nb blocks each, back to back) and
 // the rows n of groups g0..g1-1 (8 g0 .. 8 g1 - 1) of N (a multiple of 8) interleaved rows of
 // `type` (the file type), on the calling thread (decode_cols splits the groups over threads).

@@ -21,6 +21,13 @@
 //                           h[p] holds chunk p's fifth bits: bit 16 e + r that of row r's element
 //                           2p + e (the low nibble of byte 2r + e), bit 16 e + 8 + r that of its
 //                           element 16 + 2p + e (the high nibble)
+//   Q4_Kx8 (1152 B / super-block of 256): d[8] fp16 | dmin[8] fp16 | lo[8][8] | hi[4][8] |
+//                           64 chunks of 16 B
+//                           lo[j][r] = (sc & 15) | (mn & 15) << 4 of row r's sub-block j, hi[t][r] =
+//                           sc >> 4 | (mn >> 4) << 2 of sub-block 2t, and of 2t + 1 shifted by 4 (the
+//                           file's 12 packed bytes of 6-bit scales and mins, arranged by row);
+//                           chunk 16 t + p: byte 2r + e = file qs byte 32 t + 2p + e of row r (low
+//                           nibble: element 2p + e of sub-block 2t; high: of sub-block 2t + 1)
 // A 16-byte chunk widened to int16 is then the 8 rows' element pairs, one pair per 32-bit lane.
 // h[p] broadcast to every 32-bit lane puts, in int16 lane 2r + e, the half e of it that holds both
 // fifth bits of that lane: one AND against a constant per lane (bit r, or bit 8 + r) finds them.
@@ -42,7 +49,7 @@ namespace quant {
 bool is_interleaved(int64_t type) { return (type & kInterleaved) != 0; }
 int64_t base_type(int64_t type) { return type & ~kInterleaved; }
 bool can_interleave(int64_t type) {
-  return type == kQ8_0 || type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1;
+  return type == kQ8_0 || type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1 || type == kQ4_K;
 }
 
 namespace {
@@ -59,9 +66,11 @@ constexpr int64_t file_block_bytes(int64_t type) {
     case kQ4_0: return sizeof(BlockQ4_0);
     case kQ4_1: return sizeof(BlockQ4_1);
     case kQ5_0: return sizeof(BlockQ5_0);
-    default: return sizeof(BlockQ5_1);
+    case kQ5_1: return sizeof(BlockQ5_1);
+    default: return sizeof(BlockQ4_K);
   }
 }
+constexpr int64_t kQ4KHeader = 128;  // Q4_Kx8's bytes before the chunks
 // Chunk p's fifth-bit word of an interleaved Q5 block b (h[p] in the layout above).
 inline uint32_t chunk_high_bits(const uint8_t* b, int64_t type, int64_t p) {
   uint32_t h;
@@ -105,9 +114,31 @@ BlockFields fields_of(int64_t type, const uint8_t* block) {
   }
 }
 
+// One Q4_K super-block of 8 file rows (block i of rows[r] -> row r) into the Q4_Kx8 layout at dst.
+void interleave_q4k(const uint8_t* rows, int64_t row_bytes, int64_t i, uint8_t* dst) {
+  std::memset(dst + 96, 0, 32);
+  for (int r = 0; r < 8; ++r) {
+    const auto& b = reinterpret_cast<const BlockQ4_K*>(rows + r * row_bytes)[i];
+    std::memcpy(dst + 2 * r, &b.d, 2);
+    std::memcpy(dst + 16 + 2 * r, &b.dmin, 2);
+    for (int j = 0; j < 8; ++j) {
+      uint8_t sc, mn;
+      scale_min_k4(j, b.scales, &sc, &mn);
+      dst[32 + 8 * j + r] = static_cast<uint8_t>((sc & 15) | (mn & 15) << 4);
+      dst[96 + 8 * (j / 2) + r] |= static_cast<uint8_t>(((sc >> 4) | (mn >> 4) << 2) << (4 * (j % 2)));
+    }
+    for (int t = 0; t < 4; ++t)
+      for (int p = 0; p < 16; ++p) std::memcpy(dst + kQ4KHeader + 16 * (16 * t + p) + 2 * r, b.qs + 32 * t + 2 * p, 2);
+  }
+}
+
 // One group: 8 file rows (rows[r] -> row r) into the interleaved layout at out.
 void interleave_group(int64_t type, const uint8_t* rows, int64_t row_bytes, int64_t nb, uint8_t* out) {
   const int64_t bb = block_bytes(type), hb = header_bytes(type);
+  if (type == kQ4_K) {
+    for (int64_t i = 0; i < nb; ++i) interleave_q4k(rows, row_bytes, i, out + i * 8 * bb);
+    return;
+  }
   for (int64_t i = 0; i < nb; ++i) {
     uint8_t* dst = out + i * 8 * bb;
     uint32_t h[8] = {};
@@ -143,8 +174,42 @@ void interleave_rows(int64_t type, uint8_t* data, int64_t N, int64_t row_bytes) 
   });
 }
 
+namespace {
+
+// Row r's 6-bit scale and min of sub-block j of a Q4_Kx8 super-block b.
+inline void q4k_scale_min(const uint8_t* b, int r, int j, int* sc, int* mn) {
+  const int lo = b[32 + 8 * j + r], hi = b[96 + 8 * (j / 2) + r] >> (4 * (j % 2));
+  *sc = (lo & 15) | (hi & 3) << 4;
+  *mn = lo >> 4 | ((hi >> 2) & 3) << 4;
+}
+
+}  // namespace
+
 void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, int r1, float* rows, int64_t ldr) {
   const int64_t bb = block_bytes(type), hb = header_bytes(type);
+  if (type == kQ4_K) {  // nb counts blocks of 32: nb / 8 super-blocks; as dequant_row_q4_k computes
+    for (int64_t i = 0; i < nb / 8; ++i) {
+      const uint8_t* b = group + i * 8 * bb;
+      const auto* d = reinterpret_cast<const uint16_t*>(b);
+      const auto* dmin = reinterpret_cast<const uint16_t*>(b + 16);
+      for (int r = r0; r < r1; ++r) {
+        float* out = rows + (r - r0) * ldr + i * QK_K;
+        const float dr = fp16_to_float(d[r]), mr = fp16_to_float(dmin[r]);
+        for (int j = 0; j < 8; ++j) {
+          int sc, mn;
+          q4k_scale_min(b, r, j, &sc, &mn);
+          const float dj = dr * static_cast<float>(sc), cj = mr * static_cast<float>(mn);
+          const int t = j / 2, shift = 4 * (j % 2);
+          for (int p = 0; p < 16; ++p)
+            for (int e = 0; e < 2; ++e) {
+              const uint8_t q = b[kQ4KHeader + 16 * (16 * t + p) + 2 * r + e];
+              out[32 * j + 2 * p + e] = dj * static_cast<float>((q >> shift) & 15) - cj;
+            }
+        }
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < nb; ++i) {
     const uint8_t* b = group + i * 8 * bb;
     const auto* d = reinterpret_cast<const uint16_t*>(b);
@@ -176,6 +241,91 @@ void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, in
 }
 
 namespace {
+
+#ifdef LENSERVE_AVX2
+// Rows' d * sc and dmin * mn of sub-blocks 2t and 2t + 1 of a Q4_Kx8 super-block b, one row a lane
+// (wd, wmin: the rows' d and dmin).
+inline void q4k_scales(const uint8_t* b, int t, __m256 wd, __m256 wmin, __m256* s0, __m256* m0, __m256* s1, __m256* m1) {
+  const __m256i lo0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 32 + 16 * t)));
+  const __m256i lo1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 40 + 16 * t)));
+  const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 96 + 8 * t)));
+  const __m256i f = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3);
+  const auto top = [&](int shift) { return _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hi, shift), three), 4); };
+  *s0 = _mm256_mul_ps(wd, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo0, f), top(0))));
+  *m0 = _mm256_mul_ps(wmin, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo0, 4), top(2))));
+  *s1 = _mm256_mul_ps(wd, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo1, f), top(4))));
+  *m1 = _mm256_mul_ps(wmin, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo1, 4), top(6))));
+}
+
+// MR activation rows against one group of 8 interleaved Q4_K rows: out[m * ldo + r]. Per sub-block
+// j of super-block i and row: d * sc * xd * dot - dmin * mn * xs, as the file-row kernel.
+template <int MR>
+void group_tile_q4k(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
+  __m256 accf[MR];
+  for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
+  const __m128i mask = _mm_set1_epi8(0xF);
+  for (int64_t i = 0; i < nb / 8; ++i) {
+    const uint8_t* b = group + i * 8 * sizeof(BlockQ4_K);
+    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    const __m256 wmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+    for (int t = 0; t < 4; ++t) {
+      const uint8_t* qs = b + kQ4KHeader + 256 * t;
+      const BlockQAct* x0 = xq + 8 * i + 2 * t;  // sub-block 2t of row m: x0[m * nb], 2t + 1: x0[m * nb + 1]
+      __m256i acc0[MR], acc1[MR];
+      for (int m = 0; m < MR; ++m) acc0[m] = acc1[m] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+      for (int p = 0; p < 16; ++p) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+        for (int m = 0; m < MR; ++m) {
+          int32_t p0, p1;
+          std::memcpy(&p0, x0[m * nb].qs + 2 * p, 4);
+          std::memcpy(&p1, x0[m * nb + 1].qs + 2 * p, 4);
+          acc0[m] = _mm256_add_epi32(acc0[m], _mm256_madd_epi16(lo, _mm256_set1_epi32(p0)));
+          acc1[m] = _mm256_add_epi32(acc1[m], _mm256_madd_epi16(hi, _mm256_set1_epi32(p1)));
+        }
+      }
+      __m256 s0, m0, s1, m1;
+      q4k_scales(b, t, wd, wmin, &s0, &m0, &s1, &m1);
+      for (int m = 0; m < MR; ++m) {
+        const BlockQAct& a0 = x0[m * nb];
+        const BlockQAct& a1 = x0[m * nb + 1];
+        accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc0[m]), _mm256_mul_ps(s0, _mm256_set1_ps(a0.d)), accf[m]);
+        accf[m] = _mm256_fnmadd_ps(m0, _mm256_set1_ps(a0.s), accf[m]);
+        accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc1[m]), _mm256_mul_ps(s1, _mm256_set1_ps(a1.d)), accf[m]);
+        accf[m] = _mm256_fnmadd_ps(m1, _mm256_set1_ps(a1.s), accf[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(out + m * ldo, accf[m]);
+}
+#else
+template <int MR>
+void group_tile_q4k(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
+  float acc[MR][8] = {};
+  for (int64_t i = 0; i < nb / 8; ++i) {
+    const uint8_t* b = group + i * 8 * sizeof(BlockQ4_K);
+    const auto* d = reinterpret_cast<const uint16_t*>(b);
+    const auto* dmin = reinterpret_cast<const uint16_t*>(b + 16);
+    for (int r = 0; r < 8; ++r)
+      for (int j = 0; j < 8; ++j) {
+        int sc, mn;
+        q4k_scale_min(b, r, j, &sc, &mn);
+        const float dj = fp16_to_float(d[r]) * static_cast<float>(sc), cj = fp16_to_float(dmin[r]) * static_cast<float>(mn);
+        const int t = j / 2, shift = 4 * (j % 2);
+        for (int m = 0; m < MR; ++m) {
+          const BlockQAct& a = xq[m * nb + 8 * i + j];
+          int dot = 0;
+          for (int p = 0; p < 16; ++p)
+            for (int e = 0; e < 2; ++e) dot += ((b[kQ4KHeader + 16 * (16 * t + p) + 2 * r + e] >> shift) & 15) * a.qs[2 * p + e];
+          acc[m][r] += dj * a.d * static_cast<float>(dot) - cj * a.s;
+        }
+      }
+  }
+  for (int m = 0; m < MR; ++m) std::memcpy(out + m * ldo, acc[m], 8 * sizeof(float));
+}
+#endif
 
 #ifdef LENSERVE_AVX2
 // MR activation rows (xq, nb blocks apart) against one group of 8 interleaved rows: out[m * ldo + r].
@@ -283,14 +433,20 @@ void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* ou
 }
 #endif
 
+template <int64_t TYPE, int MR>
+void tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
+  if constexpr (TYPE == kQ4_K) group_tile_q4k<MR>(group, xq, nb, out, ldo);
+  else group_tile<TYPE, MR>(group, xq, nb, out, ldo);
+}
+
 template <int64_t TYPE>
 void group_rows(const uint8_t* group, const BlockQAct* xq, int64_t nb, int64_t M, float* out, int64_t ldo) {
   int64_t m = 0;
-  for (; m + kTileRows <= M; m += kTileRows) group_tile<TYPE, kTileRows>(group, xq + m * nb, nb, out + m * ldo, ldo);
+  for (; m + kTileRows <= M; m += kTileRows) tile<TYPE, kTileRows>(group, xq + m * nb, nb, out + m * ldo, ldo);
   switch (M - m) {
-    case 1: group_tile<TYPE, 1>(group, xq + m * nb, nb, out + m * ldo, ldo); break;
-    case 2: group_tile<TYPE, 2>(group, xq + m * nb, nb, out + m * ldo, ldo); break;
-    case 3: group_tile<TYPE, 3>(group, xq + m * nb, nb, out + m * ldo, ldo); break;
+    case 1: tile<TYPE, 1>(group, xq + m * nb, nb, out + m * ldo, ldo); break;
+    case 2: tile<TYPE, 2>(group, xq + m * nb, nb, out + m * ldo, ldo); break;
+    case 3: tile<TYPE, 3>(group, xq + m * nb, nb, out + m * ldo, ldo); break;
     default: break;
   }
 }
@@ -319,6 +475,41 @@ std::string kernel_isa() {
 
 bool use_vnni() { return vnni_flag().load(std::memory_order_relaxed) != 0; }
 
+bool panel_from_group_x8(int64_t type, const uint8_t* group, int64_t nb, float* panel, int64_t ldp) {
+#ifdef LENSERVE_AVX2
+  if (type != kQ4_K) return false;
+  // A chunk's byte 2r + e holds element 2p + e of row r: its even bytes are one element of the 8
+  // rows, its odd bytes the next, which are 8 consecutive floats of two panel rows.
+  const __m128i even_odd = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m128i mask = _mm_set1_epi8(0xF);
+  const auto put = [&](float* dst, __m128i q8, __m256 scale, __m256 offset) {  // d * sc * q - dmin * mn, as dequant_row_q4_k
+    _mm256_storeu_ps(dst, _mm256_sub_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8))), offset));
+  };
+  for (int64_t i = 0; i < nb / 8; ++i) {
+    const uint8_t* b = group + i * 8 * sizeof(BlockQ4_K);
+    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    const __m256 wmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+    for (int t = 0; t < 4; ++t) {
+      __m256 s0, m0, s1, m1;
+      q4k_scales(b, t, wd, wmin, &s0, &m0, &s1, &m1);
+      float* dst = panel + (QK_K * i + 64 * t) * ldp;  // element 0 of sub-block 2t; 2t + 1 is 32 further
+      for (int p = 0; p < 16; ++p, dst += 2 * ldp) {
+        const __m128i v = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kQ4KHeader + 256 * t + 16 * p)), even_odd);
+        const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        put(dst, lo, s0, m0);
+        put(dst + ldp, _mm_srli_si128(lo, 8), s0, m0);
+        put(dst + 32 * ldp, hi, s1, m1);
+        put(dst + 33 * ldp, _mm_srli_si128(hi, 8), s1, m1);
+      }
+    }
+  }
+  return true;
+#else
+  (void)type, (void)group, (void)nb, (void)panel, (void)ldp;
+  return false;
+#endif
+}
+
 void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct* xq, int64_t nb, int64_t M, int64_t N,
              int64_t g0, int64_t g1, float* out) {
   const bool vnni = use_vnni();
@@ -344,7 +535,8 @@ void gemm_x8(int64_t type, const uint8_t* w, int64_t row_bytes, const BlockQAct*
         case kQ4_0: group_rows<kQ4_0>(group, x, nb, rows, o + g * 8, N); break;
         case kQ4_1: group_rows<kQ4_1>(group, x, nb, rows, o + g * 8, N); break;
         case kQ5_0: group_rows<kQ5_0>(group, x, nb, rows, o + g * 8, N); break;
-        default: group_rows<kQ5_1>(group, x, nb, rows, o + g * 8, N); break;
+        case kQ5_1: group_rows<kQ5_1>(group, x, nb, rows, o + g * 8, N); break;
+        default: group_rows<kQ4_K>(group, x, nb, rows, o + g * 8, N); break;
       }
     }
   }

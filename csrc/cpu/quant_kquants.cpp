@@ -20,21 +20,6 @@
 
 namespace lenserve {
 namespace quant {
-namespace {
-
-// The j-th (0..7) 6-bit scale and min of a Q4_K / Q5_K super-block.
-inline void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
-  if (j < 4) {
-    *sc = q[j] & 63;
-    *m = q[j + 4] & 63;
-  } else {
-    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
-}
-
-}  // namespace
-
 void dequant_row_q4_k(const uint8_t* row, float* out, int64_t K) {
   const auto* blocks = reinterpret_cast<const BlockQ4_K*>(row);
   for (int64_t i = 0; i < K / QK_K; ++i) {

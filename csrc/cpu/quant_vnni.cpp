@@ -128,21 +128,77 @@ void group_tile_vnni(const uint8_t* group, const BlockQAct* xq, int64_t nb, floa
   for (int m = 0; m < MR; ++m) _mm256_storeu_ps(out + m * ldo, accf[m]);
 }
 
+constexpr int64_t kQ4KHeaderV = 128;  // Q4_Kx8's bytes before the chunks (quant_interleaved.cpp)
+
+// MR activation rows against one group of 8 interleaved Q4_K rows (quant_interleaved.cpp's layout
+// and sums: d * sc * xd * dot - dmin * mn * xs per sub-block and row), bit for bit the AVX2 kernel.
+template <int MR>
+void group_tile_vnni_q4k(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
+  __m256 accf[MR];
+  for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
+  const __m128i mask = _mm_set1_epi8(0xF);
+  const __m256i f = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3);
+  for (int64_t i = 0; i < nb / 8; ++i) {
+    const uint8_t* b = group + i * 8 * sizeof(BlockQ4_K);
+    const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    const __m256 wmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+    for (int t = 0; t < 4; ++t) {
+      const uint8_t* qs = b + kQ4KHeaderV + 256 * t;
+      const BlockQAct* x0 = xq + 8 * i + 2 * t;
+      __m256i acc0[MR], acc1[MR];
+      for (int m = 0; m < MR; ++m) acc0[m] = acc1[m] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int p = 0; p < 16; ++p) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+        for (int m = 0; m < MR; ++m) {
+          acc0[m] = dp_pair(acc0[m], lo, x0[m * nb].qs + 2 * p);
+          acc1[m] = dp_pair(acc1[m], hi, x0[m * nb + 1].qs + 2 * p);
+        }
+      }
+      const __m256i lo0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 32 + 16 * t)));
+      const __m256i lo1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 40 + 16 * t)));
+      const __m256i hb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 96 + 8 * t)));
+      const auto top = [&](int shift) { return _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, shift), three), 4); };
+      const __m256 s0 = _mm256_mul_ps(wd, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo0, f), top(0))));
+      const __m256 m0 = _mm256_mul_ps(wmin, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo0, 4), top(2))));
+      const __m256 s1 = _mm256_mul_ps(wd, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo1, f), top(4))));
+      const __m256 m1 = _mm256_mul_ps(wmin, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo1, 4), top(6))));
+      for (int m = 0; m < MR; ++m) {
+        const BlockQAct& a0 = x0[m * nb];
+        const BlockQAct& a1 = x0[m * nb + 1];
+        accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc0[m]), _mm256_mul_ps(s0, _mm256_set1_ps(a0.d)), accf[m]);
+        accf[m] = _mm256_fnmadd_ps(m0, _mm256_set1_ps(a0.s), accf[m]);
+        accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc1[m]), _mm256_mul_ps(s1, _mm256_set1_ps(a1.d)), accf[m]);
+        accf[m] = _mm256_fnmadd_ps(m1, _mm256_set1_ps(a1.s), accf[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm256_storeu_ps(out + m * ldo, accf[m]);
+}
+
+template <int64_t TYPE, int MR>
+void tile_vnni(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
+  if constexpr (TYPE == kQ4_K) group_tile_vnni_q4k<MR>(group, xq, nb, out, ldo);
+  else group_tile_vnni<TYPE, MR>(group, xq, nb, out, ldo);
+}
+
 template <int64_t TYPE>
 void group_rows_vnni_t(const uint8_t* group, const BlockQAct* xq, int64_t nb, int64_t M, float* out, int64_t ldo) {
   int64_t m = 0;
   for (; m + kVnniTileRows <= M; m += kVnniTileRows)
-    group_tile_vnni<TYPE, kVnniTileRows>(group, xq + m * nb, nb, out + m * ldo, ldo);
+    tile_vnni<TYPE, kVnniTileRows>(group, xq + m * nb, nb, out + m * ldo, ldo);
   const BlockQAct* x = xq + m * nb;
   float* o = out + m * ldo;
   switch (M - m) {
-    case 1: group_tile_vnni<TYPE, 1>(group, x, nb, o, ldo); break;
-    case 2: group_tile_vnni<TYPE, 2>(group, x, nb, o, ldo); break;
-    case 3: group_tile_vnni<TYPE, 3>(group, x, nb, o, ldo); break;
-    case 4: group_tile_vnni<TYPE, 4>(group, x, nb, o, ldo); break;
-    case 5: group_tile_vnni<TYPE, 5>(group, x, nb, o, ldo); break;
-    case 6: group_tile_vnni<TYPE, 6>(group, x, nb, o, ldo); break;
-    case 7: group_tile_vnni<TYPE, 7>(group, x, nb, o, ldo); break;
+    case 1: tile_vnni<TYPE, 1>(group, x, nb, o, ldo); break;
+    case 2: tile_vnni<TYPE, 2>(group, x, nb, o, ldo); break;
+    case 3: tile_vnni<TYPE, 3>(group, x, nb, o, ldo); break;
+    case 4: tile_vnni<TYPE, 4>(group, x, nb, o, ldo); break;
+    case 5: tile_vnni<TYPE, 5>(group, x, nb, o, ldo); break;
+    case 6: tile_vnni<TYPE, 6>(group, x, nb, o, ldo); break;
+    case 7: tile_vnni<TYPE, 7>(group, x, nb, o, ldo); break;
     default: break;
   }
 }
@@ -156,7 +212,8 @@ void group_rows_vnni(int64_t type, const uint8_t* group, const BlockQAct* xq, in
     case kQ4_0: group_rows_vnni_t<kQ4_0>(group, xq, nb, M, out, ldo); break;
     case kQ4_1: group_rows_vnni_t<kQ4_1>(group, xq, nb, M, out, ldo); break;
     case kQ5_0: group_rows_vnni_t<kQ5_0>(group, xq, nb, M, out, ldo); break;
-    default: group_rows_vnni_t<kQ5_1>(group, xq, nb, M, out, ldo); break;
+    case kQ5_1: group_rows_vnni_t<kQ5_1>(group, xq, nb, M, out, ldo); break;
+    default: group_rows_vnni_t<kQ4_K>(group, xq, nb, M, out, ldo); break;
   }
 }
 

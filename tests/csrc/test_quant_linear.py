@@ -77,6 +77,13 @@ def check_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
 
 LEGACY = [quant.Q8_0, quant.Q4_0, quant.Q4_1, quant.Q5_0, quant.Q5_1]
 SUPER = [quant.Q4_K, quant.Q5_K, quant.Q6_K]
+X8 = LEGACY + [quant.Q4_K]  # the types interleaved eight rows at a time
+
+
+def widths(weight_type: int, *ks: int) -> tuple[int, ...]:
+    """K values for a type: as given for 32-element blocks, each rounded up to whole 256-element
+    super-blocks for the K-quants (608 -> 768: an odd number of super-blocks)."""
+    return tuple(-(-k // 256) * 256 for k in ks) if weight_type in SUPER else ks
 SIXTEEN_BIT = [quant.F16, quant.BF16, quant.F32]
 
 
@@ -164,22 +171,23 @@ def interleaved(w: QuantWeight) -> QuantWeight:
     return x8
 
 
-@pytest.mark.parametrize("weight_type", LEGACY)
+@pytest.mark.parametrize("weight_type", X8)
 def test_interleaving_is_the_documented_layout(weight_type):
     """The kernel's in-place interleaving against quant.deinterleave, a separate numpy statement
     of the layout; the type can only be interleaved once, and only in whole groups of 8 rows."""
-    for n, k in ((8, 32), (24, 608), (304, 96)):
+    for n, k in zip((8, 24, 304), widths(weight_type, 32, 608, 96)):
         w = random_rows(weight_type, n, k, n + k)
         x8 = interleaved(w)
         assert x8.type_name == w.type_name + "x8" and x8.weight_type == weight_type | quant.INTERLEAVED
         assert not torch.equal(x8.data, w.data)
         assert np.array_equal(quant.deinterleave(x8.data.numpy(), weight_type), w.data.numpy())
         assert not x8.can_interleave()
-    assert not random_rows(weight_type, 12, 64, 1).can_interleave()
+    k = widths(weight_type, 64)[0]
+    assert not random_rows(weight_type, 12, k, 1).can_interleave()
     with pytest.raises(RuntimeError, match="multiple of 8"):
-        torch.ops.lenserve.quant_interleave(random_rows(weight_type, 12, 64, 1).data, weight_type)
-    with pytest.raises(RuntimeError, match="only Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1"):
-        torch.ops.lenserve.quant_interleave(random_rows(quant.Q4_K, 8, 256, 1).data, quant.Q4_K)
+        torch.ops.lenserve.quant_interleave(random_rows(weight_type, 12, k, 1).data, weight_type)
+    with pytest.raises(RuntimeError, match="only Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K"):
+        torch.ops.lenserve.quant_interleave(random_rows(quant.Q6_K, 8, 256, 1).data, quant.Q6_K)
 
 
 def _isas() -> list[str]:
@@ -205,30 +213,32 @@ def kernel_isa(request):
 # integer GEMM limit (256), and past it (AVX2: the fp32 panel path; VNNI: still the integer GEMM);
 # rows of W: one group, odd groups, 300+
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 9, 13, 53, 128, 256, 257])
-@pytest.mark.parametrize("weight_type", LEGACY)
+@pytest.mark.parametrize("weight_type", X8)
 def test_interleaved_linear_matches_fp64_dequantize(weight_type, m, kernel_isa):
     for n in (8, 40, 304):
-        for k in (32, 608):
+        for k in widths(weight_type, 32, 608):
             seed = weight_type * 10_000 + m * 100 + n + k
             w = interleaved(random_rows(weight_type, n, k, seed))
             x = torch.from_numpy(np.random.default_rng(seed + 1).standard_normal((m, k)).astype(np.float32))
             check_linear(x, w, torch.randn(n) if m == 5 else None)
 
 
-@pytest.mark.parametrize("weight_type", LEGACY)
+@pytest.mark.parametrize("weight_type", X8)
 def test_integer_gemm_row_does_not_depend_on_batch(weight_type, kernel_isa):
     """The integer GEMM takes x in blocks of ~128 KiB of rows (32 rows at K = 1536): a row's outputs
     are the same bits alone as at any place among 256 rows, first or last of a block or inside one."""
     k, n = 1536, 40
+    # AVX2 takes Q4_Kx8 past 40 rows to the panel path (kMaxQ4KAvx2DecodeRows in quant_linear.cpp)
+    rows = 40 if weight_type == quant.Q4_K and kernel_isa != "avx512_vnni" else 256
     w = interleaved(random_rows(weight_type, n, k, 11))
-    x = torch.randn(256, k, generator=torch.Generator().manual_seed(weight_type))
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(weight_type))
     many = torch.ops.lenserve.quant_linear(x, w.data, w.weight_type, n, None)
-    for i in (0, 31, 32, 100, 255):
+    for i in sorted({0, 31, 32, min(100, rows - 1), rows - 1}):
         one = torch.ops.lenserve.quant_linear(x[i : i + 1], w.data, w.weight_type, n, None)
         assert torch.equal(one[0], many[i]), i
 
 
-@pytest.mark.parametrize("weight_type", LEGACY)
+@pytest.mark.parametrize("weight_type", X8)
 def test_vnni_kernel_equals_avx2_bit_for_bit(weight_type):
     """The VNNI GEMM adds the same exact int32 products as AVX2's madd + add and scales them in
     the same order, so the outputs are identical, at every tile remainder (up to AVX2's limit)."""
@@ -236,8 +246,9 @@ def test_vnni_kernel_equals_avx2_bit_for_bit(weight_type):
         pytest.skip("this CPU lacks AVX-512 VNNI")
     before = torch.ops.lenserve.quant_kernel_isa("")
     try:
-        for m in (1, 3, 4, 7, 8, 9, 16, 21, 256):
-            for n, k in ((8, 32), (40, 608), (304, 96)):
+        avx2_limit = 40 if weight_type == quant.Q4_K else 256  # AVX2's integer GEMM limit (quant_linear.cpp)
+        for m in (m for m in (1, 3, 4, 7, 8, 9, 16, 21, 40, 256) if m <= avx2_limit):
+            for n, k in zip((8, 40, 304), widths(weight_type, 32, 608, 96)):
                 seed = weight_type * 1000 + m + n + k
                 w = interleaved(random_rows(weight_type, n, k, seed))
                 x = torch.from_numpy(np.random.default_rng(seed).standard_normal((m, k)).astype(np.float32))
@@ -263,7 +274,7 @@ def test_kernel_isa_switch():
     assert torch.ops.lenserve.quant_kernel_isa(current) == current
 
 
-@pytest.mark.parametrize("weight_type", LEGACY)
+@pytest.mark.parametrize("weight_type", X8)
 def test_interleaved_rows_agree_with_file_rows(weight_type):
     """Same sums as the file-layout kernels: the embedding rows exactly, the linear to fp32
     rounding (both are exact integer dots per block), one row alone or inside 160 (panel path)."""

@@ -165,7 +165,7 @@ def test_small_gguf_of_every_type_loads_and_serves(tmp_path, caplog):
         native = LLM(model=path, weights_dtype="native", max_num_seqs=4, max_model_len=256, kv_cache_memory_gb=0.05)
     assert "Q2_K have no native kernel" in caplog.text
     model = native.engine.model
-    assert [p.type_name for p in model.layers[0].qkv_proj.parts] == ["Q4_K", "Q5_K", "Q6_K"]
+    assert [p.type_name for p in model.layers[0].qkv_proj.parts] == ["Q4_Kx8", "Q5_K", "Q6_K"]
     assert [p.type_name for p in model.layers[1].qkv_proj.parts] == ["Q8_0x8", "Q5_0x8", "Q5_1x8"]
     assert model.layers[1].down_proj.parts[0].type_name == "F16"
     cfg, weights, _, _ = load_model_files(path)
