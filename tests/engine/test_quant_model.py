@@ -294,26 +294,30 @@ def test_decode_layer_rejects_malformed_inputs(native_llm):
     assert out.shape == h.shape and torch.isfinite(out).all()
 
 
-# ---- the embedded model's weights as a Q4_K_M file holds 576-wide matrices: Q5_0 (or Q5_1) ------
+# ---- the embedded model's real weights requantized: Q5_0 / Q5_1 (what Q4_K_M / Q5_K_M files hold for
+# 576-wide rows), and Q4_K where rows are whole super-blocks (ffn_down) with Q5_0 elsewhere --------
 
 
-@pytest.fixture(scope="module", params=["Q5_0", "Q5_1"])
-def q5_file(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=["Q5_0", "Q5_1", "Q4_K"])
+def requantized_file(request, tmp_path_factory):
     from benchmarks.requant_gguf import requantize
 
-    path = str(tmp_path_factory.mktemp("q5") / f"smollm2-{request.param}.gguf")
+    path = str(tmp_path_factory.mktemp("requant") / f"smollm2-{request.param}.gguf")
     report = requantize(find_embedded_gguf(), path, matrix_type=request.param, progress=False)
-    assert report["tensors"][request.param] == 210  # every layer matrix
+    # 7 matrices in each of 30 layers; Q4_K only for ffn_down (1536 wide), llama.cpp's Q5_0 fallback elsewhere
+    assert report["tensors"] == ({"Q4_K": 30, "Q5_0": 180} if request.param == "Q4_K" else {request.param: 210}) | {"Q8_0": 1, "F32": 61}
     return request.param, path
 
 
-def test_q5_weights_agree_with_fp32_to_first_near_tie(q5_file, test_prompts):
-    """Real weights in Q5_0 / Q5_1, served natively (interleaved, integer dots) against the same
-    file dequantized to fp32: greedy tokens to the first near tie, perplexity within 0.5%."""
-    qtype, path = q5_file
+def test_requantized_weights_agree_with_fp32_to_first_near_tie(requantized_file, test_prompts):
+    """Real weights in Q5_0, Q5_1 or Q4_K, served natively (interleaved, integer dots) against the
+    same file dequantized to fp32: greedy tokens to the first near tie, perplexity within 0.5%."""
+    qtype, path = requantized_file
     kw = dict(max_num_seqs=16, max_model_len=1024, kv_cache_memory_gb=0.2)
     native, ref = LLM(model=path, weights_dtype="native", **kw), LLM(model=path, weights_dtype="fp32", **kw)
-    assert [p.type_name for p in native.engine.model.layers[0].qkv_proj.parts] == [qtype + "x8"]
+    layer = native.engine.model.layers[0]
+    assert [p.type_name for p in layer.qkv_proj.parts] == [("Q5_0" if qtype == "Q4_K" else qtype) + "x8"]
+    assert [p.type_name for p in layer.down_proj.parts] == [qtype + "x8"]
     prompts = test_prompts[:16]
     params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=5, ignore_eos=True)
     same = 0
@@ -324,3 +328,16 @@ def test_q5_weights_agree_with_fp32_to_first_near_tie(q5_file, test_prompts):
     ids = native.engine.tokenizer.encode("\n\n".join(test_prompts[100:140]))[:600]
     ppl, ppl_ref = _perplexity(native.engine.model, ids), _perplexity(ref.engine.model, ids)
     assert abs(ppl / ppl_ref - 1) < 0.005, (ppl, ppl_ref)
+
+
+def test_q4_k_writer_round_trips_through_gguf_dequantize():
+    """benchmarks/requant_gguf.py's Q4_K encoder writes blocks gguf's own dequantize reads back to
+    within a 4-bit step of each 32-element sub-block (its scale (max - min) / 15 and the 6-bit scales)."""
+    from benchmarks.requant_gguf import quantize_q4_k
+
+    x = np.random.default_rng(0).standard_normal((24, 768)).astype(np.float32) * np.array([0.01, 1.0, 30.0]).repeat(8)[:, None]
+    y = gguf.quants.dequantize(quantize_q4_k(x), gguf.GGMLQuantizationType.Q4_K).reshape(x.shape)
+    sub = x.reshape(24, -1, 32)
+    step = (sub.max(-1) - np.minimum(sub.min(-1), 0)) / 15  # [rows, sub-blocks]
+    err = np.abs(y - x).reshape(24, -1, 32).max(-1)
+    assert (err <= step * 0.5 + 2.5 * step.max(-1, keepdims=True) / 63).all()
