@@ -47,8 +47,10 @@ from lenserve.engine._ext import extension
 extension()
 out = []
 for name, (n, k) in {shapes!r}.items():
-    for tname in ("Q4_K", "Q5_K", "Q6_K", "Q4_1"):
-        w = random_blocks(tname, n, k)
+    for tname in ("Q4_K", "Q4_Kx8", "Q5_K", "Q6_K", "Q4_1x8"):
+        w = random_blocks(tname.removesuffix("x8"), n, k)
+        if tname.endswith("x8"):  # interleaved eight rows at a time, as the engine holds them
+            w.interleave()
         for m in {rows!r}:
             x = torch.randn(m, k)
             ms = best_ms(lambda: torch.ops.lenserve.quant_linear(x, w.data, w.weight_type, n, None), {reps})
@@ -89,10 +91,12 @@ def _kquants(args) -> None:
         runs[label] = json.loads(out.strip().splitlines()[-1])
     speedup = {}
     for a, b in zip(runs["integer"], runs["fp32_unpacked"]):
-        if a["weights"] != "Q4_1":
+        if not a["weights"].endswith("x8"):  # the interleaved rows have no fp32-unpacked decode
             speedup[f"{a['weights']} {a['matrix']} rows={a['rows']}"] = round(b["ms"] / a["ms"], 2)
+    ms = {(a["weights"], a["matrix"], a["rows"]): a["ms"] for a in runs["integer"]}
+    x8_speedup = {f"{matrix} rows={m}": round(t / ms[("Q4_Kx8", matrix, m)], 2) for (w, matrix, m), t in ms.items() if w == "Q4_K"}
     report = dict(machine=machine(), threads=args.threads or os.cpu_count(), results=runs,
-                  integer_over_fp32_speedup=speedup)
+                  integer_over_fp32_speedup=speedup, q4_k_x8_over_file_rows_speedup=x8_speedup)
     print(json.dumps(report, indent=1))
     print("wrote", write_result(args.out or "bench_quant_linear_kquants_cpu.json", report))
 
@@ -105,7 +109,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default: bench_quant_linear_cpu.json (--kquants: bench_quant_linear_kquants_cpu.json)")
     ap.add_argument("--kquants", action="store_true",
                     help="Q4_K / Q5_K / Q6_K decode: integer dots against fp32 activations on unpacked rows "
-                         "(LENSERVE_KQUANT_DOTS=fp32, in a second process), Q4_1 beside them")
+                         "(LENSERVE_KQUANT_DOTS=fp32, in a second process), Q4_Kx8 and Q4_1x8 beside them")
     args = ap.parse_args()
     if args.kquants:
         _kquants(args)
