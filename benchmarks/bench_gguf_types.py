@@ -1,9 +1,10 @@
 """The embedded SmolLM2 in the GGUF types people's files hold, served natively on CPU: the file's own
-Q4_1, and the same weights requantized to Q5_0 / Q5_1 (benchmarks/requant_gguf.py; what a Q4_K_M /
-Q5_K_M file holds for 576-wide rows), each beside Q5_0 held as fp16 rows, as the engine held it
-before it had Q5 kernels. Each configuration runs in a fresh process: weight bytes, VmHWM after
-load, prefill tok/s (10 prompts of 200 tokens in one step), batch-1 decode tok/s (best of 3 runs)
-and decode-only step times at batch 8 and 32.
+Q4_1, and the same weights requantized (benchmarks/requant_gguf.py) to Q5_0 / Q5_1 (what Q4_K_M /
+Q5_K_M files hold for 576-wide rows) and to a Q4_K_M-like mix (Q4_K ffn_down, Q5_0 elsewhere).
+Each beside the engine before it had Q5 kernels and Q4_K interleaving: Q5 matrices held as fp16
+rows, Q4_K dotted in file rows. Each configuration runs in a fresh process: weight bytes, VmHWM
+after load, prefill tok/s (10 prompts of 200 tokens in one step), batch-1 decode tok/s (best of 3
+runs) and decode-only step times at batch 8 and 32.
 
     python benchmarks/bench_gguf_types.py [--out bench_gguf_types_cpu.json] [--plot-from JSON]
 
@@ -25,10 +26,11 @@ _CHILD = r"""
 import json, sys, time
 import numpy as np
 sys.path.insert(0, {bench_dir!r})
-path, held_as_fp16 = sys.argv[1], sys.argv[2] == "1"
-if held_as_fp16:  # the engine before Q5 kernels: Q5_0 / Q5_1 matrices became fp16 rows at load
+path, before = sys.argv[1], sys.argv[2] == "before"
+if before:  # the engine before Q5 kernels and Q4_K interleaving
     from lenserve.engine import loader_gguf, quant
-    loader_gguf.KERNEL_TYPES = loader_gguf.KERNEL_TYPES - {{quant.Q5_0, quant.Q5_1}}
+    loader_gguf.KERNEL_TYPES = loader_gguf.KERNEL_TYPES - {{quant.Q5_0, quant.Q5_1}}  # fp16 rows at load
+    quant.INTERLEAVABLE = quant.INTERLEAVABLE - {{quant.Q4_K}}  # Q4_K dotted in file rows
 from bench_peers import _prompts
 from lenserve import LLM, SamplingParams
 
@@ -74,9 +76,9 @@ print(json.dumps(dict(weight_bytes=eng.model.num_bytes(), vmhwm_mb=round(hwm_mb,
 """
 
 
-def _run(path: str, held_as_fp16: bool, new_tokens: int) -> dict:
+def _run(path: str, before: bool, new_tokens: int) -> dict:
     code = _CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), new_tokens=new_tokens)
-    out = subprocess.run([sys.executable, "-c", code, path, "1" if held_as_fp16 else "0"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, path, "before" if before else "now"], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -92,12 +94,12 @@ def plot(result: dict, path: str) -> None:
               ("batch-32 decode tok/s", [32e3 / r["decode_step_ms"]["32"] for r in rows]),
               ("prefill tok/s", [r["prefill_tok_s"] for r in rows]),
               ("VmHWM after load (MiB)", [r["vmhwm_mb"] for r in rows])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2))
-    colors = ["tab:blue" if "fp16" not in n else "tab:gray" for n in names]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.4))
+    colors = ["tab:gray" if "before" in n else "tab:blue" for n in names]
     for ax, (title, values) in zip(axes, panels):
         ax.bar(range(len(names)), values, color=colors)
-        labels = [n.replace(" (the file's own)", "\n(the file's)").replace(", native", "\nnative")
-                  .replace(", held as fp16 rows (before)", "\nas fp16 rows\n(before)") for n in names]
+        labels = [n.replace(" (the file's own)", "\n(the file's)").replace("-like", "\n-like").replace(", native", "\nnative")
+                  .replace(", before", "\nbefore") for n in names]
         ax.set_xticks(range(len(names)), labels, fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
@@ -124,22 +126,24 @@ def main() -> None:
     configs = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = {"Q4_1 (the file's own)": (src, False)}
-        for qtype in ("Q5_0", "Q5_1"):
+        for qtype, label in (("Q5_0", "Q5_0"), ("Q5_1", "Q5_1"), ("Q4_K", "Q4_K_M-like")):
             path = os.path.join(tmp, f"smollm2-{qtype}.gguf")
             requantize(src, path, matrix_type=qtype, progress=False)
-            files[f"{qtype}, native"] = (path, False)
-            files[f"{qtype}, held as fp16 rows (before)"] = (path, True)
-        for name, (path, fp16) in tqdm(files.items(), desc="configurations"):
-            configs[name] = _run(path, fp16, args.new_tokens)
-    base = configs["Q5_0, held as fp16 rows (before)"]
-    native = configs["Q5_0, native"]
+            files[f"{label}, native"] = (path, False)
+            files[f"{label}, before"] = (path, True)
+        for name, (path, before) in tqdm(files.items(), desc="configurations"):
+            configs[name] = _run(path, before, args.new_tokens)
+
+    def now_over_before(label: str) -> dict:
+        native, base = configs[f"{label}, native"], configs[f"{label}, before"]
+        return {"decode_batch1_tok_s": round(native["decode_batch1_tok_s"] / base["decode_batch1_tok_s"], 2),
+                "decode_batch8_step_time": round(native["decode_step_ms"]["8"] / base["decode_step_ms"]["8"], 2),
+                "decode_batch32_step_time": round(native["decode_step_ms"]["32"] / base["decode_step_ms"]["32"], 2),
+                "prefill_tok_s": round(native["prefill_tok_s"] / base["prefill_tok_s"], 2),
+                "vmhwm": round(native["vmhwm_mb"] / base["vmhwm_mb"], 2)}
+
     result = {"machine": machine(), "new_tokens": args.new_tokens, "configs": configs,
-              "q5_0_native_over_fp16_rows": {
-                  "decode_batch1_tok_s": round(native["decode_batch1_tok_s"] / base["decode_batch1_tok_s"], 2),
-                  "decode_batch8_step_time": round(native["decode_step_ms"]["8"] / base["decode_step_ms"]["8"], 2),
-                  "decode_batch32_step_time": round(native["decode_step_ms"]["32"] / base["decode_step_ms"]["32"], 2),
-                  "prefill_tok_s": round(native["prefill_tok_s"] / base["prefill_tok_s"], 2),
-                  "vmhwm": round(native["vmhwm_mb"] / base["vmhwm_mb"], 2)}}
+              "native_over_before": {label: now_over_before(label) for label in ("Q5_0", "Q5_1", "Q4_K_M-like")}}
     print(json.dumps(result, indent=1))
     out = write_result(args.out, result)
     png = os.path.splitext(out)[0] + ".png"

@@ -3,7 +3,7 @@
 lenserve._C's `quant_linear` and `quant_embedding` read these rows directly (csrc/cpu/quant_*.cpp);
 nothing is dequantized at load. Row operations (llama.cpp's Q/K rope permutation, fusing q/k/v or
 gate/up) move whole rows, so they work on the bytes. Once a linear layer is built, Q8_0 / Q4_0 /
-Q4_1 rows are interleaved eight at a time in place (`QuantWeight.interleave`, the layout in
+Q4_1 / Q5_0 / Q5_1 / Q4_K rows are interleaved eight at a time in place (`QuantWeight.interleave`, the layout in
 csrc/cpu/quant_interleaved.cpp): same bytes, reordered so the decode kernel keeps 8 rows in the
 lanes of one register.
 """
@@ -27,7 +27,7 @@ _BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20)
 
 
 def kernel_isa() -> str:
-    """The instruction set of the CPU's integer GEMM over Q8_0 / Q4_0 / Q4_1 rows: "avx512_vnni"
+    """The instruction set of the CPU's integer GEMM over interleaved rows: "avx512_vnni"
     where the CPU has it (csrc/cpu/quant_vnni.cpp), else "avx2" (or "scalar"); "" without lenserve._C.
     LENSERVE_CPU_ISA=avx2 keeps a VNNI CPU on the AVX2 kernel (same outputs, bit for bit)."""
     from lenserve.engine._ext import has_op

@@ -1,5 +1,5 @@
-// Q8_0, Q4_0 and Q4_1 rows interleaved eight at a time (as llama.cpp's Q4_0x8 repack does), and
-// the decode-shaped integer GEMM over them.
+// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K rows interleaved eight at a time (as llama.cpp's Q4_0x8 and
+// Q4_Kx8 repacks do), and the decode-shaped integer GEMM over them.
 //
 // Why interleave. With rows as the file stores them, every (weight row, block, activation row)
 // dot ends in scalar work: two fp16 scales converted, multiplied, broadcast, an FMA into that

@@ -1,14 +1,15 @@
 // Linear layers and embedding lookups over weights kept in their GGUF form (quant_blocks.h):
-// Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, and F16 / BF16 / F32 rows.
+// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, and F16 / BF16 / F32 rows.
 //
 // Decode (up to kMaxDecodeRows rows of x; interleaved rows up to kMaxInterleavedDecodeRows, and at
 // every row count on a CPU with AVX-512 VNNI) is bound by the weight bytes read, so each weight row
 // is read once and dotted with every row of x while it is in L1:
-//   - Q8_0 / Q4_0 / Q4_1: x is quantized per 32-block to int16 (BlockQAct) once per call and the
-//     dots are integer (_mm256_madd_epi16): a block is widened to int16 once for up to four rows
-//     of x (quant_legacy.cpp says why int16 and why not fp32 activations).
-//   - Q4_K / Q5_K / Q6_K: the same integer dots per 32-element run (quant_kquants.cpp), one row
-//     at a time against up to four rows of x.
+//   - Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1: x is quantized per 32-block to int16 (BlockQAct) once per
+//     call and the dots are integer (_mm256_madd_epi16): a block is widened to int16 once for up
+//     to four rows of x (quant_legacy.cpp says why int16 and why not fp32 activations). Rows
+//     interleaved eight at a time (quant_interleaved.cpp; Q4_K too) keep 8 rows in a register.
+//   - Q4_K / Q5_K / Q6_K in file rows: the same integer dots per 32-element run
+//     (quant_kquants.cpp), one row at a time against up to four rows of x.
 //   - 16-bit rows: the row is unpacked to fp32 in L1 and dotted with each row of x.
 // Larger batches (prefill) are compute bound: a group of 16-row panels is unpacked to fp32 once
 // and every row block of x runs the fp32 6x16 micro-kernel over it (panel_kernel.h), the same
@@ -142,9 +143,9 @@ void dequant_row(int64_t type, const uint8_t* row, float* out, int64_t K) {
 
 bool is_kquant(int64_t type) { return type == kQ4_K || type == kQ5_K || type == kQ6_K; }
 
-// LENSERVE_KQUANT_DOTS=fp32 (read once) puts K-quants back on fp32 activations against unpacked
-// rows, the path before their integer dots: for measuring one against the other
-// (benchmarks/bench_quant_linear.py --kquants).
+// LENSERVE_KQUANT_DOTS=fp32 (read once) puts K-quants in file rows back on fp32 activations against
+// unpacked rows, the path before their integer dots: for measuring one against the other
+// (benchmarks/bench_quant_linear.py --kquants). Interleaved Q4_Kx8 rows have only integer dots.
 bool kquant_integer_dots() {
   static const bool on = [] {
     const char* env = std::getenv("LENSERVE_KQUANT_DOTS");
