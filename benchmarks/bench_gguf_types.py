@@ -24,14 +24,13 @@ from common import machine, save_figure, write_result  # noqa: E402
 
 _CHILD = r"""
 import json, sys, time
-import numpy as np
 sys.path.insert(0, {bench_dir!r})
 path, before = sys.argv[1], sys.argv[2] == "before"
 if before:  # the engine before Q5 kernels and Q4_K interleaving
     from lenserve.engine import loader_gguf, quant
     loader_gguf.KERNEL_TYPES = loader_gguf.KERNEL_TYPES - {{quant.Q5_0, quant.Q5_1}}  # fp16 rows at load
     quant.INTERLEAVABLE = quant.INTERLEAVABLE - {{quant.Q4_K}}  # Q4_K dotted in file rows
-from bench_peers import _prompts
+from bench_peers import _batched_decode, _prompts
 from lenserve import LLM, SamplingParams
 
 def kb(key):
@@ -58,17 +57,7 @@ for i in range(3):
     while eng.has_unfinished_requests():
         eng.step()
     runs.append((new - 1) / (time.perf_counter() - t0))
-steps = {{}}
-for b in (8, 32):
-    times = []
-    for i in range(b):
-        eng.add_request(f"b{{b}}-{{i}}", prompts[i], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
-    while eng.has_unfinished_requests():
-        t0 = time.perf_counter()
-        eng.step()
-        if eng.last_stats.num_prompt_tokens == 0:
-            times.append(time.perf_counter() - t0)
-    steps[str(b)] = round(1e3 * float(np.median(times)), 2)
+steps = _batched_decode(eng, prompts, batches=(8, 32))
 types = sorted({{p.type_name for layer in eng.model.layers for lin in (layer.qkv_proj, layer.down_proj) for p in lin.parts}})
 print(json.dumps(dict(weight_bytes=eng.model.num_bytes(), vmhwm_mb=round(hwm_mb, 1), layer_types=types,
                       prefill_tok_s=round(2000 / min(prefill), 1), decode_batch1_tok_s=round(max(runs), 1),
