@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cpu/vec.h"  // LENSERVE_AVX2
@@ -152,7 +153,48 @@ void round_row_act(const float* x, float* out, int64_t K);
 // type is Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1.
 void dot_row_act(int64_t type, const uint8_t* row, const BlockQAct* xq, int64_t nb, int M, float* out, int64_t ldo);
 
-// ---- legacy formats interleaved eight rows at a time (quant_interleaved.cpp) ----
+// ---- legacy formats and Q4_K interleaved eight rows at a time (quant_interleaved.cpp) ----
+// The layouts' sizes, shared by quant_interleaved.cpp's kernels and quant_vnni.cpp's (plain inline
+// functions defined here, before any target pragma: they never take AVX-512 code with them).
+constexpr bool x8_is_q5(int64_t type) { return type == kQ5_0 || type == kQ5_1; }
+constexpr bool x8_has_min(int64_t type) { return type == kQ4_1 || type == kQ5_1; }
+// Bytes before the chunks of an interleaved legacy block (the 8 scales, the 8 mins of Q4_1 / Q5_1,
+// the fifth bits of Q5_0 / Q5_1).
+constexpr int64_t x8_header_bytes(int64_t type) { return 16 + (x8_has_min(type) ? 16 : 0) + (x8_is_q5(type) ? 32 : 0); }
+constexpr int64_t kQ4KHeader = 128;  // Q4_Kx8's bytes before the chunks
+// Bytes of one file block of an interleavable type (block_bytes, at compile time for the kernels' templates).
+constexpr int64_t file_block_bytes(int64_t type) {
+  switch (type) {
+    case kQ8_0: return sizeof(BlockQ8_0);
+    case kQ4_0: return sizeof(BlockQ4_0);
+    case kQ4_1: return sizeof(BlockQ4_1);
+    case kQ5_0: return sizeof(BlockQ5_0);
+    case kQ5_1: return sizeof(BlockQ5_1);
+    default: return sizeof(BlockQ4_K);
+  }
+}
+// Chunk p's fifth-bit word h[p] of an interleaved Q5_0 / Q5_1 block b.
+inline uint32_t x8_chunk_high_bits(const uint8_t* b, int64_t type, int64_t p) {
+  uint32_t h;
+  std::memcpy(&h, b + x8_header_bytes(type) - 32 + 4 * p, sizeof(h));
+  return h;
+}
+#ifdef LENSERVE_AVX2
+// The 8 rows' d * sc and dmin * mn of sub-blocks 2t and 2t + 1 of a Q4_Kx8 super-block b, one row a
+// lane (wd, wmin: the rows' d and dmin).
+inline void q4k_x8_scales(const uint8_t* b, int t, __m256 wd, __m256 wmin, __m256* s0, __m256* m0, __m256* s1,
+                          __m256* m1) {
+  const __m256i lo0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 32 + 16 * t)));
+  const __m256i lo1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 40 + 16 * t)));
+  const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 96 + 8 * t)));
+  const __m256i f = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3);
+  const auto top = [&](int shift) { return _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hi, shift), three), 4); };
+  *s0 = _mm256_mul_ps(wd, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo0, f), top(0))));
+  *m0 = _mm256_mul_ps(wmin, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo0, 4), top(2))));
+  *s1 = _mm256_mul_ps(wd, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo1, f), top(4))));
+  *m1 = _mm256_mul_ps(wmin, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo1, 4), top(6))));
+}
+#endif
 bool is_interleaved(int64_t type);
 int64_t base_type(int64_t type);  // the file type of an interleaved type (the type itself otherwise)
 bool can_interleave(int64_t type);

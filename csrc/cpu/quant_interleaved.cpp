@@ -54,29 +54,6 @@ bool can_interleave(int64_t type) {
 
 namespace {
 
-constexpr bool is_q5(int64_t type) { return type == kQ5_0 || type == kQ5_1; }
-constexpr bool has_min(int64_t type) { return type == kQ4_1 || type == kQ5_1; }
-// Bytes before the chunks of an interleaved block (the 8 scales, the 8 mins of Q4_1 / Q5_1, the
-// fifth bits of Q5_0 / Q5_1).
-constexpr int64_t header_bytes(int64_t type) { return 16 + (has_min(type) ? 16 : 0) + (is_q5(type) ? 32 : 0); }
-// Bytes of one file block (block_bytes, at compile time for the kernels' templates).
-constexpr int64_t file_block_bytes(int64_t type) {
-  switch (type) {
-    case kQ8_0: return sizeof(BlockQ8_0);
-    case kQ4_0: return sizeof(BlockQ4_0);
-    case kQ4_1: return sizeof(BlockQ4_1);
-    case kQ5_0: return sizeof(BlockQ5_0);
-    case kQ5_1: return sizeof(BlockQ5_1);
-    default: return sizeof(BlockQ4_K);
-  }
-}
-constexpr int64_t kQ4KHeader = 128;  // Q4_Kx8's bytes before the chunks
-// Chunk p's fifth-bit word of an interleaved Q5 block b (h[p] in the layout above).
-inline uint32_t chunk_high_bits(const uint8_t* b, int64_t type, int64_t p) {
-  uint32_t h;
-  std::memcpy(&h, b + header_bytes(type) - 32 + 4 * p, sizeof(h));
-  return h;
-}
 // Chunks of 16 bytes in an interleaved block.
 constexpr int64_t num_chunks(int64_t type) { return type == kQ8_0 ? 16 : 8; }
 
@@ -134,7 +111,7 @@ void interleave_q4k(const uint8_t* rows, int64_t row_bytes, int64_t i, uint8_t* 
 
 // One group: 8 file rows (rows[r] -> row r) into the interleaved layout at out.
 void interleave_group(int64_t type, const uint8_t* rows, int64_t row_bytes, int64_t nb, uint8_t* out) {
-  const int64_t bb = block_bytes(type), hb = header_bytes(type);
+  const int64_t bb = block_bytes(type), hb = x8_header_bytes(type);
   if (type == kQ4_K) {
     for (int64_t i = 0; i < nb; ++i) interleave_q4k(rows, row_bytes, i, out + i * 8 * bb);
     return;
@@ -156,7 +133,7 @@ void interleave_group(int64_t type, const uint8_t* rows, int64_t row_bytes, int6
           h[p] |= ((fifth >> (16 + 2 * p + e)) & 1u) << (16 * e + 8 + r);
         }
     }
-    if (is_q5(type)) std::memcpy(dst + hb - 32, h, sizeof(h));
+    if (x8_is_q5(type)) std::memcpy(dst + hb - 32, h, sizeof(h));
   }
 }
 
@@ -186,7 +163,7 @@ inline void q4k_scale_min(const uint8_t* b, int r, int j, int* sc, int* mn) {
 }  // namespace
 
 void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, int r1, float* rows, int64_t ldr) {
-  const int64_t bb = block_bytes(type), hb = header_bytes(type);
+  const int64_t bb = block_bytes(type), hb = x8_header_bytes(type);
   if (type == kQ4_K) {  // nb counts blocks of 32: nb / 8 super-blocks; as dequant_row_q4_k computes
     for (int64_t i = 0; i < nb / 8; ++i) {
       const uint8_t* b = group + i * 8 * bb;
@@ -225,9 +202,9 @@ void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, in
       }
       // as the file-row dequantizers compute each type (the same floats: tested)
       const int offset = type == kQ4_0 ? 8 : (type == kQ5_0 ? 16 : 0);
-      const float mr = has_min(type) ? fp16_to_float(mn[r]) : 0.f;
+      const float mr = x8_has_min(type) ? fp16_to_float(mn[r]) : 0.f;
       for (int64_t p = 0; p < 8; ++p) {
-        const uint32_t h = is_q5(type) ? chunk_high_bits(b, type, p) : 0u;
+        const uint32_t h = x8_is_q5(type) ? x8_chunk_high_bits(b, type, p) : 0u;
         for (int e = 0; e < 2; ++e) {
           const uint8_t q = qs[16 * p + 2 * r + e];
           const int q0 = (q & 0xF) | static_cast<int>(((h >> (16 * e + r)) & 1u) << 4);
@@ -243,20 +220,6 @@ void dequant_group_x8(int64_t type, const uint8_t* group, int64_t nb, int r0, in
 namespace {
 
 #ifdef LENSERVE_AVX2
-// Rows' d * sc and dmin * mn of sub-blocks 2t and 2t + 1 of a Q4_Kx8 super-block b, one row a lane
-// (wd, wmin: the rows' d and dmin).
-inline void q4k_scales(const uint8_t* b, int t, __m256 wd, __m256 wmin, __m256* s0, __m256* m0, __m256* s1, __m256* m1) {
-  const __m256i lo0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 32 + 16 * t)));
-  const __m256i lo1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 40 + 16 * t)));
-  const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 96 + 8 * t)));
-  const __m256i f = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3);
-  const auto top = [&](int shift) { return _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hi, shift), three), 4); };
-  *s0 = _mm256_mul_ps(wd, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo0, f), top(0))));
-  *m0 = _mm256_mul_ps(wmin, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo0, 4), top(2))));
-  *s1 = _mm256_mul_ps(wd, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo1, f), top(4))));
-  *m1 = _mm256_mul_ps(wmin, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo1, 4), top(6))));
-}
-
 // MR activation rows against one group of 8 interleaved Q4_K rows: out[m * ldo + r]. Per sub-block
 // j of super-block i and row: d * sc * xd * dot - dmin * mn * xs, as the file-row kernel.
 template <int MR>
@@ -287,7 +250,7 @@ void group_tile_q4k(const uint8_t* group, const BlockQAct* xq, int64_t nb, float
         }
       }
       __m256 s0, m0, s1, m1;
-      q4k_scales(b, t, wd, wmin, &s0, &m0, &s1, &m1);
+      q4k_x8_scales(b, t, wd, wmin, &s0, &m0, &s1, &m1);
       for (int m = 0; m < MR; ++m) {
         const BlockQAct& a0 = x0[m * nb];
         const BlockQAct& a1 = x0[m * nb + 1];
@@ -332,7 +295,7 @@ void group_tile_q4k(const uint8_t* group, const BlockQAct* xq, int64_t nb, float
 template <int64_t TYPE, int MR>
 void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
   constexpr int64_t bb = file_block_bytes(TYPE);
-  constexpr int64_t hb = header_bytes(TYPE);
+  constexpr int64_t hb = x8_header_bytes(TYPE);
   __m256 accf[MR];
   for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
   const __m128i mask = _mm_set1_epi8(0xF);
@@ -362,12 +325,12 @@ void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* ou
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p));
         __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
         __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
-        if constexpr (is_q5(TYPE)) {
+        if constexpr (x8_is_q5(TYPE)) {
           // lane 2r + e: bit r (low nibble's fifth bit) and bit 8 + r (high nibble's) of h[p]'s half e
           const __m256i bit_lo = _mm256_setr_epi16(1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128);
           const __m256i bit_hi = _mm256_slli_epi16(bit_lo, 8);
           const __m256i sixteen = _mm256_set1_epi16(16);
-          const __m256i h = _mm256_set1_epi32(static_cast<int32_t>(chunk_high_bits(b, TYPE, p)));
+          const __m256i h = _mm256_set1_epi32(static_cast<int32_t>(x8_chunk_high_bits(b, TYPE, p)));
           lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(h, bit_lo), bit_lo), sixteen));
           hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(h, bit_hi), bit_hi), sixteen));
         }
@@ -384,7 +347,7 @@ void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* ou
       for (int m = 0; m < MR; ++m)
         accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_mul_ps(wd, _mm256_set1_ps(xq[m * nb + i].d)), accf[m]);
     } else {
-      const __m256 wc = has_min(TYPE) ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)))
+      const __m256 wc = x8_has_min(TYPE) ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)))
                                       : _mm256_mul_ps(wd, _mm256_set1_ps(TYPE == kQ4_0 ? -8.f : -16.f));
       for (int m = 0; m < MR; ++m) {
         const BlockQAct& a = xq[m * nb + i];
@@ -399,7 +362,7 @@ void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* ou
 template <int64_t TYPE, int MR>
 void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
   constexpr int64_t bb = file_block_bytes(TYPE);
-  constexpr int64_t hb = header_bytes(TYPE);
+  constexpr int64_t hb = x8_header_bytes(TYPE);
   float acc[MR][8] = {};
   for (int64_t i = 0; i < nb; ++i) {
     const uint8_t* b = group + i * 8 * bb;
@@ -408,12 +371,12 @@ void group_tile(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* ou
     const uint8_t* qs = b + hb;
     for (int r = 0; r < 8; ++r) {
       const float wd = fp16_to_float(d[r]);
-      const float wc = has_min(TYPE) ? fp16_to_float(mn[r]) : (TYPE == kQ8_0 ? 0.f : (TYPE == kQ4_0 ? -8.f : -16.f) * wd);
+      const float wc = x8_has_min(TYPE) ? fp16_to_float(mn[r]) : (TYPE == kQ8_0 ? 0.f : (TYPE == kQ4_0 ? -8.f : -16.f) * wd);
       for (int m = 0; m < MR; ++m) {
         const BlockQAct& a = xq[m * nb + i];
         int dot = 0;
         for (int p = 0; p < num_chunks(TYPE); ++p) {
-          const uint32_t h = is_q5(TYPE) ? chunk_high_bits(b, TYPE, p) : 0u;
+          const uint32_t h = x8_is_q5(TYPE) ? x8_chunk_high_bits(b, TYPE, p) : 0u;
           for (int e = 0; e < 2; ++e) {
             const uint8_t q = qs[16 * p + 2 * r + e];
             if constexpr (TYPE == kQ8_0) {
@@ -491,7 +454,7 @@ bool panel_from_group_x8(int64_t type, const uint8_t* group, int64_t nb, float* 
     const __m256 wmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
     for (int t = 0; t < 4; ++t) {
       __m256 s0, m0, s1, m1;
-      q4k_scales(b, t, wd, wmin, &s0, &m0, &s1, &m1);
+      q4k_x8_scales(b, t, wd, wmin, &s0, &m0, &s1, &m1);
       float* dst = panel + (QK_K * i + 64 * t) * ldp;  // element 0 of sub-block 2t; 2t + 1 is 32 further
       for (int p = 0; p < 16; ++p, dst += 2 * ldp) {
         const __m128i v = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kQ4KHeader + 256 * t + 16 * p)), even_odd);

@@ -12,7 +12,9 @@
 //
 // Only this file is compiled for AVX-512 (the pragma below), and only its own internal functions:
 // no header template is instantiated inside the region, so no AVX-512 copy of a shared inline
-// function can reach code that runs on a CPU without it. quant::vnni_supported() decides at run
+// function can reach code that runs on a CPU without it. The plain inline functions it calls from
+// quant_blocks.h (the interleaved layouts' sizes, the Q4_Kx8 scale unpack) are defined before the
+// pragma, so their own code is compiled for the base instruction set. quant::vnni_supported() decides at run
 // time whether gemm_x8 calls in here.
 #include "cpu/quant_blocks.h"
 
@@ -34,19 +36,6 @@ bool vnni_supported() {
 
 namespace {
 
-constexpr bool is_q5_v(int64_t type) { return type == kQ5_0 || type == kQ5_1; }
-constexpr bool has_min_v(int64_t type) { return type == kQ4_1 || type == kQ5_1; }
-constexpr int64_t header_bytes_v(int64_t type) { return 16 + (has_min_v(type) ? 16 : 0) + (is_q5_v(type) ? 32 : 0); }
-constexpr int64_t file_block_bytes_v(int64_t type) {
-  switch (type) {
-    case kQ8_0: return sizeof(BlockQ8_0);
-    case kQ4_0: return sizeof(BlockQ4_0);
-    case kQ4_1: return sizeof(BlockQ4_1);
-    case kQ5_0: return sizeof(BlockQ5_0);
-    default: return sizeof(BlockQ5_1);
-  }
-}
-
 typedef int32_t __attribute__((may_alias)) pair_t;
 
 // acc + dpwssd(w, the int16 pair at x broadcast to every lane), the broadcast folded into the
@@ -60,8 +49,8 @@ inline __m256i dp_pair(__m256i acc, __m256i w, const int16_t* x) {
 // MR activation rows (xq, nb blocks apart) against one group of 8 interleaved rows: out[m * ldo + r].
 template <int64_t TYPE, int MR>
 void group_tile_vnni(const uint8_t* group, const BlockQAct* xq, int64_t nb, float* out, int64_t ldo) {
-  constexpr int64_t bb = file_block_bytes_v(TYPE);
-  constexpr int64_t hb = header_bytes_v(TYPE);
+  constexpr int64_t bb = file_block_bytes(TYPE);
+  constexpr int64_t hb = x8_header_bytes(TYPE);
   __m256 accf[MR];
   for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
   const __m128i mask = _mm_set1_epi8(0xF);
@@ -90,15 +79,13 @@ void group_tile_vnni(const uint8_t* group, const BlockQAct* xq, int64_t nb, floa
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * p));
         __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
         __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
-        if constexpr (is_q5_v(TYPE)) {
+        if constexpr (x8_is_q5(TYPE)) {
           // the fifth bits (quant_interleaved.cpp's layout): a mask of the lanes whose bit is set
           // (vptestmw), and 16 added in those lanes
           const __m256i bit_lo = _mm256_setr_epi16(1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128);
           const __m256i bit_hi = _mm256_slli_epi16(bit_lo, 8);
           const __m256i sixteen = _mm256_set1_epi16(16);
-          uint32_t bits;
-          std::memcpy(&bits, b + hb - 32 + 4 * p, sizeof(bits));
-          const __m256i h = _mm256_set1_epi32(static_cast<int32_t>(bits));
+          const __m256i h = _mm256_set1_epi32(static_cast<int32_t>(x8_chunk_high_bits(b, TYPE, p)));
           lo = _mm256_mask_add_epi16(lo, _mm256_test_epi16_mask(h, bit_lo), lo, sixteen);
           hi = _mm256_mask_add_epi16(hi, _mm256_test_epi16_mask(h, bit_hi), hi, sixteen);
         }
@@ -115,7 +102,7 @@ void group_tile_vnni(const uint8_t* group, const BlockQAct* xq, int64_t nb, floa
         accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc0[m], acc1[m])),
                                   _mm256_mul_ps(wd, _mm256_set1_ps(xq[m * nb + i].d)), accf[m]);
     } else {
-      const __m256 wc = has_min_v(TYPE) ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)))
+      const __m256 wc = x8_has_min(TYPE) ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)))
                                         : _mm256_mul_ps(wd, _mm256_set1_ps(TYPE == kQ4_0 ? -8.f : -16.f));
       for (int m = 0; m < MR; ++m) {
         const BlockQAct& a = xq[m * nb + i];
@@ -128,8 +115,6 @@ void group_tile_vnni(const uint8_t* group, const BlockQAct* xq, int64_t nb, floa
   for (int m = 0; m < MR; ++m) _mm256_storeu_ps(out + m * ldo, accf[m]);
 }
 
-constexpr int64_t kQ4KHeaderV = 128;  // Q4_Kx8's bytes before the chunks (quant_interleaved.cpp)
-
 // MR activation rows against one group of 8 interleaved Q4_K rows (quant_interleaved.cpp's layout
 // and sums: d * sc * xd * dot - dmin * mn * xs per sub-block and row), bit for bit the AVX2 kernel.
 template <int MR>
@@ -137,13 +122,12 @@ void group_tile_vnni_q4k(const uint8_t* group, const BlockQAct* xq, int64_t nb, 
   __m256 accf[MR];
   for (int m = 0; m < MR; ++m) accf[m] = _mm256_setzero_ps();
   const __m128i mask = _mm_set1_epi8(0xF);
-  const __m256i f = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3);
   for (int64_t i = 0; i < nb / 8; ++i) {
     const uint8_t* b = group + i * 8 * sizeof(BlockQ4_K);
     const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
     const __m256 wmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
     for (int t = 0; t < 4; ++t) {
-      const uint8_t* qs = b + kQ4KHeaderV + 256 * t;
+      const uint8_t* qs = b + kQ4KHeader + 256 * t;
       const BlockQAct* x0 = xq + 8 * i + 2 * t;
       __m256i acc0[MR], acc1[MR];
       for (int m = 0; m < MR; ++m) acc0[m] = acc1[m] = _mm256_setzero_si256();
@@ -157,14 +141,8 @@ void group_tile_vnni_q4k(const uint8_t* group, const BlockQAct* xq, int64_t nb, 
           acc1[m] = dp_pair(acc1[m], hi, x0[m * nb + 1].qs + 2 * p);
         }
       }
-      const __m256i lo0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 32 + 16 * t)));
-      const __m256i lo1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 40 + 16 * t)));
-      const __m256i hb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 96 + 8 * t)));
-      const auto top = [&](int shift) { return _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, shift), three), 4); };
-      const __m256 s0 = _mm256_mul_ps(wd, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo0, f), top(0))));
-      const __m256 m0 = _mm256_mul_ps(wmin, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo0, 4), top(2))));
-      const __m256 s1 = _mm256_mul_ps(wd, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo1, f), top(4))));
-      const __m256 m1 = _mm256_mul_ps(wmin, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo1, 4), top(6))));
+      __m256 s0, m0, s1, m1;
+      q4k_x8_scales(b, t, wd, wmin, &s0, &m0, &s1, &m1);
       for (int m = 0; m < MR; ++m) {
         const BlockQAct& a0 = x0[m * nb];
         const BlockQAct& a1 = x0[m * nb + 1];
