@@ -314,7 +314,8 @@ bool panel_from_groups(int64_t type, const uint8_t* w, int64_t row_bytes, int64_
   if (!is_interleaved(type)) return false;
   for (int64_t g = 0; g * 8 < nrows; ++g)
     if (!panel_from_group_x8(base_type(type), w + (n0 + 8 * g) * row_bytes, K / QK, panel + 8 * g, kPanel)) return false;
-  for (int64_t k = 0; k < K && nrows < kPanel; ++k) std::fill(panel + k * kPanel + nrows, panel + (k + 1) * kPanel, 0.f);
+  if (nrows < kPanel)  // one group in the last panel: its other 8 columns are zero
+    for (int64_t k = 0; k < K; ++k) std::fill(panel + k * kPanel + nrows, panel + (k + 1) * kPanel, 0.f);
   return true;
 }
 
