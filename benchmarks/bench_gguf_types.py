@@ -23,15 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, save_figure, write_result  # noqa: E402
 
 _CHILD = r"""
-import json, sys, time
+import json, sys
 sys.path.insert(0, {bench_dir!r})
 path, before = sys.argv[1], sys.argv[2] == "before"
 if before:  # the engine before Q5 kernels and Q4_K interleaving
     from lenserve.engine import loader_gguf, quant
     loader_gguf.KERNEL_TYPES = loader_gguf.KERNEL_TYPES - {{quant.Q5_0, quant.Q5_1}}  # fp16 rows at load
     quant.INTERLEAVABLE = quant.INTERLEAVABLE - {{quant.Q4_K}}  # Q4_K dotted in file rows
-from bench_peers import _batched_decode, _prompts
-from lenserve import LLM, SamplingParams
+from bench_peers import _batched_decode, _prompts, prefill_and_batch1
+from lenserve import LLM
 
 def kb(key):
     return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)][0]
@@ -40,28 +40,11 @@ llm = LLM(model=path, weights_dtype="native", max_num_seqs=64, max_num_batched_t
 hwm_mb = kb("VmHWM") / 1024
 eng = llm.engine
 prompts = _prompts(40, 200)
-one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-llm.generate(prompts[:1], one)
-prefill = []
-for _ in range(3):
-    t0 = time.perf_counter()
-    llm.generate(prompts[:10], one)
-    prefill.append(time.perf_counter() - t0)
-new = {new_tokens}
-params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-runs = []
-for i in range(3):
-    eng.add_request(f"d{{i}}", prompts[i], params)
-    eng.step()  # its prefill
-    t0 = time.perf_counter()
-    while eng.has_unfinished_requests():
-        eng.step()
-    runs.append((new - 1) / (time.perf_counter() - t0))
+speeds = prefill_and_batch1(llm, prompts, {new_tokens})
 steps = _batched_decode(eng, prompts, batches=(8, 32))
 types = sorted({{p.type_name for layer in eng.model.layers for lin in (layer.qkv_proj, layer.down_proj) for p in lin.parts}})
-print(json.dumps(dict(weight_bytes=eng.model.num_bytes(), vmhwm_mb=round(hwm_mb, 1), layer_types=types,
-                      prefill_tok_s=round(2000 / min(prefill), 1), decode_batch1_tok_s=round(max(runs), 1),
-                      decode_batch1_tok_s_runs=[round(r, 1) for r in runs], decode_step_ms=steps)))
+print(json.dumps(dict(weight_bytes=eng.model.num_bytes(), vmhwm_mb=round(hwm_mb, 1), layer_types=types, **speeds,
+                      decode_step_ms=steps)))
 """
 
 

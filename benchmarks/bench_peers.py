@@ -254,7 +254,7 @@ def _memory_criteria(result: dict) -> dict:
 
 
 def _offline(gguf_path, prompts, new_tokens):
-    from lenserve import LLM, SamplingParams
+    from lenserve import LLM
 
     import torch
 
@@ -268,27 +268,7 @@ def _offline(gguf_path, prompts, new_tokens):
         llm = LLM(model=gguf_path, weights_dtype=mode.removesuffix("_avx2"), max_num_seqs=64, max_num_batched_tokens=2048,
                   enable_prefix_caching=False)
         eng = llm.engine
-        prefill_prompts = prompts[:10]  # 2,000 tokens in one step
-        one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-        llm.generate(prefill_prompts[:1], one)
-        times = []
-        for _ in range(3):  # the best of three: a shared machine's neighbours only ever slow a run down
-            t0 = time.perf_counter()
-            llm.generate(prefill_prompts, one)
-            times.append(time.perf_counter() - t0)
-        prefill_s = min(times)
-        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-        llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-        decode_runs = []
-        for i in range(3):  # the best of three, as for prefill
-            eng.add_request(f"d{i}", prompts[i], params)
-            eng.step()  # prefill
-            t1 = time.perf_counter()
-            while eng.has_unfinished_requests():
-                eng.step()
-            decode_runs.append((new_tokens - 1) / (time.perf_counter() - t1))
-        row = {"prefill_tok_s": round(sum(map(len, prefill_prompts)) / prefill_s, 1), "decode_batch1_tok_s": round(max(decode_runs), 2),
-               "decode_batch1_tok_s_runs": [round(r, 2) for r in decode_runs], "weight_bytes": eng.model.num_bytes()}
+        row = {**prefill_and_batch1(llm, prompts, new_tokens), "weight_bytes": eng.model.num_bytes()}
         row["decode_step_ms_by_batch"] = _batched_decode(eng, prompts)
         if mode == "native":
             row["step_overhead"] = _step_overhead(eng, prompts[1])
@@ -299,6 +279,34 @@ def _offline(gguf_path, prompts, new_tokens):
         del llm, eng
     torch.ops.lenserve.quant_kernel_isa(default_isa)
     return report
+
+
+def prefill_and_batch1(llm, prompts, new_tokens) -> dict:
+    """Prefill tok/s of prompts[:10] in one step and batch-1 decode tok/s of new_tokens, each the
+    best of three (a shared machine's neighbours only ever slow a run down)."""
+    from lenserve import SamplingParams
+
+    eng = llm.engine
+    prefill_prompts = prompts[:10]  # 2,000 tokens in one step
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    llm.generate(prefill_prompts[:1], one)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        llm.generate(prefill_prompts, one)
+        times.append(time.perf_counter() - t0)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    decode_runs = []
+    for i in range(3):
+        eng.add_request(f"d{i}", prompts[i], params)
+        eng.step()  # prefill
+        t1 = time.perf_counter()
+        while eng.has_unfinished_requests():
+            eng.step()
+        decode_runs.append((new_tokens - 1) / (time.perf_counter() - t1))
+    return {"prefill_tok_s": round(sum(map(len, prefill_prompts)) / min(times), 1), "decode_batch1_tok_s": round(max(decode_runs), 2),
+            "decode_batch1_tok_s_runs": [round(r, 2) for r in decode_runs]}
 
 
 def _hot_cache_linears(model, reps: int = 200) -> dict:
